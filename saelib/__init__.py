@@ -2,6 +2,44 @@
 
 Top-AFA, TopK, BatchTopK and ReLU SAEs, the AFA theory of quasi-orthogonality, SAE stitching
 and meta-SAEs, with the research book in ``notebooks/``.
+
+The most used names are importable from the top level (``from saelib import SAE, load_model``);
+they are imported on first use, so ``import saelib`` stays cheap.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "saelib.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
+    "saelib.data": ["load_texts", "token_rows", "iter_token_rows"],
+    "saelib.activations": [
+        "harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path",
+    ],
+    "saelib.sae": ["SAE", "SAEConfig", "SAEOutput"],
+    "saelib.topafa": ["topafa_select", "topafa_select_reference"],
+    "saelib.train": ["TrainConfig", "train_saes"],
+    "saelib.afa": [
+        "epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
+        "eps_lbo", "mdl_bits", "concentration_band",
+    ],
+    "saelib.evaluate": ["evaluate_sae", "reconstruction_metrics"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'saelib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,220 @@
+"""Exchange SAEs with SAELens (``sae_lens`` 6.x): export to its on-disk format and import its SAEs.
+
+Export (:func:`to_saelens`) writes ``cfg.json`` + ``sae_weights.safetensors`` that
+``sae_lens.SAE.load_from_disk(path)`` reads back with the same reconstructions:
+
+=============  =====================================================================
+saelib         SAELens architecture
+=============  =====================================================================
+relu           "standard" (ReLU; b_enc as trained)
+topk           "topk" (``rescale_acts_by_decoder_norm=False``; b_enc = 0 when unused)
+batchtopk      "jumprelu" with every threshold = the learned inference threshold θ
+               (what SAELens itself does with BatchTopK SAEs)
+jumprelu       "jumprelu"
+topafa         "standard" layout plus ``metadata.saelib_architecture = "topafa"``. SAELens
+               has no top-AFA activation: loaded by SAELens it runs as a plain ReLU SAE.
+               :func:`from_saelens` reads the metadata and restores the top-AFA rule.
+=============  =====================================================================
+
+Input normalisation: "none" → "none"; "global" → folded into the weights, "none";
+"token" → SAELens "layer_norm" (same maths: x_n = (x-μ)/(σ+1e-5), back with x_n·σ+μ).
+
+Import (:func:`from_saelens`) accepts an SAELens SAE object (inference or training class) or a
+folder, and returns a :class:`saelib.SAE` in eval mode whose ``encode``/``decode`` equal SAELens'
+(up to float rounding): ``apply_b_dec_to_input=False`` is folded into b_enc
+(b_enc + b_dec @ W_enc), ``rescale_acts_by_decoder_norm=True`` is folded into unit-norm decoder
+rows, ``normalize_activations`` "layer_norm" → "token", "expected_average_only_in" → "none"
+(SAELens applies no runtime scaling for it either; its factor is folded at load time when known).
+No Hugging Face Hub access is ever needed: pass objects or local folders.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelib.sae import SAE, SAEConfig
+
+__all__ = ["to_saelens", "from_saelens", "SAELENS_ARCHITECTURE"]
+
+SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
+                        "jumprelu": "jumprelu", "topafa": "standard"}
+
+
+def _model_space_weights(sae: SAE) -> dict[str, torch.Tensor]:
+    """W_enc, b_enc, W_dec, b_dec with a "global" input scale folded in (model space)."""
+    W_enc, b_enc = sae.W_enc.detach().clone(), sae.b_enc.detach().clone()
+    W_dec, b_dec = sae.W_dec.detach().clone(), sae.b_dec.detach().clone()
+    if not sae.cfg.use_b_enc:
+        b_enc.zero_()
+    if sae.cfg.input_norm == "global":
+        s = sae.input_scale.detach()
+        W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+
+
+def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``sae`` in SAELens' on-disk format under ``path`` (files replaced atomically).
+
+    Raises ValueError for a BatchTopK SAE whose inference threshold was never estimated
+    (train it first: the threshold is learned in training mode)."""
+    import sae_lens
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+
+    cfg = sae.cfg
+    act = cfg.activation
+    w = _model_space_weights(sae)
+    norm = {"none": "none", "global": "none", "token": "layer_norm"}[cfg.input_norm]
+    meta = {"hook_name": cfg.hook_name, "model_name": cfg.model_name,
+            "sae_lens_version": getattr(sae_lens, "__version__", "6.0.0"),
+            "saelib_architecture": act, "saelib_cfg": cfg.to_dict()}
+    if metadata:
+        meta.update(metadata)
+    common = dict(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device="cpu",
+                  apply_b_dec_to_input=True, normalize_activations=norm)
+    if act in ("relu", "topafa"):
+        lcfg = StandardSAEConfig(**common)
+        lsae = StandardSAE(lcfg)
+    elif act == "topk":
+        lcfg = TopKSAEConfig(k=cfg.k, rescale_acts_by_decoder_norm=False, **common)
+        lsae = TopKSAE(lcfg)
+    elif act in ("batchtopk", "jumprelu"):
+        if act == "batchtopk":
+            if torch.isnan(sae.threshold):
+                raise ValueError("This BatchTopK SAE has no inference threshold yet (it is estimated during "
+                                 "training); train it for at least one step before exporting to SAELens")
+            w["threshold"] = torch.full((cfg.d_sae,), float(sae.threshold), dtype=w["W_enc"].dtype)
+        else:
+            w["threshold"] = sae.jump_threshold.detach().clone()
+        lcfg = JumpReLUSAEConfig(**common)
+        lsae = JumpReLUSAE(lcfg)
+    else:  # pragma: no cover - SAEConfig validates activations
+        raise ValueError(f"Cannot export activation {act!r}")
+    for k, v in meta.items():
+        lcfg.metadata[k] = v
+    state = {k: v.detach().to("cpu", cfg.torch_dtype).contiguous() for k, v in w.items()}
+    lsae.load_state_dict(state, strict=True)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".saelens-export-"))
+    try:
+        lsae.save_model(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, path / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _as_saelens_object(obj: Any, device: str | None):
+    if isinstance(obj, (str, os.PathLike)):
+        p = Path(obj)
+        if (p / "sae.safetensors").exists() and (p / "cfg.json").exists() and not (p / "sae_weights.safetensors").exists():
+            raise ValueError(f"{p} holds a saelib SAE, not an SAELens one: load it with saelib.SAE.load({str(p)!r})")
+        if not (p / "sae_weights.safetensors").exists() or not (p / "cfg.json").exists():
+            raise FileNotFoundError(f"No SAELens SAE at {p}: expected cfg.json and sae_weights.safetensors")
+        from sae_lens import SAE as LensSAE
+
+        return LensSAE.load_from_disk(str(p), device=device or "cpu")
+    return obj
+
+
+@torch.no_grad()
+def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = None,
+                 hook_name: str | None = None, model_name: str | None = None) -> SAE:
+    """Convert an SAELens SAE (object or folder) to a :class:`saelib.SAE` (eval mode).
+
+    Supported architectures: standard (ReLU), topk, jumprelu, batchtopk (training object:
+    uses its learned ``topk_threshold``), and saelib's own top-AFA exports. Others (gated,
+    matryoshka, transcoders, hook_z reshaping, whitening, constant_norm_rescale) raise
+    ValueError."""
+    lsae = _as_saelens_object(obj, device)
+    if not hasattr(lsae, "cfg") or not hasattr(lsae, "W_dec"):
+        raise TypeError(f"from_saelens expects an SAELens SAE or a folder, got {type(obj).__name__}")
+    lcfg = lsae.cfg
+    arch = lcfg.architecture() if callable(getattr(lcfg, "architecture", None)) else getattr(lcfg, "architecture", "standard")
+    meta = getattr(lcfg, "metadata", None)
+    meta_get = (lambda k, d=None: meta.get(k, d)) if meta is not None else (lambda k, d=None: d)
+    saelib_arch = meta_get("saelib_architecture")
+    if getattr(lcfg, "reshape_activations", "none") != "none":
+        raise ValueError("SAEs with reshape_activations='hook_z' are not supported; flatten the heads first")
+    norm = getattr(lcfg, "normalize_activations", "none")
+    if norm in ("none", "expected_average_only_in"):
+        input_norm = "none"
+    elif norm == "layer_norm":
+        input_norm = "token"
+    else:
+        raise ValueError(f"normalize_activations={norm!r} is not supported by saelib.SAE; "
+                         f"supported: 'none', 'expected_average_only_in', 'layer_norm'")
+
+    W_enc = lsae.W_enc.detach().float().cpu().clone()
+    W_dec = lsae.W_dec.detach().float().cpu().clone()
+    b_dec = lsae.b_dec.detach().float().cpu().clone()
+    b_enc_p = getattr(lsae, "b_enc", None)
+    b_enc = b_enc_p.detach().float().cpu().clone() if b_enc_p is not None else torch.zeros(W_enc.shape[1])
+    if not getattr(lcfg, "apply_b_dec_to_input", True):
+        # x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+        b_enc = b_enc + b_dec @ W_enc
+    if getattr(lcfg, "rescale_acts_by_decoder_norm", False):
+        # selection on pre·||W_dec||, decode with acts/||W_dec||: fold into unit-norm rows
+        n = W_dec.norm(dim=-1).clamp_min(1e-8)
+        W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
+    threshold = None
+    k = None
+    if saelib_arch == "topafa":
+        activation = "topafa"
+    elif arch == "standard":
+        activation = "relu"
+    elif arch == "topk":
+        activation, k = "topk", int(lcfg.k)
+    elif arch == "jumprelu":
+        activation = "jumprelu"
+        threshold = lsae.threshold.detach().float().cpu().clone()
+        if getattr(lcfg, "rescale_acts_by_decoder_norm", False):  # pragma: no cover - not a SAELens option
+            threshold = threshold * n
+        if saelib_arch == "batchtopk" and bool((threshold == threshold[0]).all()):
+            activation = "batchtopk"
+    elif arch == "batchtopk":
+        if float(lcfg.k) != int(lcfg.k):
+            raise ValueError(f"BatchTopK with fractional k={lcfg.k} is not supported; round k")
+        activation, k = "batchtopk", int(lcfg.k)
+        threshold = lsae.topk_threshold.detach().float().cpu().reshape(())
+    else:
+        raise ValueError(f"SAELens architecture {arch!r} is not supported; supported: standard, topk, jumprelu, batchtopk")
+    if activation == "batchtopk" and k is None:
+        k = int(meta_get("saelib_cfg", {}).get("k") or 1)
+    use_b_enc = bool(b_enc.abs().max() > 0) or activation in ("relu", "jumprelu")
+    # training settings of a saelib export (afa_target, afa_coeff, aux, seed, ...) come back too;
+    # everything the weights determine is set from the SAELens side
+    extra = {}
+    saved = meta_get("saelib_cfg")
+    if isinstance(saved, dict) and saelib_arch == activation:
+        keep = {"afa_coeff", "afa_target", "l1_coeff", "aux_k", "aux_coeff", "aux_detach_residual",
+                "dead_after_tokens", "threshold_lr", "init_fan_in", "seed"}
+        extra = {k2: v for k2, v in saved.items() if k2 in keep}
+    cfg = SAEConfig(
+        d_in=int(lcfg.d_in), d_sae=int(lcfg.d_sae), activation=activation, k=k, input_norm=input_norm,
+        use_b_enc=use_b_enc, dtype=dtype or "float32",
+        hook_name=hook_name or meta_get("hook_name") or "blocks.0.hook_resid_pre",
+        model_name=model_name or meta_get("model_name") or "",
+        **extra,
+    )
+    sae = SAE(cfg)
+    dt = cfg.torch_dtype
+    sae.W_enc.copy_(W_enc.to(dt))
+    sae.W_dec.copy_(W_dec.to(dt))
+    sae.b_dec.copy_(b_dec.to(dt))
+    sae.b_enc.copy_(b_enc.to(dt))
+    if activation == "jumprelu":
+        sae.jump_threshold.copy_(threshold.to(dt))
+    elif activation == "batchtopk":
+        sae.threshold.fill_(float(threshold.flatten()[0]))
+    sae.eval()
+    if device is not None:
+        sae.to(device)
+    return sae

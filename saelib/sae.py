@@ -1,0 +1,771 @@
+"""Sparse autoencoders: configuration, model, losses, save/load.
+
+One class, :class:`SAE`, covers the four activation rules the book compares:
+
+* ``"relu"``      ReLU SAE with an L1 penalty (Bricken et al. / "vanilla").
+* ``"topk"``      TopK SAE (Gao et al. 2024): keep the k largest ReLU pre-activations per token.
+* ``"batchtopk"`` BatchTopK SAE (Bussmann et al. 2024): keep the k·B largest over the batch in
+                  training; in eval mode a single learned threshold θ replaces the batch rule.
+* ``"topafa"``    top-AFA SAE (Lee et al. 2025): per token, keep the prefix of the
+                  decoder-scaled ranking whose cumulative norm is nearest to ||x - b_dec||.
+* ``"jumprelu"``  inference only (per-latent threshold); used to import SAELens JumpReLU SAEs and
+                  BatchTopK SAEs exported as JumpReLU.
+
+Shapes: ``x`` [N, d_in], ``pre_acts``/``acts`` [N, d_sae], ``W_enc`` [d_in, d_sae],
+``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in].
+
+Forward pass (in the *normalised* space, see ``input_norm``)::
+
+    pre  = relu((x_n - b_dec) @ W_enc + b_enc)      # b_enc only when cfg.use_b_enc
+    acts = select(pre)                               # activation rule
+    x_hat_n = acts @ W_dec + b_dec
+
+Input normalisation (``SAEConfig.input_norm``) and what "model space" means:
+
+* ``"none"``   x_n = x. Everything is in model space.
+* ``"global"`` x_n = s·x with one scalar s (buffer ``input_scale``) fitted by
+  :meth:`SAE.fit_input_norm` so that mean ||s·x|| = sqrt(d_in). :meth:`encode` and
+  :meth:`decode` take and return model-space tensors (decode divides by s). :meth:`save`
+  folds s into the weights (W_enc·s, W_dec/s, b_dec/s), so the file works in model space for
+  any tool; :meth:`load` unfolds it again so training can continue in the normalised space.
+* ``"token"``  the paper's per-token standardisation: x_n = (x - mean(x)) / (std(x) + 1e-5)
+  (std unbiased, over the d_in features of each token); back to model space with
+  x_hat = x_hat_n·std + mean (no eps, as the paper's code and SAELens' "layer_norm").
+  Every token then has ||x_n|| ≈ sqrt(d_in - 1). :meth:`encode` (model-space x) standardises first. The
+  de-standardisation needs the token's own mean and std, so :meth:`decode` needs the original
+  input: ``decode(acts, x=x)`` returns model space; ``decode(acts)`` without ``x`` raises.
+  :meth:`reconstruct` (``x -> x_hat``) and :meth:`forward` always return model space.
+
+Losses (``SAEOutput``) are computed in the normalised space, as in the paper:
+
+* ``mse_loss`` = mean over N·d_in of (x_hat_n - x_n)^2 (the paper's "normalised MSE");
+* ``afa_loss`` = mean over tokens of (||f|| - target)^2, weighted by ``afa_coeff``
+  (``afa_target="paper"``: f unscaled, target ||x_n||; ``"consistent"``: f decoder-scaled,
+  target ||x_n - b_dec||, the same target the selection uses);
+* ``aux_loss`` = aux_coeff · mean over N·d_in of (e - r)^2, where r = x_n - x_hat_n is
+  *detached* (Gao et al.; the paper's code does not detach, see ``aux_detach_residual``) and e
+  is the reconstruction (no bias) from the top-``aux_k`` pre-activations among dead latents;
+* ``l1_loss``  = l1_coeff · mean over tokens of sum_i acts_i·||W_dec[i]|| (ReLU SAEs).
+
+The decoder-row constraint is maintained by the trainer: after ``backward()`` call
+:meth:`SAE.remove_gradient_parallel_to_decoder_directions`, step, then
+:meth:`SAE.set_decoder_norm_to_unit_norm`. Decoder ε (max / mean |cos| between rows) is
+:func:`saelib.afa.epsilon`.
+
+Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
+
+* BatchTopK has an inference threshold θ (EMA of the smallest kept activation, as the BatchTopK
+  paper and SAELens); the paper's code applies the batch rule at evaluation too.
+* The aux residual is detached by default (Gao et al.); ``aux_detach_residual=False`` restores
+  the paper's behaviour. Dead latents are counted in tokens, not batches (same default:
+  5 × 4096 tokens), with one comparison (``>=``) for both the loss and the count.
+* Top-AFA ties are broken by latent index and cumulative sums use float64 (see
+  :mod:`saelib.topafa`); the selection runs without autograd.
+* Defaults that keep the paper: no encoder bias for topk/batchtopk/topafa, the Kaiming fan-in
+  quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents, per-token
+  standardisation available as ``input_norm="token"`` (the default is "none": model space).
+* Training steps with few active latents use a sparse path (exact same maths, tested against the
+  dense one): the encoder backward and the decoder only touch the selected latents.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from saelib.topafa import topafa_select
+
+__all__ = [
+    "ACTIVATIONS",
+    "SAEConfig",
+    "SAE",
+    "SAEOutput",
+    "load_sae",
+]
+
+ACTIVATIONS = ("relu", "topk", "batchtopk", "topafa", "jumprelu")
+INPUT_NORMS = ("none", "global", "token")
+AFA_TARGETS = ("paper", "consistent")
+INIT_FAN_IN = ("paper", "d_in")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_TOKEN_NORM_EPS = 1e-5  # the paper's x / (std + 1e-5)
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+FORMAT_NAME = "saelib.sae"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEConfig:
+    """Configuration of one sparse autoencoder (see the module docstring for the maths)."""
+
+    d_in: int
+    """Width of the input activations (the model's d_model at ``hook_name``)."""
+    d_sae: int
+    """Number of latents (dictionary size h)."""
+    activation: str = "topk"
+    """Activation rule: "relu", "topk", "batchtopk", "topafa" or "jumprelu" (inference only)."""
+    k: int | None = None
+    """Latents per token for "topk"; average latents per token for "batchtopk". Required for
+    those two, ignored (must be None) for the others."""
+    afa_coeff: float | None = None
+    """Weight λ of the AFA norm-matching loss. None → 1/16 for "topafa" (the paper's most used
+    value), 0 otherwise. The term is always computed and logged."""
+    afa_target: str = "paper"
+    """"paper": the paper's code (selection targets ||x_n - b_dec||, the loss compares the unscaled
+    ||f|| with ||x_n||). "consistent": selection and loss both target ||x_n - b_dec|| and the loss
+    uses decoder-scaled activations (the f̃ view of the theory)."""
+    l1_coeff: float | None = None
+    """L1 sparsity weight (decoder-norm weighted). None → 5.0 for "relu", 0 otherwise."""
+    aux_k: int = 512
+    """Number of dead latents used by the auxiliary dead-latent loss (top_k_aux); 0 disables it."""
+    aux_coeff: float = 1 / 32
+    """Weight of the auxiliary dead-latent loss (the paper's aux_penalty = 1/32)."""
+    aux_detach_residual: bool = True
+    """Detach the residual the aux loss reconstructs (Gao et al.). The paper's code does not
+    detach (False reproduces it), which lets the aux loss push on the live reconstruction."""
+    dead_after_tokens: int = 20_480
+    """A latent is dead once it has not fired for this many training tokens. The default is the
+    paper's 5 batches of 4096 tokens; the TopK literature uses ~10M."""
+    threshold_lr: float = 0.01
+    """BatchTopK only: EMA rate of the inference threshold θ, updated each training step towards
+    the smallest positive activation kept by the batch rule (as SAELens' ``topk_threshold_lr``)."""
+    input_norm: str = "none"
+    """Input normalisation: "none", "global" (one fitted scalar; folded into the weights at save
+    time) or "token" (the paper's per-token standardisation)."""
+    use_b_enc: bool | None = None
+    """Use an encoder bias. None → False for topk/batchtopk/topafa (the paper's and Bussmann et
+    al.'s code have no encoder bias) and True for relu/jumprelu."""
+    init_fan_in: str = "paper"
+    """Kaiming-uniform fan-in for W_enc: "paper" uses PyTorch's fan_in = size(1) = d_sae of the
+    [d_in, d_sae] matrix (the paper's code, 4x smaller than intended at 16x expansion); "d_in"
+    uses the true fan-in d_in."""
+    seed: int = 49
+    """Seed of the initialisation (the paper uses 49)."""
+    dtype: str = "float32"
+    """Parameter dtype: "float32" (the paper), "float64", "bfloat16" or "float16"."""
+    hook_name: str = "blocks.0.hook_resid_pre"
+    """TransformerLens hook the SAE reads (``batches[hook_name]`` in training)."""
+    model_name: str = ""
+    """Name of the language model the SAE was trained on (metadata)."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "d_sae"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"SAEConfig.{name} must be a positive int, got {v!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None:
+                raise ValueError(f"activation={self.activation!r} needs k (latents per token); pass e.g. k=64")
+            if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
+                raise ValueError(f"k must be a positive int, got {self.k!r}")
+            if self.k > self.d_sae:
+                raise ValueError(f"k={self.k} > d_sae={self.d_sae}: cannot keep more latents than exist; lower k or raise d_sae")
+        elif self.k is not None:
+            raise ValueError(f"k={self.k} is only used by topk/batchtopk, not {self.activation!r}; pass k=None")
+        if self.afa_coeff is None:
+            self.afa_coeff = 1 / 16 if self.activation == "topafa" else 0.0
+        if not math.isfinite(self.afa_coeff) or self.afa_coeff < 0:
+            raise ValueError(f"afa_coeff must be a finite number >= 0, got {self.afa_coeff!r}")
+        if self.afa_target not in AFA_TARGETS:
+            raise ValueError(f"Unknown afa_target {self.afa_target!r}; choose one of {AFA_TARGETS}")
+        if self.l1_coeff is None:
+            self.l1_coeff = 5.0 if self.activation == "relu" else 0.0
+        if not math.isfinite(self.l1_coeff) or self.l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be a finite number >= 0, got {self.l1_coeff!r}")
+        if isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 0:
+            raise ValueError(f"aux_k must be an int >= 0 (0 disables the aux loss), got {self.aux_k!r}")
+        if not math.isfinite(self.aux_coeff) or self.aux_coeff < 0:
+            raise ValueError(f"aux_coeff must be a finite number >= 0, got {self.aux_coeff!r}")
+        if isinstance(self.dead_after_tokens, bool) or not isinstance(self.dead_after_tokens, int) or self.dead_after_tokens <= 0:
+            raise ValueError(f"dead_after_tokens must be a positive int (tokens), got {self.dead_after_tokens!r}")
+        if not (0 < self.threshold_lr <= 1):
+            raise ValueError(f"threshold_lr must be in (0, 1], got {self.threshold_lr!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"Unknown input_norm {self.input_norm!r}; choose one of {INPUT_NORMS}")
+        if self.use_b_enc is None:
+            self.use_b_enc = self.activation in ("relu", "jumprelu")
+        if self.init_fan_in not in INIT_FAN_IN:
+            raise ValueError(f"Unknown init_fan_in {self.init_fan_in!r}; choose one of {INIT_FAN_IN}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {tuple(_DTYPES)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown SAEConfig keys {unknown}: this config was written by another "
+                             f"library or version; known keys are {sorted(names)}")
+        return cls(**d)
+
+
+class SAEOutput(NamedTuple):
+    """Output of :meth:`SAE.forward`. Losses are scalars in the normalised space."""
+
+    x_hat: Tensor
+    """[N, d_in] reconstruction in model space."""
+    acts: Tensor
+    """[N, d_sae] selected activations (dense, zeros elsewhere)."""
+    loss: Tensor
+    """Total loss = mse + afa_coeff·afa + aux + l1 (the coefficients already applied to aux, l1)."""
+    mse_loss: Tensor
+    """Mean over N·d_in of the squared error in the normalised space."""
+    afa_loss: Tensor
+    """Unweighted AFA loss mean_b (||f_b|| - target_b)^2 (weighted by afa_coeff in ``loss``)."""
+    aux_loss: Tensor
+    """Weighted auxiliary dead-latent loss (0 when no latent is dead or aux_k = 0)."""
+    l1_loss: Tensor
+    """Weighted L1 penalty."""
+    l0: Tensor
+    """Mean number of non-zero activations per token (float scalar, no grad)."""
+    pre_acts: Tensor
+    """[N, d_sae] ReLU pre-activations before selection (detached)."""
+    n_dead: Tensor
+    """Number of latents currently counted dead (long scalar)."""
+
+
+class SAE(nn.Module):
+    """Sparse autoencoder with TopK / BatchTopK / top-AFA / ReLU / JumpReLU activations."""
+
+    def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None):
+        super().__init__()
+        if not isinstance(cfg, SAEConfig):
+            raise TypeError(f"SAE expects an SAEConfig, got {type(cfg).__name__}; build one with SAEConfig(d_in=..., d_sae=..., ...)")
+        self.cfg = cfg
+        dt = cfg.torch_dtype
+        g = torch.Generator().manual_seed(cfg.seed)
+        # The paper: kaiming_uniform_(empty(d_in, d_sae)) after manual_seed(49); PyTorch takes
+        # fan_in = size(1) = d_sae ("paper"). mode="fan_out" uses size(0) = d_in, the true fan-in.
+        W_enc = nn.init.kaiming_uniform_(torch.empty(cfg.d_in, cfg.d_sae), generator=g,
+                                         mode="fan_in" if cfg.init_fan_in == "paper" else "fan_out")
+        W_dec = W_enc.T.contiguous()  # row-major: row gathers (embedding_bag) need it
+        W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.W_enc = nn.Parameter(W_enc.to(dt))
+        self.W_dec = nn.Parameter(W_dec.to(dt))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dt))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dt))
+        if not cfg.use_b_enc:
+            self.b_enc.requires_grad_(False)
+        # "global" input normalisation scale s (x_n = s·x)
+        self.register_buffer("input_scale", torch.ones((), dtype=dt))
+        # BatchTopK inference threshold θ (NaN until the first training step); JumpReLU per-latent threshold
+        self.register_buffer("threshold", torch.full((), float("nan"), dtype=dt))
+        if cfg.activation == "jumprelu":
+            self.register_buffer("jump_threshold", torch.zeros(cfg.d_sae, dtype=dt))
+        else:
+            self.jump_threshold = None
+        self._afa_k_hint: int | None = None  # top-AFA: where the next partial sort starts (speed only)
+        self._last_dense = False  # the previous training batch took the dense path (speed only)
+        # tokens since each latent last fired (training only)
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+        if device is not None:
+            self.to(device)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def _check_input(self, x: Tensor, name: str = "x") -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [N, {self.cfg.d_in}], got {type(x).__name__}")
+        if x.ndim < 1 or x.shape[-1] != self.cfg.d_in:
+            raise ValueError(f"{name} has width {tuple(x.shape)[-1:] or '()'} (shape {tuple(x.shape)}), but this SAE "
+                             f"expects d_in={self.cfg.d_in} (hook {self.cfg.hook_name!r}); pass activations of that hook")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or inf values; clean the activations (e.g. drop those tokens) before the SAE")
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return x
+
+    def _flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        lead = tuple(x.shape[:-1])
+        return x.reshape(-1, x.shape[-1]), lead
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Model space [N, d_in] → normalised space; returns (x_n, stats) where stats =
+        (mean [N,1], std [N,1]) in "token" mode, else None."""
+        mode = self.cfg.input_norm
+        if mode == "none":
+            return x, None
+        if mode == "global":
+            return x * self.input_scale, None
+        mean = x.mean(-1, keepdim=True)
+        xc = x - mean
+        std = xc.std(-1, keepdim=True)
+        return xc / (std + _TOKEN_NORM_EPS), (mean, std)
+
+    def denormalize(self, x_n: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+        """Inverse of :meth:`normalize`."""
+        mode = self.cfg.input_norm
+        if mode == "none":
+            return x_n
+        if mode == "global":
+            return x_n / self.input_scale
+        if stats is None:
+            raise ValueError("input_norm='token' needs the per-token mean/std of the original input to go back to "
+                             "model space: call decode(acts, x=x) or reconstruct(x)")
+        mean, std = stats
+        return x_n * std + mean  # the paper and SAELens' layer_norm: no eps on the way back
+
+    @torch.no_grad()
+    def fit_input_norm(self, x: Tensor) -> float:
+        """Fit the "global" scale s so that mean ||s·x|| = sqrt(d_in) on a sample x [N, d_in].
+        Returns s. Only valid for input_norm="global"."""
+        if self.cfg.input_norm != "global":
+            raise ValueError(f"fit_input_norm is for input_norm='global', this SAE has {self.cfg.input_norm!r}")
+        x = self._check_input(x)
+        x, _ = self._flatten(x)
+        mean_norm = x.double().norm(dim=-1).mean().item()
+        if mean_norm <= 0:
+            raise ValueError("fit_input_norm got all-zero activations; pass real activations")
+        s = math.sqrt(self.cfg.d_in) / mean_norm
+        self.input_scale.fill_(s)
+        return s
+
+    def decoder_norms(self) -> Tensor:
+        """[d_sae] row norms of W_dec (detached)."""
+        return self.W_dec.detach().norm(dim=-1)
+
+    # ------------------------------------------------------------------ encode/decode
+    def _pre_acts_n(self, x_n: Tensor) -> Tensor:
+        pre = (x_n - self.b_dec) @ self.W_enc
+        if self.cfg.use_b_enc:
+            pre = pre + self.b_enc
+        return F.relu(pre)
+
+    def _target_n(self, x_n: Tensor) -> Tensor:
+        """top-AFA selection target ||x_n - b_dec|| [N] (both afa_target modes)."""
+        return (x_n - self.b_dec.detach()).norm(dim=-1)
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """ReLU pre-activations [N, d_sae] (before selection) of model-space x [N, d_in]."""
+        x = self._check_input(x)
+        x2, lead = self._flatten(x)
+        x_n, _ = self.normalize(x2)
+        return self._pre_acts_n(x_n).reshape(*lead, self.cfg.d_sae)
+
+    def _select_mask(self, pre: Tensor, x_n: Tensor, *, training: bool) -> Tensor | None:
+        """Boolean keep-mask [N, d_sae] (None = keep all, ReLU)."""
+        act = self.cfg.activation
+        with torch.no_grad():
+            if act == "relu":
+                return None
+            if act == "jumprelu":
+                return pre > self.jump_threshold
+            if act == "topk":
+                idx = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
+                return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, True)
+            if act == "batchtopk":
+                if training or torch.isnan(self.threshold):
+                    n = pre.shape[0]
+                    kk = min(self.cfg.k * n, pre.numel())
+                    idx = pre.flatten().topk(kk, sorted=False).indices
+                    mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
+                    mask[idx] = True
+                    return mask.view_as(pre)
+                return pre > self.threshold
+            if act == "topafa":
+                mask = topafa_select(pre, self.decoder_norms(), self._target_n(x_n), k_start=self._afa_k_hint)
+                # next batch starts its partial sort near this batch's largest k (speed only)
+                self._afa_k_hint = int(mask.sum(-1, dtype=torch.int32).max()) * 5 // 4 + 16 if mask.numel() else None
+                return mask
+        raise AssertionError(act)
+
+    def select(self, pre_acts: Tensor, x: Tensor | None = None) -> Tensor:
+        """Apply the activation rule to ReLU pre-activations [N, d_sae]; ``x`` (model space) is
+        needed for "topafa" (the target norm). Uses the eval-mode rule when not training."""
+        if self.cfg.activation == "topafa" and x is None:
+            raise ValueError("select() for topafa needs the input x (its norm is the target): select(pre_acts, x)")
+        x_n = None
+        if x is not None:
+            x = self._check_input(x)
+            x_n, _ = self.normalize(self._flatten(x)[0])
+        pre2, lead = self._flatten(pre_acts)
+        mask = self._select_mask(pre2, x_n, training=self.training)
+        out = pre2 if mask is None else pre2 * mask
+        return out.reshape(*lead, self.cfg.d_sae)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Model-space x [..., d_in] → sparse activations [..., d_sae] (dense tensor with zeros)."""
+        x = self._check_input(x)
+        x2, lead = self._flatten(x)
+        x_n, _ = self.normalize(x2)
+        pre = self._pre_acts_n(x_n)
+        mask = self._select_mask(pre, x_n, training=self.training)
+        acts = pre if mask is None else pre * mask
+        return acts.reshape(*lead, self.cfg.d_sae)
+
+    def decode(self, acts: Tensor, x: Tensor | None = None) -> Tensor:
+        """Activations [..., d_sae] → reconstruction in model space [..., d_in].
+
+        In input_norm="token" mode pass the original input ``x`` (its per-token mean and std undo
+        the standardisation)."""
+        if acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"acts has width {acts.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
+        a2, lead = self._flatten(acts.to(self.dtype))
+        x_hat_n = a2 @ self.W_dec + self.b_dec
+        stats = None
+        if self.cfg.input_norm == "token" and x is not None:
+            x = self._check_input(x)
+            _, stats = self.normalize(self._flatten(x)[0])
+        return self.denormalize(x_hat_n, stats).reshape(*lead, self.cfg.d_in)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Model-space x → model-space x_hat (works in every input_norm mode)."""
+        x = self._check_input(x)
+        x2, lead = self._flatten(x)
+        x_n, stats = self.normalize(x2)
+        pre = self._pre_acts_n(x_n)
+        mask = self._select_mask(pre, x_n, training=self.training)
+        acts = pre if mask is None else pre * mask
+        return self.denormalize(acts @ self.W_dec + self.b_dec, stats).reshape(*lead, self.cfg.d_in)
+
+    # ------------------------------------------------------------------ training forward
+    sparse_kernels: bool = True
+    """Use the fast training kernels: with few active latents, gather the selected
+    pre-activations with a sparse encoder backward and decode with ``embedding_bag``; otherwise a
+    dense encoder whose backward skips the input gradient. ``False`` runs plain autograd (the
+    naive reference the tests compare the fast paths with)."""
+    sparse_max_density: float = 1 / 16
+    """Largest fraction of active latents for which the sparse path is used."""
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        """Full forward pass with losses; x [N, d_in] in model space. In training mode it also
+        updates the dead-latent counters and (BatchTopK) the inference threshold."""
+        cfg = self.cfg
+        x = self._check_input(x)
+        x, _ = self._flatten(x)
+        n = x.shape[0]
+        x_n, stats = self.normalize(x)
+        x_cent = x_n - self.b_dec.detach()
+        can_sparse = self.sparse_kernels and cfg.activation != "relu" and not x_n.requires_grad
+        if cfg.activation == "topk":
+            can_sparse = can_sparse and cfg.k <= self.sparse_max_density * cfg.d_sae
+        pre_g = None
+        fused = self.sparse_kernels and not x_n.requires_grad
+
+        def encode_with_grad() -> Tensor:  # [N, d_sae] ReLU pre-acts with grad
+            if fused:  # backward without the [N, d_in] input-gradient product
+                return _DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc)
+            return self._pre_acts_n(x_n)
+
+        if not can_sparse or self._last_dense:  # one encoder matmul, with grad
+            pre_g = encode_with_grad()
+            pre = pre_g.detach()
+            with torch.no_grad():
+                mask = self._select_mask(pre, x_n, training=self.training)
+            use_sparse = False
+            if can_sparse:  # density decides the next batch's path
+                self._last_dense = bool(torch.count_nonzero(mask) > self.sparse_max_density * mask.numel())
+        else:
+            with torch.no_grad():
+                pre = self._pre_acts_n(x_n)
+                if cfg.activation == "topk":  # no dense mask needed
+                    mask = None
+                    cols = pre.topk(cfg.k, dim=-1, sorted=False).indices.flatten()
+                    rows = torch.arange(n, device=x.device).repeat_interleave(cfg.k)
+                    use_sparse = True
+                else:
+                    mask = self._select_mask(pre, x_n, training=self.training)
+                    mask &= pre > 0
+                    use_sparse = int(torch.count_nonzero(mask)) <= self.sparse_max_density * mask.numel()
+                    if use_sparse:
+                        rows, cols = mask.nonzero(as_tuple=True)
+            self._last_dense = not use_sparse
+        if use_sparse:
+            vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, rows, cols,
+                                        pre[rows, cols], cfg.use_b_enc)
+            x_hat_n = _sparse_decode(self.W_dec, rows, cols, vals, n) + self.b_dec
+            acts = vals.new_zeros(n, cfg.d_sae).index_put((rows, cols), vals)
+            sq = vals.new_zeros(n).index_add(0, rows, vals.square())
+            dn = self.W_dec.norm(dim=-1)
+            sq_scaled = vals.new_zeros(n).index_add(0, rows, (vals * dn[cols]).square())
+            abs_scaled = None
+        else:
+            if pre_g is None:  # the sparse attempt found a dense selection: redo with grad
+                pre_g = encode_with_grad()
+            acts = pre_g if mask is None else pre_g * mask
+            x_hat_n = acts @ self.W_dec + self.b_dec
+            dn = self.W_dec.norm(dim=-1)
+            a2 = acts.square()  # one [N, d_sae] temporary for the three norms
+            sq = a2.sum(-1)
+            sq_scaled = a2 @ dn.square()
+            abs_scaled = acts @ dn
+
+        mse = (x_hat_n - x_n).pow(2).mean()
+        if cfg.afa_target == "paper":
+            afa = (_safe_sqrt(sq) - x_n.norm(dim=-1)).pow(2).mean()
+        else:
+            afa = (_safe_sqrt(sq_scaled) - x_cent.norm(dim=-1)).pow(2).mean()
+        if cfg.l1_coeff > 0:
+            if abs_scaled is None:
+                abs_scaled = vals.new_zeros(n).index_add(0, rows, vals * dn[cols])
+            l1 = cfg.l1_coeff * abs_scaled.mean()
+        else:
+            l1 = x.new_zeros(())
+
+        if self.training:
+            self._update_dead(acts.detach(), n)
+            if cfg.activation == "batchtopk":
+                self._update_threshold(acts.detach())
+        dead = self.dead_mask()
+        n_dead = dead.sum()
+        aux = x.new_zeros(())
+        if self.training and cfg.aux_k > 0 and cfg.aux_coeff > 0 and bool(n_dead > 0):
+            resid = x_n - x_hat_n
+            if cfg.aux_detach_residual:
+                resid = resid.detach()
+            kk = min(cfg.aux_k, int(n_dead))
+            dead_idx = dead.nonzero().squeeze(1)
+            with torch.no_grad():
+                top = pre[:, dead_idx].topk(kk, dim=-1, sorted=False).indices  # [N, kk]
+            a_rows = torch.arange(n, device=x.device).repeat_interleave(kk)
+            a_cols = dead_idx[top.flatten()]
+            if self.sparse_kernels and not x_n.requires_grad:
+                a_vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, a_rows, a_cols,
+                                              pre[a_rows, a_cols], cfg.use_b_enc)
+            else:
+                a_vals = (pre_g if pre_g is not None else self._pre_acts_n(x_n))[a_rows, a_cols]
+            e = _sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
+            aux = cfg.aux_coeff * (e - resid).pow(2).mean()
+
+        loss = mse + cfg.afa_coeff * afa + aux + l1
+        with torch.no_grad():
+            l0 = torch.count_nonzero(acts, dim=-1).float().mean()
+        x_hat = self.denormalize(x_hat_n, stats)
+        return SAEOutput(x_hat=x_hat, acts=acts, loss=loss, mse_loss=mse, afa_loss=afa, aux_loss=aux,
+                         l1_loss=l1, l0=l0, pre_acts=pre, n_dead=n_dead)
+
+    @torch.no_grad()
+    def _update_dead(self, acts: Tensor, n_tokens: int) -> None:
+        fired = (acts > 0).any(0)
+        self.tokens_since_fired.add_(n_tokens)
+        self.tokens_since_fired[fired] = 0
+
+    @torch.no_grad()
+    def _update_threshold(self, acts: Tensor) -> None:
+        pos = acts[acts > 0]
+        if pos.numel() == 0:
+            return
+        m = pos.min().to(self.threshold.dtype)
+        if torch.isnan(self.threshold):
+            self.threshold.copy_(m)
+        else:
+            self.threshold.lerp_(m, self.cfg.threshold_lr)
+
+    def dead_mask(self) -> Tensor:
+        """[d_sae] bool: latents that have not fired for ``dead_after_tokens`` training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_after_tokens
+
+    # ------------------------------------------------------------------ decoder constraint
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        """Rescale every decoder row to unit norm."""
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Project out of each decoder row's gradient its component along the row (radial part),
+        so a step keeps rows (to first order) on the unit sphere. Call after backward()."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        W = self.W_dec.detach()
+        # g -= (g·w / ||w||^2) w, row-wise, without [d_sae, d_in] temporaries
+        coef = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
+        g.addcmul_(W, coef[:, None], value=-1)
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike, *, fold_input_norm: bool = True, metadata: dict | None = None) -> Path:
+        """Write ``path/sae.safetensors`` and ``path/cfg.json`` atomically (no pickle).
+
+        With input_norm="global" and ``fold_input_norm`` (default) the stored weights work in
+        model space (W_enc·s, W_dec/s, b_dec/s); :meth:`load` unfolds them."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        folded = None
+        if self.cfg.input_norm == "global" and fold_input_norm:
+            s = self.input_scale.detach().cpu()
+            folded = float(s)
+            tensors["W_enc"] = (tensors["W_enc"] * s).contiguous()
+            tensors["W_dec"] = (tensors["W_dec"] / s).contiguous()
+            tensors["b_dec"] = (tensors["b_dec"] / s).contiguous()
+            tensors["input_scale"] = torch.ones_like(tensors["input_scale"])
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "folded_input_scale": folded}
+        if metadata:
+            meta["metadata"] = metadata
+        doc = {"saelib": meta, "cfg": self.cfg.to_dict()}
+        _atomic_write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT_NAME}))
+        _atomic_write(path / CFG_FILE, lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
+             expect: SAEConfig | dict | None = None) -> "SAE":
+        """Load an SAE written by :meth:`save`. ``expect`` (an SAEConfig or a dict of fields)
+        is compared with the stored config; any mismatch raises ValueError. The module comes back
+        in training mode (the nn.Module default): call ``.eval()`` before inference (BatchTopK
+        then uses its threshold)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
+        if not cfg_path.exists() or not w_path.exists():
+            raise FileNotFoundError(f"No saelib SAE at {path}: expected {CFG_FILE} and {WEIGHTS_FILE}. "
+                                    f"For an SAELens folder use saelib.interop.from_saelens(path)")
+        try:
+            doc = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt, re-save it") from None
+        if not isinstance(doc, dict) or doc.get("saelib", {}).get("format") != FORMAT_NAME:
+            raise ValueError(f"{cfg_path} was not written by saelib.SAE.save (it looks like another library's "
+                             f"checkpoint, e.g. SAELens: use saelib.interop.from_saelens({str(path)!r}))")
+        cfg = SAEConfig.from_dict(doc["cfg"])
+        if expect is not None:
+            exp = expect.to_dict() if isinstance(expect, SAEConfig) else dict(expect)
+            diff = {k: (v, cfg.to_dict().get(k, "<missing>")) for k, v in exp.items() if cfg.to_dict().get(k, "<missing>") != v}
+            if diff:
+                raise ValueError(f"Checkpoint at {path} does not match the expected config: "
+                                 + ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in diff.items()))
+        sae = cls(cfg)
+        tensors = load_file(str(w_path))
+        own = sae.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise ValueError(f"Checkpoint at {path} does not fit a {cfg.activation!r} SAE: missing {missing}, "
+                             f"unexpected {extra}; it was saved by another architecture or version")
+        for k, v in tensors.items():
+            if v.shape != own[k].shape:
+                raise ValueError(f"Checkpoint tensor {k!r} has shape {tuple(v.shape)} but cfg.json implies "
+                                 f"{tuple(own[k].shape)}; cfg.json and sae.safetensors do not belong together")
+        s = doc["saelib"].get("folded_input_scale")
+        if s is not None:
+            tensors["W_enc"] = tensors["W_enc"] / s
+            tensors["W_dec"] = tensors["W_dec"] * s
+            tensors["b_dec"] = tensors["b_dec"] * s
+            tensors["input_scale"] = torch.full_like(tensors["input_scale"], s)
+        sae.load_state_dict(tensors)
+        if device is not None:
+            sae.to(device)
+        return sae
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}, k={c.k}, input_norm={c.input_norm!r}"
+
+
+def load_sae(path: str | os.PathLike, **kw) -> SAE:
+    """Alias of :meth:`SAE.load`."""
+    return SAE.load(path, **kw)
+
+
+def _safe_sqrt(sq: Tensor) -> Tensor:
+    """sqrt with a zero (not NaN/inf) gradient at 0 (rows with no active latent)."""
+    pos = sq > 0
+    return torch.where(pos, sq.clamp_min(1e-30).sqrt(), sq.new_zeros(()))
+
+
+def _sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> Tensor:
+    """sum_j vals_j · W_dec[cols_j] per row, [n, d_in]; rows must be sorted (row-major
+    nonzero order). ``embedding_bag`` avoids a dense [n, d_sae] @ [d_sae, d_in] product."""
+    counts = torch.bincount(rows, minlength=n)
+    offsets = torch.zeros(n, dtype=torch.long, device=rows.device)
+    offsets[1:] = counts.cumsum(0)[:-1]
+    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals)
+
+
+class _DenseEncode(torch.autograd.Function):
+    """relu(x_cent @ W_enc + b_enc) for a constant input: b_dec's gradient is
+    -W_enc @ (column sums of the pre-activation gradient), so the backward skips the dense
+    [N, d_sae] @ [d_sae, d_in] product autograd would spend on d/dx_cent."""
+
+    @staticmethod
+    def forward(ctx, x_cent, W_enc, b_enc, b_dec, use_b_enc):
+        pre = x_cent @ W_enc
+        if use_b_enc:
+            pre = pre + b_enc
+        pre = pre.relu_()
+        ctx.save_for_backward(x_cent, W_enc, pre)
+        ctx.use_b_enc = use_b_enc
+        return pre
+
+    @staticmethod
+    def backward(ctx, g):
+        x_cent, W_enc, pre = ctx.saved_tensors
+        g = g * (pre > 0)
+        gW = x_cent.T @ g if ctx.needs_input_grad[1] else None
+        col_sum = g.sum(0)
+        gb_enc = col_sum if (ctx.use_b_enc and ctx.needs_input_grad[2]) else None
+        gb_dec = -(W_enc @ col_sum) if ctx.needs_input_grad[3] else None
+        return None, gW, gb_enc, gb_dec, None
+
+
+class _GatherPreActs(torch.autograd.Function):
+    """Selected ReLU pre-activations relu((x_cent @ W_enc + b_enc)[rows, cols]) with a sparse
+    backward: the gradients of W_enc, b_enc and b_dec only need the selected entries, so the
+    dense [N, d_sae] backward products of a naive implementation become O(nnz · d_in)."""
+
+    @staticmethod
+    def forward(ctx, x_cent, W_enc, b_enc, b_dec, rows, cols, vals, use_b_enc):
+        ctx.save_for_backward(x_cent, W_enc, rows, cols, vals)
+        ctx.use_b_enc = use_b_enc
+        ctx.h = W_enc.shape[1]
+        return vals.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x_cent, W_enc, rows, cols, vals = ctx.saved_tensors
+        g = g * (vals > 0)  # ReLU
+        h = ctx.h
+        gW = gb_enc = gb_dec = None
+        if ctx.needs_input_grad[1]:
+            S = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (h, x_cent.shape[0]), check_invariants=False)
+            gW = torch.sparse.mm(S, x_cent).T  # [d_in, h]
+        col_sum = None
+        if (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]:
+            col_sum = g.new_zeros(h).index_add_(0, cols, g)
+        if ctx.use_b_enc and ctx.needs_input_grad[2]:
+            gb_enc = col_sum
+        if ctx.needs_input_grad[3]:
+            gb_dec = -(W_enc @ col_sum)
+        return None, gW, gb_enc, gb_dec, None, None, None, None
+
+
+def _atomic_write(dest: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
