@@ -1,0 +1,297 @@
+"""Tests for saelib.evaluate: metric definitions, CE splicing, BOS handling, ZF batching, stats."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saelib.evaluate import (
+    aggregate_seeds,
+    comparison_table,
+    evaluate_sae,
+    format_table,
+    mdl_table,
+    mean_ci,
+    reconstruction_metrics,
+    welch_ttest,
+)
+from saelib.sae import SAE, SAEConfig
+
+HOOK = "blocks.2.hook_resid_pre"
+_MODELS: dict[str, object] = {}
+
+
+def _model(name: str = "tiny-gpt2"):
+    if name not in _MODELS:
+        from saelib.models import load_model
+
+        _MODELS[name] = load_model(name, device="cpu")
+    return _MODELS[name]
+
+
+def _tokens(model, rows: int = 4, seq: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(3, 2000, (rows, seq), generator=g)
+    bos = model.tokenizer.bos_token_id
+    toks[:, 0] = 1 if bos is None else bos
+    return toks
+
+
+def _identity_sae(d: int, hook: str = HOOK) -> SAE:
+    """relu(±x) split: acts = [relu(x), relu(-x)], decode = acts @ [I; -I] = x exactly."""
+    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, activation="relu", hook_name=hook))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def _constant_sae(d: int, value: torch.Tensor, hook: str = HOOK) -> SAE:
+    """An SAE whose reconstruction is always ``value`` (W_dec = 0, b_dec = value)."""
+    sae = SAE(SAEConfig(d_in=d, d_sae=8, activation="topk", k=2, hook_name=hook))
+    with torch.no_grad():
+        sae.W_dec.zero_()
+        sae.b_dec.copy_(value)
+    return sae
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_identity_sae_recovers_everything(name):
+    model = _model(name)
+    sae = _identity_sae(model.cfg.d_model)
+    r = evaluate_sae(sae, model, _tokens(model), batch_size=3, progress=False)
+    m = r.metrics
+    assert m["nmse_mean"] < 1e-10 and m["fvu"] < 1e-10
+    assert abs(m["ce_recovered_zero"] - 1) < 1e-4
+    assert abs(m["ce_recovered_mean"] - 1) < 1e-4
+    assert m["kl_sae"] < 1e-6 and m["kl_zero_abl"] > 1e-3
+    assert abs(m["cosine"] - 1) < 1e-6 and abs(m["l2_ratio"] - 1) < 1e-6
+    assert r.kl.shape == (4 * 10,)  # predictions from positions 1..10 of 4 rows
+
+
+def test_zero_and_mean_saes_recover_nothing():
+    model = _model()
+    d = model.cfg.d_model
+    toks = _tokens(model)
+    zero = evaluate_sae(_constant_sae(d, torch.zeros(d)), model, toks, progress=False, zf=False)
+    assert abs(zero.metrics["ce_recovered_zero"]) < 1e-5
+    assert abs(zero.metrics["ce_sae"] - zero.metrics["ce_zero_abl"]) < 1e-5
+    assert abs(zero.metrics["nmse_mean"] - 1) < 1e-6
+    mean = torch.randn(d)
+    r = evaluate_sae(_constant_sae(d, mean), model, toks, mean_act=mean, progress=False, zf=False)
+    assert abs(r.metrics["ce_recovered_mean"]) < 1e-5
+    assert r.metrics["ce_recovered_zero"] != pytest.approx(0, abs=1e-3)
+
+
+def test_many_saes_share_passes_and_match_single_evaluations():
+    from saelib.evaluate import evaluate_saes
+
+    model = _model()
+    toks = _tokens(model, rows=3, seq=6)
+    d = model.cfg.d_model
+    saes = {f"k{k}": SAE(SAEConfig(d_in=d, d_sae=64, activation="topk", k=k, hook_name=HOOK, seed=k)) for k in (2, 8)}
+    saes["identity"] = _identity_sae(d)
+    # 6 copies in passes of 4: the second pass has no clean copy and must still splice correctly
+    many = evaluate_saes(saes, model, toks, batch_size=2, copies_per_pass=4, progress=False, zf=False)
+    for n in ("k8", "identity"):
+        one = evaluate_sae(saes[n], model, toks, batch_size=2, progress=False, zf=False)
+        for key in ("ce_clean", "ce_sae", "ce_zero_abl", "ce_mean_abl", "kl_sae", "nmse_mean", "l0_mean"):
+            assert many[n].metrics[key] == pytest.approx(one.metrics[key], rel=1e-4, abs=1e-6), (n, key)
+    assert many["identity"].metrics["ce_sae"] == pytest.approx(many["k2"].metrics["ce_clean"], abs=1e-5)
+    assert many["k2"].metrics["ce_sae"] != pytest.approx(many["k8"].metrics["ce_sae"], abs=1e-6)
+
+
+def test_clean_ce_matches_a_plain_forward():
+    model = _model()
+    toks = _tokens(model, rows=3)
+    r = evaluate_sae(_identity_sae(model.cfg.d_model), model, toks, batch_size=2, progress=False, zf=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(toks).float(), -1)
+    ce = -logp[:, 1:-1].gather(-1, toks[:, 2:, None]).mean()  # predictions from non-BOS positions
+    assert r.metrics["ce_clean"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def test_bos_excluded_and_metrics_match_harvested_activations():
+    from saelib.activations import harvest
+
+    model = _model()
+    toks = _tokens(model, rows=5, seq=10)
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=96, activation="topk", k=5, hook_name=HOOK, seed=1))
+    r = evaluate_sae(sae, model, toks, batch_size=2, progress=False)
+    assert r.n_tokens == 5 * 9 and r.l0.shape == (45,) and r.kl.shape == (5 * 8,)
+    z = harvest(model, toks, [HOOK], exclude_bos=True, progress=False)[HOOK]
+    ref = reconstruction_metrics(sae, z, batch_size=7)
+    for key in ("nmse_mean", "fvu", "mse", "l0_mean", "cosine", "dead_latents"):
+        assert r.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-4, abs=1e-7), key
+    with_bos = evaluate_sae(sae, model, toks, exclude_bos=False, ce=False, zf=False, progress=False)
+    assert with_bos.n_tokens == 5 * 10
+
+
+def test_fvu_and_friends_against_hand_computation():
+    torch.manual_seed(0)
+    d, n = 16, 203
+    acts = torch.randn(n, d) * 3 + torch.linspace(-5, 5, d)  # non-zero mean: FVU ≠ NMSE
+    sae = SAE(SAEConfig(d_in=d, d_sae=40, activation="topk", k=4, seed=3))
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0))
+        sae.W_enc[:, 0] = 0.0  # pre-activation 0: latent 0 can never fire (dead)
+    r = reconstruction_metrics(sae, acts, batch_size=17, zf=False)  # uneven batches
+    with torch.no_grad():
+        x_hat = sae.decode(sae.encode(acts)).double()
+    z = acts.double()
+    err = (z - x_hat).pow(2).sum(1)
+    fvu = err.sum() / (z - z.mean(0)).pow(2).sum()
+    assert r.metrics["fvu"] == pytest.approx(float(fvu), rel=1e-9)
+    assert r.metrics["explained_variance"] == pytest.approx(1 - float(fvu), rel=1e-9)
+    assert r.metrics["nmse_mean"] == pytest.approx(float((err / z.pow(2).sum(1)).mean()), rel=1e-5)
+    assert r.metrics["mse"] == pytest.approx(float(err.sum() / (n * d)), rel=1e-9)
+    l2 = (x_hat.norm(dim=1) / z.norm(dim=1)).mean()
+    assert r.metrics["l2_ratio"] == pytest.approx(float(l2), rel=1e-5)
+    assert r.metrics["l0_mean"] == pytest.approx(4.0)
+    assert r.latent_freq[0] == 0 and r.metrics["dead_latents"] >= 1
+    assert r.metrics["window_tokens"] == n
+    assert r.latent_freq.sum() == pytest.approx(4.0, rel=1e-5)  # Σ freq = mean L0
+
+
+def test_batched_zf_equals_per_sequence_zf():
+    from saelib.afa import zf_stats_sae
+    from saelib.activations import harvest
+
+    model = _model()
+    toks = _tokens(model, rows=4, seq=9, seed=2)
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=128, activation="topafa", hook_name=HOOK, seed=2))
+    batched = evaluate_sae(sae, model, toks, batch_size=4, ce=False, progress=False)
+    per_seq = [evaluate_sae(sae, model, toks[i : i + 1], ce=False, progress=False) for i in range(4)]
+    for key in ("norm_z", "norm_f", "ratio", "eps_lbo"):
+        cat = np.concatenate([p.zf[key] for p in per_seq])
+        np.testing.assert_allclose(batched.zf[key], cat, rtol=1e-5, atol=1e-8)
+    z = harvest(model, toks, [HOOK], exclude_bos=True, progress=False)[HOOK]
+    ref = zf_stats_sae(sae, z)
+    np.testing.assert_allclose(batched.zf["norm_f"], ref.norm_f.numpy(), rtol=1e-5)
+    assert batched.metrics["zf_ratio_median"] == pytest.approx(float(np.median(ref.ratio.numpy())), rel=1e-5)
+
+
+def test_width_mismatch_and_unknown_hook_raise_clear_errors():
+    model = _model()
+    narrow = SAE(SAEConfig(d_in=model.cfg.d_model // 2, d_sae=8, activation="topk", k=2, hook_name=HOOK))
+    with pytest.raises(ValueError, match="d_in"):
+        evaluate_sae(narrow, model, _tokens(model), progress=False)
+    sae = _identity_sae(model.cfg.d_model)
+    with pytest.raises(ValueError, match="hook"):
+        evaluate_sae(sae, model, _tokens(model), hook="blocks.1.hook_nonexistent", progress=False)
+    with pytest.raises(ValueError, match="layer"):
+        evaluate_sae(sae, model, _tokens(model), hook="blocks.99.hook_resid_pre", progress=False)
+    with pytest.raises(ValueError, match="d_in"):
+        reconstruction_metrics(narrow, torch.randn(4, model.cfg.d_model))
+
+
+def test_welch_ttest_matches_scipy():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 7), rng.normal(0.8, 2.5, 5)
+    r = welch_ttest(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert r.t == pytest.approx(ref.statistic) and r.p == pytest.approx(ref.pvalue)
+    va, vb = a.var(ddof=1) / 7, b.var(ddof=1) / 5
+    assert r.df == pytest.approx((va + vb) ** 2 / (va**2 / 6 + vb**2 / 4))
+    with pytest.raises(ValueError, match="seeds"):
+        welch_ttest([1.0], [1.0, 2.0])
+
+
+def test_mean_ci_on_known_data():
+    r = mean_ci([1, 2, 3, 4, 5])
+    # t_{0.975, 4} = 2.7764451; s = sqrt(2.5)
+    assert r.mean == 3 and r.std == pytest.approx(math.sqrt(2.5))
+    assert r.half_width == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
+    assert (r.low, r.high) == pytest.approx((3 - r.half_width, 3 + r.half_width))
+    assert math.isnan(mean_ci([4.0]).half_width)
+    agg = aggregate_seeds([{"nmse_mean": v, "seed": i} for i, v in enumerate([1, 2, 3, 4, 5])])
+    assert list(agg.index) == ["nmse_mean"] and agg.loc["nmse_mean", "ci_half"] == pytest.approx(r.half_width)
+
+
+def test_tables_in_the_papers_format():
+    import pandas as pd
+
+    frame = pd.DataFrame([
+        {"layer": 6, "activation": "topk", "k": 1024, "afa_coeff": 0.0, "l0_mean": 1023.5, "nmse_mean": 1.74e-4, "d_sae": 12288},
+        {"layer": 6, "activation": "batchtopk", "k": 1024, "afa_coeff": 0.0, "l0_mean": 1024.0, "nmse_mean": 1.65e-4, "d_sae": 12288},
+        {"layer": 6, "activation": "topafa", "k": None, "afa_coeff": 1 / 32, "l0_mean": 2037.29, "nmse_mean": 1.64e-4, "d_sae": 12288},
+        {"layer": 7, "activation": "topk", "k": 64, "afa_coeff": 0.0, "l0_mean": 63.9, "nmse_mean": 5.9e-2, "d_sae": 12288},
+    ])
+    t = comparison_table(frame)
+    assert list(t.columns[:6]) == ["Layer", "Activation", "k", "λ_AFA", "L0", "NMSE"]
+    best = t[t["best"]]
+    assert set(zip(best["Layer"], best["Activation"])) == {(6, "Top-AFA"), (7, "Top-k")}
+    assert t.loc[t["Activation"] == "Top-AFA", "λ_AFA"].item() == "1/32"
+    assert "**1.640e-04** ★" in format_table(t)
+    assert "\\underline{\\textbf{1.640e-04}}" in format_table(t, fmt="latex")
+    mdl = mdl_table(frame)
+    row = mdl[mdl["method"].str.startswith("Top-AFA")]
+    assert row["MDL (bits)"].item() == pytest.approx(41937.5, abs=0.5)
+    assert mdl[mdl["layer"] == 6]["best"].sum() == 1
+
+
+def test_saelens_sae_gives_the_same_metrics(tmp_path):
+    pytest.importorskip("sae_lens")
+    from sae_lens import SAE as LensSAE
+
+    from saelib.interop import to_saelens
+
+    model = _model()
+    toks = _tokens(model, rows=2, seq=8)
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=96, activation="topk", k=6, hook_name=HOOK, seed=4))
+    lens = LensSAE.load_from_disk(str(to_saelens(sae, tmp_path / "lens")), device="cpu")
+    ours = evaluate_sae(sae, model, toks, progress=False)
+    theirs = evaluate_sae(lens, model, toks, hook=HOOK, progress=False)
+    for key in ("nmse_mean", "l0_mean", "ce_sae", "kl_sae", "zf_ratio_median"):
+        assert theirs.metrics[key] == pytest.approx(ours.metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_centered_input_wrapper_matches_centering_by_hand():
+    from saelib.evaluate import CenteredInputSAE
+
+    torch.manual_seed(1)
+    d = 12
+    x = torch.randn(50, d) + 3.0  # a large per-token mean the inner SAE never saw
+    inner = SAE(SAEConfig(d_in=d, d_sae=30, activation="topk", k=5, seed=5))
+    wrapped = CenteredInputSAE(inner)
+    xc = x - x.mean(-1, keepdim=True)
+    with torch.no_grad():
+        ref = inner.decode(inner.encode(xc)) + x.mean(-1, keepdim=True)
+        out = wrapped.decode(wrapped.encode(x), x=x)
+    torch.testing.assert_close(out, ref)
+    r = reconstruction_metrics(wrapped, x)
+    ref_r = reconstruction_metrics(inner, xc)
+    assert r.metrics["l0_mean"] == ref_r.metrics["l0_mean"]
+    np.testing.assert_allclose(r.zf["norm_f"], ref_r.zf["norm_f"], rtol=1e-6)
+    np.testing.assert_allclose(r.zf["norm_z"], ref_r.zf["norm_z"], rtol=1e-6)
+
+
+def test_evaluation_plots_return_figures():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from saelib.evaluate import paper_zf_medians
+    from saelib.plots import evaluation as P
+
+    frame = pd.DataFrame({"activation": ["topk", "topk", "topafa", "topafa"], "l0_mean": [8, 32, 20, 40],
+                          "nmse_mean": [0.5, 0.3, 0.4, 0.2], "ci": [0.01] * 4, "match": ["a", "b", "a", "b"]})
+    figs = [
+        P.pareto_plot(frame, yerr="ci", d_in=64),
+        P.seed_comparison_plot(frame, "nmse_mean", panel="match"),
+        P.l0_distribution_plot({"topk": np.full(10, 8), "topafa": np.arange(10)}, d_in=64),
+        P.latent_density_plot({"topk": np.array([0.0, 0.1, 0.5])}, n_tokens=100),
+        P.paper_vs_ours_plot(paper_zf_medians().iloc[:3], paper_zf_medians()),
+    ]
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
+    assert "3 dead" not in figs[3].axes[0].get_legend().get_texts()[0].get_text()
+    assert "1 dead" in figs[3].axes[0].get_legend().get_texts()[0].get_text()
