@@ -93,7 +93,7 @@ def sae_hook_name(sae: Any) -> str | None:
 def _as_sae(sae: Any) -> Any:
     """Accept a saelib SAE, a SAELens SAE, or anything with ``encode``/``decode``/``W_dec``."""
     if type(sae).__module__.startswith("sae_lens"):
-        # C1's converter keeps SAELens preprocessing (normalisation, b_dec on input, decoder-norm
+        # The interop converter keeps SAELens preprocessing (normalisation, b_dec on input, decoder-norm
         # rescaling) by folding it into an equivalent saelib SAE.
         from saelib.interop import from_saelens
 
@@ -191,7 +191,7 @@ class CenteredInputSAE(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# ZF statistics (D1's saelib.afa.zf_stats), normalised to a dict of per-token numpy arrays.
+# ZF statistics (saelib.afa.zf_stats), normalised to a dict of per-token numpy arrays.
 # --------------------------------------------------------------------------------------------
 
 
@@ -513,7 +513,7 @@ def _check_hook(model: Any, hook: str) -> str:
 
 
 def _harvest_batch(model: Any, toks: torch.Tensor, hook: str, exclude_bos: bool) -> torch.Tensor:
-    """Hook activations [B·S', d] of one batch; the forward stops at the hook (A's harvest)."""
+    """Hook activations [B·S', d] of one batch; the forward stops at the hook (saelib.activations.harvest)."""
     from saelib.activations import harvest
 
     return harvest(model, toks, [hook], batch_size=toks.shape[0], exclude_bos=exclude_bos,

@@ -1,0 +1,1090 @@
+"""Meta-SAEs: sparse autoencoders trained on the decoder rows of another SAE.
+
+A meta-SAE treats an SAE's decoder matrix ``W_dec [n_latents, d_model]`` as a dataset of
+``n_latents`` vectors and decomposes every latent's direction into a sparse, non-negative sum of
+*meta-latents* (Bussmann, Pearce, Leask; Leask et al., "Sparse Autoencoders Do Not Find
+Canonical Units of Analysis", arXiv 2502.04878). If a large SAE's latents were atoms, a
+4-sparse code over a dictionary four times smaller could not explain much of their variance.
+
+What this module gives:
+
+* :class:`MetaSAEConfig` and :func:`train_meta_sae`: a BatchTopK meta-SAE (k = 4, width a quarter
+  of the base width, Adam lr 1e-3, betas (0.9, 0.99), batch 16384 rows, aux alpha 1/16, dead after
+  100 batches) trained by a dedicated loop until the training FVE stops improving. The parameters
+  live in a :class:`saelib.sae.SAE` (activation ``"batchtopk"``), so saving and loading are the
+  package's usual ones.
+* :func:`meta_codes`, :func:`fve`: the meta-code of every decoder row in *batch* mode (BatchTopK
+  over the whole matrix as one batch: mean L0 = k exactly) or *threshold* mode (the estimated
+  global threshold, the inference rule of BatchTopK), and the fraction of variance explained.
+* :func:`decompose`, :func:`inverse_index`: latent -> sorted meta-latents, meta-latent -> members.
+* :func:`max_cos_comparison`: meta-latents against the latents of smaller SAEs, both directions,
+  with random-unit-vector and covariance-matched Gaussian baselines.
+* :func:`split_recovery`, :func:`shared_meta_ratio`: do children of one parent latent share
+  meta-latents more often than random pairs of latents? (ratio with a cluster-bootstrap CI)
+* :func:`top_activating_contexts`, :func:`top_logits`, :func:`latent_view`,
+  :func:`latent_view_html`: reading a latent and its meta-latents.
+
+Why a dedicated loop and not :func:`saelib.train.train_saes`: the dataset is one small matrix that
+sits in memory, the stopping rule is "FVE has converged" rather than a token budget, and BatchTopK
+over 16384 rows x a few thousand latents is cheap when done sparsely. The loop selects the
+``k * B`` active entries without autograd, then recomputes only those pre-activations with
+gradients (sampled dense-dense products and CSR kernels), so only one dense ``B x d_meta``
+matmul remains per step instead of five plus a sort of the whole batch; at the GPT-2 size
+(16384 rows x 2304 meta-latents) a CPU step is several times faster than the generic dense path
+(``python benchmarks/meta.py`` prints both side by side).
+"""
+
+from __future__ import annotations
+
+import html as _html
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+__all__ = [
+    "MetaSAEConfig",
+    "MetaSAE",
+    "MetaCodes",
+    "FVEResult",
+    "Decomposition",
+    "MaxCosStats",
+    "SplitRecovery",
+    "Context",
+    "train_meta_sae",
+    "meta_codes",
+    "fve",
+    "reconstruct",
+    "decompose",
+    "inverse_index",
+    "max_cos",
+    "max_cos_comparison",
+    "max_cos_table",
+    "random_unit_vectors",
+    "matched_gaussian_vectors",
+    "split_children",
+    "shared_meta_ratio",
+    "split_recovery",
+    "top_activating_contexts",
+    "top_logits",
+    "unembedding",
+    "latent_view",
+    "latent_view_html",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MetaSAEConfig:
+    """Hyper-parameters of a BatchTopK meta-SAE; defaults follow the paper's GPT-2 meta-SAE."""
+
+    d_meta: int | None = None
+    """Number of meta-latents. ``None``: ``round(width_ratio * n_rows)`` (the paper's GPT-2
+    meta-SAE on the 49152-latent SAE used 2304, the SAEBench protocol a quarter)."""
+    width_ratio: float = 0.25
+    """Meta-latents per base latent when ``d_meta`` is ``None``."""
+    k: int = 4
+    """Mean number of active meta-latents per decoder row (BatchTopK over each batch)."""
+    lr: float = 1e-3
+    """Adam learning rate (the paper's GPT-2 meta-SAE: 1e-3)."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas."""
+    batch_size: int = 16384
+    """Decoder rows per step (capped at the number of rows: full-batch training below that)."""
+    aux_k: int = 512
+    """Dead meta-latents used per row by the auxiliary loss (``top_k_aux``)."""
+    aux_coeff: float = 1 / 16
+    """Weight alpha of the auxiliary dead-latent loss (1/16 for meta-SAEs in the authors' code)."""
+    n_batches_to_dead: int = 100
+    """A meta-latent that has not fired for this many consecutive batches is dead."""
+    use_b_enc: bool = False
+    """Use an encoder bias. The released BatchTopK code has none in its forward pass."""
+    normalize_rows: bool = True
+    """Rescale input rows to unit norm first (a no-op for unit-norm decoders; guards the others)."""
+    max_steps: int = 2000
+    """Hard cap on optimiser steps (the released GPT-2 meta-SAE is the step-2000 checkpoint)."""
+    min_steps: int = 200
+    """Never stop before this many steps."""
+    window: int = 100
+    """Convergence window in steps: compare the mean training FVE of the last window with the
+    window before it."""
+    tol: float = 1e-3
+    """Stop when the windowed training FVE improves by less than this (absolute)."""
+    threshold_ema: float = 0.01
+    """EMA rate of the inference threshold (mean smallest surviving activation per batch)."""
+    select_dtype: str = "float32"
+    """dtype of the no-grad matmul that *selects* active entries ("float32" or "bfloat16";
+    bfloat16 is ~4x faster on recent CPUs, the selected values are recomputed in float32)."""
+    seed: int = 49
+    """Seed of the initialisation and the row shuffling (49 in the authors' code)."""
+    device: str | None = None
+    """Device; ``None`` uses the input matrix's device."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+    log_every: int = 10
+    """Record a history entry every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.d_meta is not None and self.d_meta < 1:
+            raise ValueError(f"d_meta must be >= 1 or None (got {self.d_meta}).")
+        if not 0 < self.width_ratio <= 64:
+            raise ValueError(f"width_ratio must be in (0, 64] (got {self.width_ratio}).")
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1 (got {self.k}).")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0 (got {self.lr}).")
+        self.betas = tuple(float(b) for b in self.betas)  # YAML gives lists
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (got {self.betas}).")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {self.batch_size}).")
+        if self.aux_k < 0 or self.aux_coeff < 0:
+            raise ValueError("aux_k and aux_coeff must be >= 0 (set aux_coeff=0 to disable).")
+        if self.n_batches_to_dead < 1:
+            raise ValueError(f"n_batches_to_dead must be >= 1 (got {self.n_batches_to_dead}).")
+        if self.max_steps < 1 or self.min_steps < 0 or self.window < 1:
+            raise ValueError("max_steps and window must be >= 1 and min_steps >= 0.")
+        if self.tol < 0:
+            raise ValueError(f"tol must be >= 0 (got {self.tol}).")
+        if not 0 < self.threshold_ema <= 1:
+            raise ValueError(f"threshold_ema must be in (0, 1] (got {self.threshold_ema}).")
+        if self.select_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"select_dtype must be 'float32' or 'bfloat16' (got {self.select_dtype!r})."
+            )
+
+    def width_for(self, n_rows: int) -> int:
+        """Number of meta-latents for a base dictionary of ``n_rows`` latents."""
+        return int(self.d_meta) if self.d_meta is not None else max(1, round(self.width_ratio * n_rows))
+
+
+# --------------------------------------------------------------------------------------------
+# The meta-SAE object
+# --------------------------------------------------------------------------------------------
+
+
+def _make_sae(d_in: int, d_sae: int, cfg: MetaSAEConfig, batch_size: int):
+    """A :class:`saelib.sae.SAE` with activation "batchtopk" that holds the meta-SAE weights.
+
+    Its config records the meta-SAE's hyper-parameters in the SAE's own terms (a "token" is a
+    decoder row, so dead after ``n_batches_to_dead * batch_size`` rows)."""
+    from saelib.sae import SAE, SAEConfig
+
+    return SAE(SAEConfig(
+        d_in=d_in, d_sae=d_sae, activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
+        aux_coeff=cfg.aux_coeff, dead_after_tokens=cfg.n_batches_to_dead * batch_size,
+        threshold_lr=cfg.threshold_ema, input_norm="none", use_b_enc=cfg.use_b_enc,
+        seed=cfg.seed, hook_name="decoder_rows", model_name="meta-sae",
+    ))
+
+
+class MetaSAE:
+    """A trained meta-SAE: the weights (a BatchTopK :class:`saelib.sae.SAE`) and its threshold.
+
+    Encoding is defined here (not by the SAE's own ``encode``) so that batch mode, threshold mode
+    and training share one rule: ``pre = relu((d - b_dec) @ W_enc [+ b_enc])``, then either the
+    top ``k * n_rows`` entries of the whole matrix (batch mode) or ``pre > threshold``.
+    """
+
+    def __init__(self, sae, threshold: float, cfg: MetaSAEConfig, history: list[dict] | None = None,
+                 n_steps: int = 0, converged: bool = False, wall_s: float = 0.0) -> None:
+        self.sae = sae
+        self.threshold = float(threshold)
+        self.cfg = cfg
+        self.history = history or []
+        self.n_steps = n_steps
+        self.converged = converged
+        self.wall_s = wall_s
+        self.s_per_step = wall_s / max(n_steps, 1)  # steady-state seconds per step (set by training)
+
+    # Shapes: W_enc [d_in, d_meta], W_dec [d_meta, d_in].
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return self.sae.W_enc
+
+    @property
+    def W_dec(self) -> torch.Tensor:
+        return self.sae.W_dec
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        return self.sae.b_dec
+
+    @property
+    def b_enc(self) -> torch.Tensor | None:
+        return self.sae.b_enc if self.cfg.use_b_enc else None
+
+    @property
+    def d_meta(self) -> int:
+        return self.sae.W_dec.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.cfg.k
+
+    def __repr__(self) -> str:
+        return (f"MetaSAE(d_in={self.W_dec.shape[1]}, d_meta={self.d_meta}, k={self.k}, "
+                f"threshold={self.threshold:.4g}, steps={self.n_steps}, converged={self.converged})")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the SAE (safetensors + cfg.json) and ``meta.json`` into folder ``path`` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            self.sae.save(tmp)
+            info = {"threshold": self.threshold, "cfg": asdict(self.cfg), "n_steps": self.n_steps,
+                    "converged": self.converged, "wall_s": self.wall_s, "history": self.history}
+            (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                _rmtree(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                _rmtree(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> MetaSAE:
+        """Load a meta-SAE written by :meth:`save`."""
+        from saelib.sae import SAE
+
+        path = Path(path)
+        if not (path / "meta.json").exists():
+            raise FileNotFoundError(
+                f"No meta-SAE at {path} (meta.json missing): train one with train_meta_sae(...) "
+                "and save it with .save(path)."
+            )
+        info = json.loads((path / "meta.json").read_text())
+        sae = SAE.load(path)
+        if device is not None:
+            sae = sae.to(device)
+        cfg = MetaSAEConfig(**info["cfg"])
+        return cls(sae, info["threshold"], cfg, info.get("history"), info.get("n_steps", 0),
+                   info.get("converged", False), info.get("wall_s", 0.0))
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchTopK selection (exact, without sorting the whole batch)
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_topk(pre: torch.Tensor, n: int, hint: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, column and value of the ``n`` largest *positive* entries of ``pre [B, m]``.
+
+    A full ``topk`` over ``B * m`` entries is slow on a CPU (seconds for 16384 x 2304). Two exact
+    shortcuts: (1) with a ``hint`` (e.g. a bit below the previous batch's cut-off), every entry
+    above it is a candidate; if there are at least ``n`` of them, the top ``n`` are among them.
+    (2) Otherwise the global top ``n`` can only contain entries among the top ``c`` of their own row
+    as long as no row has *all* of its ``c`` candidates strictly above the cut-off; take per-row
+    candidates and widen ``c`` in the rare case a row is saturated.
+    """
+    B, m = pre.shape
+    n = min(n, B * m)
+    if hint is not None and hint > 0:
+        r, c = (pre > hint).nonzero(as_tuple=True)
+        if r.numel() >= n:
+            v, pos = pre[r, c].topk(n)
+            return r[pos], c[pos], v
+    c = min(m, max(4, 4 * math.ceil(n / max(B, 1))))
+    while True:
+        cand_v, cand_i = pre.topk(c, dim=-1)  # [B, c], sorted descending
+        flat_v, flat_pos = cand_v.flatten().topk(n)
+        cut = flat_v[-1]
+        if c == m or not bool((cand_v[:, -1] > cut).any()):
+            break
+        c = min(m, 4 * c)
+    rows = flat_pos // c
+    cols = cand_i.flatten()[flat_pos]
+    keep = flat_v > 0
+    return rows[keep], cols[keep], flat_v[keep]
+
+
+def _pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, b_enc: torch.Tensor | None,
+              dtype: torch.dtype = torch.float32, relu: bool = True) -> torch.Tensor:
+    """relu((x - b_dec) @ W_enc + b_enc) computed in ``dtype``, returned as float32. [B, m]
+
+    ``relu=False`` skips the ReLU (selection keeps positive entries only, so it is not needed)."""
+    xc = (x - b_dec).to(dtype)
+    pre = xc @ W_enc.to(dtype)
+    if b_enc is not None:
+        pre = pre + b_enc.to(dtype)
+    if relu:
+        pre = torch.relu_(pre)
+    return pre.float()
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_rows(W_dec: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if not isinstance(W_dec, torch.Tensor) or W_dec.ndim != 2:
+        raise ValueError(
+            "W_dec must be a 2-D tensor [n_latents, d_model] (an SAE's decoder matrix, e.g. sae.W_dec)."
+        )
+    W = W_dec.detach().float()
+    if not torch.isfinite(W).all():
+        raise ValueError("W_dec holds NaN or inf values: check the SAE checkpoint it came from.")
+    if normalize:
+        norms = W.norm(dim=1, keepdim=True)
+        if (norms == 0).any():
+            raise ValueError(
+                f"{int((norms == 0).sum())} decoder rows are all zero and cannot be normalised: "
+                "drop them (W_dec[W_dec.norm(dim=1) > 0]) or pass normalize_rows=False."
+            )
+        W = W / norms
+    return W
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """CSR matrix from (row, col, value) triplets whose rows are sorted (cols sorted within rows)."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+    with warnings.catch_warnings():  # PyTorch marks CSR "beta"; the ops used here are tested
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+
+
+class _SparseCode(torch.autograd.Function):
+    """``x_hat = b_dec + sum_e vals_e * W_dec[cols_e]`` into row ``rows_e``, where
+    ``vals_e = relu((x[rows_e] - b_dec) . W_enc[:, cols_e] + b_enc[cols_e])``.
+
+    Only the ``n = k * B`` selected entries are touched, with sparse kernels: the values by a
+    sampled dense-dense product (SDDMM), the decoder and every gradient by CSR x dense products.
+    (Gathering rows and ``index_add_`` are 5-20x slower on CPU.) ``(rows, cols)`` must be sorted
+    by row, then column. Returns ``(x_hat [B, d], vals [n])``; ``vals`` carries no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, W_dec, b_dec, b_enc, rows, cols):
+        B, m = x.shape[0], W_dec.shape[0]
+        xc = x - b_dec
+        pattern = _csr(rows, cols, torch.ones(rows.numel(), dtype=x.dtype, device=x.device), (B, m))
+        vals = torch.sparse.sampled_addmm(pattern, xc, W_enc, beta=0.0).values()
+        if b_enc is not None:
+            vals = vals + b_enc[cols]
+        vals = vals.clamp(min=0)
+        x_hat = _csr(rows, cols, vals, (B, m)) @ W_dec + b_dec
+        # the transposed pattern (sorted by meta-latent) for the weight gradients
+        order = torch.argsort(cols, stable=True)
+        ctx.save_for_backward(xc, W_enc, W_dec, rows, cols, vals, order)
+        ctx.has_b_enc = b_enc is not None
+        ctx.mark_non_differentiable(vals)
+        return x_hat, vals
+
+    @staticmethod
+    def backward(ctx, g, _g_vals):
+        xc, W_enc, W_dec, rows, cols, vals, order = ctx.saved_tensors
+        B, m = xc.shape[0], W_dec.shape[0]
+        g = g.contiguous()
+        pattern = _csr(rows, cols, torch.ones_like(vals), (B, m))
+        g_vals = torch.sparse.sampled_addmm(pattern, g, W_dec.T, beta=0.0).values() * (vals > 0)
+        r_t, c_t = cols[order], rows[order]
+        g_W_dec = _csr(r_t, c_t, vals[order], (m, B)) @ g
+        g_W_encT = _csr(r_t, c_t, g_vals[order], (m, B)) @ xc
+        g_xc = _csr(rows, cols, g_vals, (B, m)) @ W_enc.T
+        g_b_dec = g.sum(0) - g_xc.sum(0)
+        g_b_enc = torch.bincount(cols, weights=g_vals, minlength=m).to(g.dtype) if ctx.has_b_enc else None
+        return g_xc, g_W_encT.T, g_W_dec, g_b_dec, g_b_enc, None, None
+
+
+def train_meta_sae(W_dec: torch.Tensor, cfg: MetaSAEConfig | None = None, **overrides: Any) -> MetaSAE:
+    """Train a BatchTopK meta-SAE on the rows of ``W_dec [n_latents, d_model]``.
+
+    ``cfg`` fields can also be given as keyword arguments (``train_meta_sae(W, k=4, d_meta=2304)``).
+    Training stops at ``max_steps`` or when the mean training FVE of the last ``window`` steps
+    exceeds that of the window before by less than ``tol`` (after ``min_steps``). The inference
+    threshold is the EMA of the smallest activation that survived BatchTopK in each batch.
+    """
+    cfg = cfg or MetaSAEConfig()
+    if overrides:
+        cfg = MetaSAEConfig(**{**asdict(cfg), **overrides})
+    device = torch.device(cfg.device) if cfg.device else W_dec.device
+    X = _prepare_rows(W_dec, cfg.normalize_rows).to(device)  # [N, d]
+    N, d = X.shape
+    m = cfg.width_for(N)
+    if N < 2:
+        raise ValueError(f"A meta-SAE needs at least 2 decoder rows (got {N}).")
+    B = min(cfg.batch_size, N)
+    sel_dtype = torch.bfloat16 if cfg.select_dtype == "bfloat16" else torch.float32
+
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    # The SAE's own seeded init: Kaiming-uniform W_enc, W_dec = W_enc^T with unit rows, zero biases
+    # (the authors' initialisation).
+    sae = _make_sae(d, m, cfg, B).to(device)
+    sae.train()
+    params = [sae.W_enc, sae.W_dec, sae.b_dec] + ([sae.b_enc] if cfg.use_b_enc else [])
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
+
+    not_active = torch.zeros(m, dtype=torch.long, device=device)  # batches since last firing
+    hint = None  # a value a little below the last batch's BatchTopK cut-off
+    threshold = None
+    history: list[dict] = []
+    fves: list[float] = []
+    converged = False
+    perm = torch.randperm(N, generator=gen).to(device)
+    pos = 0
+    start = time.perf_counter()
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, desc=f"meta-SAE {N}x{d} -> {m}, k={cfg.k}",
+               disable=not cfg.progress, leave=False, mininterval=2.0)
+    step = 0
+    for step in range(1, cfg.max_steps + 1):
+        if pos + B > N:  # new shuffled pass over the rows
+            perm = torch.randperm(N, generator=gen).to(device)
+            pos = 0
+        x = X[perm[pos:pos + B]]
+        pos += B
+        b_enc = sae.b_enc if cfg.use_b_enc else None
+
+        with torch.no_grad():
+            pre = _pre_acts(x, sae.W_enc, sae.b_dec, b_enc, sel_dtype, relu=False)
+            rows, cols, sel_v = _batch_topk(pre, cfg.k * B, hint)
+            hint = 0.9 * float(sel_v.min()) if sel_v.numel() else None
+            del pre
+            order = torch.argsort(rows * m + cols)  # CSR order
+            rows, cols = rows[order], cols[order]
+        # Sparse encode/decode with a hand-written backward over the k*B selected entries.
+        x_hat, vals = _SparseCode.apply(x, sae.W_enc, sae.W_dec, sae.b_dec, b_enc, rows, cols)
+        err = x_hat - x
+        mse = err.pow(2).mean()
+        xc = x - sae.b_dec
+
+        with torch.no_grad():
+            fired = torch.zeros(m, dtype=torch.bool, device=device)
+            fired[cols[vals > 0]] = True
+            not_active += 1
+            not_active[fired] = 0
+            dead = (not_active >= cfg.n_batches_to_dead).nonzero().squeeze(-1)
+            min_act = vals[vals > 0].min().item() if bool((vals > 0).any()) else 0.0
+            threshold = min_act if threshold is None else (
+                (1 - cfg.threshold_ema) * threshold + cfg.threshold_ema * min_act)
+
+        aux = torch.zeros((), device=device)
+        if cfg.aux_coeff > 0 and cfg.aux_k > 0 and dead.numel() > 0:
+            pre_dead = xc @ sae.W_enc[:, dead]
+            if b_enc is not None:
+                pre_dead = pre_dead + b_enc[dead]
+            pre_dead = torch.relu(pre_dead)
+            ka = min(cfg.aux_k, dead.numel())
+            top_v, top_i = pre_dead.topk(ka, dim=-1)
+            acts_aux = torch.zeros_like(pre_dead).scatter(-1, top_i, top_v)
+            aux = (acts_aux @ sae.W_dec[dead] - (x - x_hat).detach()).pow(2).mean()
+        loss = mse + cfg.aux_coeff * aux
+
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        # Keep decoder rows on the unit sphere: drop the radial gradient, step, renormalise.
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            total = (x - x.mean(0)).pow(2).sum()
+            batch_fve = 1.0 - (err.pow(2).sum() / total).item()
+        fves.append(batch_fve)
+        if step == 1:
+            t_first = time.perf_counter()  # steady-state timing excludes the first (warm-up) step
+
+        if step % cfg.log_every == 0 or step == 1:
+            history.append({"step": step, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(),
+                            "fve": batch_fve, "n_dead": int(dead.numel()), "threshold": threshold})
+            bar.set_postfix(fve=f"{batch_fve:.4f}", dead=int(dead.numel()), refresh=False)
+        bar.update(1)
+
+        w_ = cfg.window
+        if step >= max(cfg.min_steps, 2 * w_):
+            gain = float(np.mean(fves[-w_:]) - np.mean(fves[-2 * w_:-w_]))
+            if gain < cfg.tol:
+                converged = True
+                break
+    bar.close()
+    for p in params:
+        p.requires_grad_(False)
+    sae.eval()
+    if history and history[-1]["step"] != step:
+        history.append({"step": step, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(),
+                        "fve": fves[-1], "n_dead": int(dead.numel()), "threshold": threshold})
+    _store_threshold(sae, threshold)
+    end = time.perf_counter()
+    out = MetaSAE(sae, threshold, cfg, history, step, converged, end - start)
+    out.s_per_step = (end - t_first) / (step - 1) if step > 1 else end - start
+    return out
+
+
+def _store_threshold(sae, threshold: float) -> None:
+    """Give the SAE's own BatchTopK inference threshold our estimate, when it has one."""
+    for name in ("threshold", "topk_threshold", "inference_threshold"):
+        buf = getattr(sae, name, None)
+        if isinstance(buf, torch.Tensor):
+            with torch.no_grad():
+                buf.fill_(threshold)
+            return
+
+
+# --------------------------------------------------------------------------------------------
+# Codes, FVE, decompositions
+# --------------------------------------------------------------------------------------------
+
+
+class MetaCodes(NamedTuple):
+    """Sparse meta-codes of a decoder matrix: entry ``e`` says latent ``rows[e]`` contains
+    meta-latent ``cols[e]`` with activation ``vals[e]``. Sorted by row, then by value (desc)."""
+
+    rows: torch.Tensor  # LongTensor [nnz]
+    cols: torch.Tensor  # LongTensor [nnz]
+    vals: torch.Tensor  # FloatTensor [nnz]
+    n_latents: int
+    d_meta: int
+    mode: str  # "batch" or "threshold"
+
+    @property
+    def l0(self) -> float:
+        """Mean number of active meta-latents per latent."""
+        return self.rows.numel() / max(self.n_latents, 1)
+
+    def per_latent_l0(self) -> torch.Tensor:
+        """LongTensor [n_latents]: active meta-latents of every latent."""
+        return torch.bincount(self.rows, minlength=self.n_latents)
+
+    def members_per_meta(self) -> torch.Tensor:
+        """LongTensor [d_meta]: latents each meta-latent is active in."""
+        return torch.bincount(self.cols, minlength=self.d_meta)
+
+    def dense(self) -> torch.Tensor:
+        """FloatTensor [n_latents, d_meta] (only for small matrices)."""
+        out = torch.zeros(self.n_latents, self.d_meta)
+        out[self.rows, self.cols] = self.vals
+        return out
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
+
+
+@torch.no_grad()
+def meta_codes(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
+               threshold: float | None = None, chunk_size: int = 8192) -> MetaCodes:
+    """Meta-codes of every row of ``W_dec`` (rows normalised as in training).
+
+    ``mode="batch"``: BatchTopK with the whole matrix as one batch (mean L0 = k exactly).
+    ``mode="threshold"``: ``pre > threshold`` (default: the estimated ``meta.threshold``).
+    """
+    if mode not in ("batch", "threshold"):
+        raise ValueError(f"mode must be 'batch' or 'threshold' (got {mode!r}).")
+    X = _prepare_rows(W_dec, meta.cfg.normalize_rows).to(meta.W_enc.device)
+    N = X.shape[0]
+    m = meta.d_meta
+    if X.shape[1] != meta.W_enc.shape[0]:
+        raise ValueError(
+            f"W_dec has d_model {X.shape[1]} but the meta-SAE was trained on d_model "
+            f"{meta.W_enc.shape[0]}: pass the decoder the meta-SAE was trained on."
+        )
+    if mode == "threshold":
+        thr = meta.threshold if threshold is None else float(threshold)
+        rs, cs, vs = [], [], []
+        for s, e in _chunks(N, chunk_size):
+            pre = _pre_acts(X[s:e], meta.W_enc, meta.b_dec, meta.b_enc)
+            r, c = (pre > thr).nonzero(as_tuple=True)
+            rs.append(r + s), cs.append(c), vs.append(pre[r, c])
+        rows, cols, vals = torch.cat(rs), torch.cat(cs), torch.cat(vs)
+    else:
+        n = meta.k * N
+        c = min(m, 4 * meta.k)
+        while True:  # same candidate trick as _batch_topk, chunked over rows
+            cv, ci = [], []
+            for s, e in _chunks(N, chunk_size):
+                v, i = _pre_acts(X[s:e], meta.W_enc, meta.b_dec, meta.b_enc).topk(c, dim=-1)
+                cv.append(v), ci.append(i)
+            cand_v, cand_i = torch.cat(cv), torch.cat(ci)
+            flat_v, flat_pos = cand_v.flatten().topk(min(n, cand_v.numel()))
+            if c == m or not bool((cand_v[:, -1] > flat_v[-1]).any()):
+                break
+            c = min(m, 4 * c)
+        keep = flat_v > 0
+        rows, cols, vals = flat_pos[keep] // c, cand_i.flatten()[flat_pos[keep]], flat_v[keep]
+    # sort by row, then by value descending
+    order = torch.argsort(vals, descending=True, stable=True)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    order = torch.argsort(rows, stable=True)
+    return MetaCodes(rows[order].cpu(), cols[order].cpu(), vals[order].float().cpu(), N, m, mode)
+
+
+@torch.no_grad()
+def reconstruct(meta: MetaSAE, codes: MetaCodes) -> torch.Tensor:
+    """Reconstructed decoder rows [n_latents, d_model] from sparse meta-codes."""
+    W = meta.W_dec.detach().float().cpu()
+    out = meta.b_dec.detach().float().cpu().expand(codes.n_latents, -1).clone()
+    out.index_add_(0, codes.rows, codes.vals[:, None] * W[codes.cols])
+    return out
+
+
+class FVEResult(NamedTuple):
+    """Fraction of variance explained of a decoder matrix by its meta-codes."""
+
+    fve: float
+    l0: float
+    dead_fraction: float  # meta-latents active in no row
+    mode: str
+    threshold: float | None
+
+
+@torch.no_grad()
+def fve(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
+        threshold: float | None = None, codes: MetaCodes | None = None) -> FVEResult:
+    """FVE = 1 - sum ||d - d_hat||^2 / sum ||d - d_mean||^2 over the rows of ``W_dec``."""
+    codes = codes if codes is not None else meta_codes(meta, W_dec, mode, threshold=threshold)
+    X = _prepare_rows(W_dec, meta.cfg.normalize_rows).cpu()
+    err = (X - reconstruct(meta, codes)).pow(2).sum()
+    total = (X - X.mean(0)).pow(2).sum()
+    dead = float((codes.members_per_meta() == 0).float().mean())
+    thr = (meta.threshold if threshold is None else threshold) if codes.mode == "threshold" else None
+    return FVEResult(float(1 - err / total), codes.l0, dead, codes.mode, thr)
+
+
+class Decomposition(NamedTuple):
+    """One latent as a sorted list of (meta-latent, activation)."""
+
+    latent: int
+    meta_latents: list[int]
+    acts: list[float]
+
+
+def decompose(codes: MetaCodes, latents: int | Sequence[int] | None = None) -> list[Decomposition]:
+    """Decompositions of ``latents`` (default all), meta-latents sorted by activation."""
+    if latents is None:
+        latents = range(codes.n_latents)
+    elif isinstance(latents, (int, np.integer)):
+        latents = [int(latents)]
+    starts = torch.searchsorted(codes.rows, torch.arange(codes.n_latents + 1))
+    out = []
+    for i in latents:
+        i = int(i)
+        if not 0 <= i < codes.n_latents:
+            raise ValueError(f"latent {i} out of range [0, {codes.n_latents}).")
+        s, e = int(starts[i]), int(starts[i + 1])
+        out.append(Decomposition(i, codes.cols[s:e].tolist(), codes.vals[s:e].tolist()))
+    return out
+
+
+def inverse_index(codes: MetaCodes) -> list[Decomposition]:
+    """For every meta-latent, the latents it is active in, sorted by activation (desc).
+
+    Returns ``Decomposition``-shaped tuples with ``latent`` = the meta-latent and
+    ``meta_latents`` = its member latents (reused so both directions read alike).
+    """
+    order = torch.argsort(codes.vals, descending=True, stable=True)
+    cols, rows, vals = codes.cols[order], codes.rows[order], codes.vals[order]
+    order = torch.argsort(cols, stable=True)
+    cols, rows, vals = cols[order], rows[order], vals[order]
+    starts = torch.searchsorted(cols, torch.arange(codes.d_meta + 1))
+    return [Decomposition(c, rows[int(starts[c]):int(starts[c + 1])].tolist(),
+                          vals[int(starts[c]):int(starts[c + 1])].tolist())
+            for c in range(codes.d_meta)]
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-latents against smaller SAEs
+# --------------------------------------------------------------------------------------------
+
+
+def max_cos(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of ``A [n, d]``: the max cosine over the rows of ``B [m, d]`` and its argmax
+    (blockwise, :func:`saelib.stitching.max_cosine`)."""
+    from saelib.stitching import max_cosine
+
+    vals, idx = max_cosine(A, B)
+    return vals, idx
+
+
+def random_unit_vectors(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """``n`` isotropic random unit vectors in R^d."""
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1)
+
+
+def matched_gaussian_vectors(n: int, W: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``n`` unit vectors drawn from a Gaussian with the mean and covariance of the rows of ``W``.
+
+    A stronger baseline than isotropic vectors: decoder rows are anisotropic (they share a mean
+    direction and a few dominant ones), and random vectors with that shape already resemble them
+    more than isotropic vectors do.
+    """
+    W = F.normalize(W.detach().float().cpu(), dim=1)
+    mu = W.mean(0)
+    C = torch.cov(W.T) + 1e-6 * torch.eye(W.shape[1])
+    L = torch.linalg.cholesky(C)
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(mu + torch.randn(n, W.shape[1], generator=g) @ L.T, dim=1)
+
+
+class MaxCosStats(NamedTuple):
+    """Max-cosine distributions of one comparison set (e.g. meta-latents vs SAE of width w)."""
+
+    name: str
+    width: int
+    forward: torch.Tensor  # [d_meta] max cos of each meta-latent to the SAE's latents
+    forward_random: torch.Tensor  # [d_meta] same for isotropic random unit vectors
+    forward_matched: torch.Tensor  # [d_meta] same for covariance-matched random vectors
+    reverse: torch.Tensor  # [width] max cos of each SAE latent to the meta-latents
+    reverse_random: torch.Tensor  # [width] ... to as many isotropic random vectors
+    reverse_matched: torch.Tensor  # [width] ... to as many covariance-matched vectors
+
+
+def max_cos_comparison(meta_dirs: torch.Tensor, decoders: dict[str, torch.Tensor], *,
+                       base_W: torch.Tensor | None = None, seed: int = 0) -> list[MaxCosStats]:
+    """Meta-latents (``meta_dirs [d_meta, d]``) against each decoder in ``decoders`` (name -> W_dec).
+
+    Baselines: ``d_meta`` isotropic random unit vectors, and (when ``base_W``, the decoder the
+    meta-SAE was trained on, is given) ``d_meta`` Gaussian vectors matched to its mean/covariance.
+    """
+    n, d = meta_dirs.shape
+    rand = random_unit_vectors(n, d, seed)
+    matched = matched_gaussian_vectors(n, base_W, seed) if base_W is not None else None
+    out = []
+    for name, W in decoders.items():
+        if W.shape[1] != d:
+            raise ValueError(f"decoder {name!r} has d_model {W.shape[1]}, the meta-SAE {d}.")
+        fwd = max_cos(meta_dirs, W)[0]
+        rev = max_cos(W, meta_dirs)[0]
+        fr, rr = max_cos(rand, W)[0], max_cos(W, rand)[0]
+        if matched is not None:
+            fm, rm = max_cos(matched, W)[0], max_cos(W, matched)[0]
+        else:
+            fm, rm = torch.full_like(fwd, float("nan")), torch.full_like(rev, float("nan"))
+        out.append(MaxCosStats(name, W.shape[0], fwd, fr, fm, rev, rr, rm))
+    return out
+
+
+def max_cos_table(stats: list[MaxCosStats]):
+    """A pandas DataFrame of means (one row per decoder) from :func:`max_cos_comparison`."""
+    import pandas as pd
+
+    return pd.DataFrame([{
+        "decoder": s.name, "width": s.width,
+        "meta→SAE": s.forward.mean().item(), "random→SAE": s.forward_random.mean().item(),
+        "matched→SAE": s.forward_matched.mean().item(),
+        "SAE→meta": s.reverse.mean().item(), "SAE→random": s.reverse_random.mean().item(),
+        "SAE→matched": s.reverse_matched.mean().item(),
+    } for s in stats])
+
+
+# --------------------------------------------------------------------------------------------
+# Split recovery
+# --------------------------------------------------------------------------------------------
+
+
+def split_children(W_large: torch.Tensor, W_small: torch.Tensor, theta: float = 0.7, *,
+                   min_children: int = 2, block_size: int = 4096) -> dict[int, list[int]]:
+    """Children of each small-SAE latent: large-SAE latents with cos > ``theta`` to it.
+
+    Returns ``{parent: [children...]}`` for parents with at least ``min_children`` children.
+    """
+    A = F.normalize(W_large.detach().float().cpu(), dim=1)
+    Bm = F.normalize(W_small.detach().float().cpu(), dim=1)
+    groups: dict[int, list[int]] = {}
+    for s, e in _chunks(A.shape[0], block_size):
+        child, parent = ((A[s:e] @ Bm.T) > theta).nonzero(as_tuple=True)
+        for c, p in zip((child + s).tolist(), parent.tolist()):
+            groups.setdefault(p, []).append(c)
+    return {p: sorted(cs) for p, cs in sorted(groups.items()) if len(cs) >= min_children}
+
+
+class SplitRecovery(NamedTuple):
+    """How often children of one parent share an active meta-latent, against random pairs."""
+
+    n_groups: int
+    n_child_pairs: int
+    p_children: float  # fraction of child pairs sharing >= 1 active meta-latent
+    p_random: float  # same for random pairs of latents
+    ratio: float  # p_children / p_random
+    ci_low: float  # bootstrap CI of the ratio (groups and random pairs resampled)
+    ci_high: float
+    parent_meta_coverage: float  # mean fraction of children in which the parent's
+    # closest meta-latent is active (nan without parent directions)
+
+
+def _pair_shares(code_sets: list[set[int]], pairs: np.ndarray) -> np.ndarray:
+    return np.array([bool(code_sets[a] & code_sets[b]) for a, b in pairs], dtype=bool)
+
+
+def shared_meta_ratio(codes: MetaCodes, groups: dict[int, list[int]] | list[list[int]], *,
+                      n_random_pairs: int = 20000, n_boot: int = 1000, seed: int = 0,
+                      ci: float = 0.95, pool: Sequence[int] | None = None,
+                      parent_meta: dict[int, int] | None = None) -> SplitRecovery:
+    """Share rate of >= 1 active meta-latent within groups vs random latent pairs.
+
+    ``groups``: latent groups (e.g. children of one parent). Random pairs are drawn from ``pool``
+    (default: all latents). The CI resamples groups (pairs in one group are not independent) and
+    random pairs. ``parent_meta``: group key -> a meta-latent; reports how often it is active in
+    the group's members.
+    """
+    items = list(groups.items()) if isinstance(groups, dict) else list(enumerate(groups))
+    items = [(k, list(v)) for k, v in items if len(v) >= 2]
+    if not items:
+        raise ValueError(
+            "No group has 2 or more members: lower theta or use a larger/smaller SAE pair."
+        )
+    rng = np.random.default_rng(seed)
+    code_sets: list[set[int]] = [set() for _ in range(codes.n_latents)]
+    for r, c in zip(codes.rows.tolist(), codes.cols.tolist()):
+        code_sets[r].add(c)
+    per_group = []  # (n_shared, n_pairs) per group
+    for _, members in items:
+        ms = np.array(members)
+        a, b = np.triu_indices(len(ms), k=1)
+        shares = _pair_shares(code_sets, np.stack([ms[a], ms[b]], 1))
+        per_group.append((shares.sum(), len(shares)))
+    per_group = np.array(per_group, dtype=float)
+    pool_arr = np.arange(codes.n_latents) if pool is None else np.asarray(pool)
+    ra = rng.choice(pool_arr, n_random_pairs)
+    rb = rng.choice(pool_arr, n_random_pairs)
+    ok = ra != rb
+    rand_shares = _pair_shares(code_sets, np.stack([ra[ok], rb[ok]], 1)).astype(float)
+    p_child = per_group[:, 0].sum() / per_group[:, 1].sum()
+    p_rand = rand_shares.mean()
+    ratios = []
+    for _ in range(n_boot):
+        gi = rng.integers(0, len(per_group), len(per_group))
+        pc = per_group[gi, 0].sum() / per_group[gi, 1].sum()
+        pr = rand_shares[rng.integers(0, len(rand_shares), len(rand_shares))].mean()
+        ratios.append(pc / pr if pr > 0 else np.inf)
+    lo, hi = np.quantile(ratios, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    coverage = float("nan")
+    if parent_meta is not None:
+        cov = [np.mean([parent_meta[k] in code_sets[c] for c in members])
+               for k, members in items if k in parent_meta]
+        coverage = float(np.mean(cov)) if cov else float("nan")
+    return SplitRecovery(len(items), int(per_group[:, 1].sum()), float(p_child), float(p_rand),
+                         float(p_child / p_rand) if p_rand > 0 else float("inf"),
+                         float(lo), float(hi), coverage)
+
+
+def split_recovery(meta: MetaSAE, codes: MetaCodes, W_large: torch.Tensor, W_small: torch.Tensor,
+                   theta: float = 0.7, **kwargs: Any) -> SplitRecovery:
+    """Split recovery of a meta-SAE trained on ``W_large`` against parents in ``W_small``.
+
+    Children of a parent: latents of ``W_large`` with cos > ``theta`` to it. Also reports how often
+    the meta-latent closest to the parent's direction is active in its children.
+    """
+    groups = split_children(W_large, W_small, theta)
+    if not groups:
+        raise ValueError(
+            f"No small-SAE latent has 2+ children with cos > {theta}: lower theta, or use "
+            "better-trained SAEs (untrained decoders share no directions)."
+        )
+    parents = torch.tensor(list(groups))
+    closest = max_cos(W_small[parents].float().cpu(), meta.W_dec.detach().float().cpu())[1]
+    parent_meta = dict(zip(parents.tolist(), closest.tolist()))
+    return shared_meta_ratio(codes, groups, parent_meta=parent_meta, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Interpretation: contexts, logits, views
+# --------------------------------------------------------------------------------------------
+
+
+class Context(NamedTuple):
+    """One top-activating token context of a latent."""
+
+    latent: int
+    act: float
+    row: int  # row of the token matrix
+    pos: int  # position of the active token in the row
+    text: str  # the window with the active token marked ``[[tok]]``
+    html: str  # same, with the active token in <mark>
+
+
+def _token_strs(tokenizer, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _sae_hook(sae) -> str:
+    hook = getattr(getattr(sae, "cfg", None), "hook_name", None)
+    if not hook:
+        raise ValueError("The SAE has no cfg.hook_name: pass hook='blocks.L.hook_resid_pre'.")
+    return hook
+
+
+@torch.no_grad()
+def top_activating_contexts(model, sae, tokens: torch.Tensor, latents: int | Sequence[int], *,
+                            n: int = 10, hook: str | None = None, batch_size: int = 16,
+                            before: int = 8, after: int = 2, exclude_bos: bool = True,
+                            progress: bool = False) -> dict[int, list[Context]]:
+    """Top ``n`` activating token contexts of each latent of ``sae`` over ``tokens [R, S]``.
+
+    One forward of ``model`` per batch of rows (``run_with_cache`` with only the SAE's hook); the
+    activations of all requested latents are kept as a running top-``n``. Returns
+    ``{latent: [Context, ...]}`` sorted by activation; contexts show ``before`` tokens before and
+    ``after`` after the active one.
+    """
+    single = isinstance(latents, (int, np.integer))
+    lat = torch.tensor([int(latents)] if single else [int(x) for x in latents], dtype=torch.long)
+    if lat.numel() == 0:
+        return {}
+    hook = hook or _sae_hook(sae)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [rows, seq_len] token ids (got shape {tuple(tokens.shape)}).")
+    R, S = tokens.shape
+    best_v = torch.full((lat.numel(), n), -float("inf"))
+    best_i = torch.full((lat.numel(), n), -1, dtype=torch.long)
+    dev = next(sae.parameters()).device if hasattr(sae, "parameters") else "cpu"
+    from tqdm.auto import tqdm
+
+    for s, e in tqdm(list(_chunks(R, batch_size)), desc="contexts", disable=not progress, leave=False):
+        x = _hook_acts(model, tokens[s:e], hook).float().to(dev)  # [b, S, d]
+        acts = sae.encode(x.reshape(-1, x.shape[-1])).float().cpu()[:, lat]  # [b*S, L]
+        acts = acts.reshape(e - s, S, -1)
+        if exclude_bos:
+            acts[:, 0] = -float("inf")
+        flat = acts.reshape(-1, lat.numel()).T  # [L, b*S]
+        v, i = flat.topk(min(n, flat.shape[1]), dim=1)
+        i = i + s * S  # global flat index row*S + pos
+        cat_v, cat_i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+        top = cat_v.topk(n, dim=1).indices
+        best_v, best_i = cat_v.gather(1, top), cat_i.gather(1, top)
+    tok = model.tokenizer
+    out: dict[int, list[Context]] = {}
+    for li, latent in enumerate(lat.tolist()):
+        ctxs = []
+        for v, gi in zip(best_v[li].tolist(), best_i[li].tolist()):
+            if gi < 0 or not v > 0:
+                continue
+            r, p = divmod(gi, S)
+            lo, hi = max(0, p - before), min(S, p + after + 1)
+            strs = _token_strs(tok, tokens[r, lo:hi].tolist())
+            j = p - lo
+            pre, mid, post = "".join(strs[:j]), strs[j], "".join(strs[j + 1:])
+            text = (pre + "[[" + mid + "]]" + post).replace("\n", "↵")
+            htm = (_html.escape(pre) + "<mark><b>" + _html.escape(mid) + "</b></mark>"
+                   + _html.escape(post)).replace("\n", "↵")
+            ctxs.append(Context(latent, v, r, p, text, htm))
+        out[latent] = ctxs
+    return out
+
+
+def _hook_acts(model, toks: torch.Tensor, hook: str) -> torch.Tensor:
+    """Activations [b, S, d] at ``hook`` for every position (BOS included)."""
+    try:  # stops the forward pass after the hook's layer
+        from saelib.activations import harvest
+    except ImportError:
+        harvest = None
+    if harvest is not None:
+        flat = harvest(model, toks, [hook], batch_size=toks.shape[0], exclude_bos=False, progress=False)[hook]
+        return flat.reshape(toks.shape[0], toks.shape[1], -1)
+    _, cache = model.run_with_cache(toks, names_filter=lambda name: name == hook)
+    return cache[hook]
+
+
+def unembedding(model) -> torch.Tensor:
+    """The model's unembedding ``W_U [d_model, d_vocab]`` (TransformerBridge or HF model)."""
+    for get in (lambda m: m.W_U, lambda m: m.unembed.W_U, lambda m: m.lm_head.weight.T,
+                lambda m: m.original_model.lm_head.weight.T):
+        try:
+            W = get(model)
+        except (AttributeError, TypeError, KeyError, NotImplementedError):
+            continue
+        if isinstance(W, torch.Tensor) and W.ndim == 2:
+            return W.detach()
+    raise ValueError("Could not find the model's unembedding (tried W_U, unembed.W_U, lm_head).")
+
+
+@torch.no_grad()
+def top_logits(direction: torch.Tensor, model=None, *, W_U: torch.Tensor | None = None,
+               k: int = 10, tokenizer=None) -> list[tuple[str, float]]:
+    """Top ``k`` boosted tokens of a residual direction: ``direction @ W_U`` (no final norm)."""
+    W_U = W_U if W_U is not None else unembedding(model)
+    tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("top_logits needs a tokenizer: pass model=... or tokenizer=....")
+    logits = direction.detach().float().to(W_U.device) @ W_U.float()
+    v, i = logits.topk(k)
+    return list(zip(_token_strs(tokenizer, i.tolist()), v.tolist()))
+
+
+def latent_view(latent: int, decomposition: Decomposition, *, contexts: list[Context] | None = None,
+                members: list[Decomposition] | None = None, meta_logits: dict[int, list] | None = None,
+                latent_logits: list | None = None, labels: dict[int, str] | None = None,
+                n_members: int = 5) -> str:
+    """A plain-text view of one latent: its contexts, logits and meta-latents (with members).
+
+    ``members``: the :func:`inverse_index`, to list other latents that share each meta-latent.
+    ``meta_logits``: meta-latent -> top logits. ``labels``: meta-latent -> a human label.
+    """
+    lines = [f"latent {latent}"]
+    if latent_logits:
+        lines.append("  top logits: " + ", ".join(f"{t!r}" for t, _ in latent_logits))
+    if contexts:
+        lines.append("  top contexts:")
+        lines += [f"    {c.act:7.3f}  {c.text}" for c in contexts]
+    lines.append(f"  meta-latents ({len(decomposition.meta_latents)}):")
+    for c, a in zip(decomposition.meta_latents, decomposition.acts):
+        head = f"    meta {c:5d}  act {a:.3f}"
+        if labels and c in labels:
+            head += f"  [{labels[c]}]"
+        if members is not None:
+            mem = [m for m in members[c].meta_latents if m != latent]
+            head += f"  in {len(members[c].meta_latents)} latents; others: {mem[:n_members]}"
+        lines.append(head)
+        if meta_logits and c in meta_logits:
+            lines.append("        logits: " + ", ".join(f"{t!r}" for t, _ in meta_logits[c]))
+    return "\n".join(lines)
+
+
+def latent_view_html(latent: int, decomposition: Decomposition, *, contexts: list[Context] | None = None,
+                     members: list[Decomposition] | None = None, meta_logits: dict[int, list] | None = None,
+                     latent_logits: list | None = None, labels: dict[int, str] | None = None,
+                     n_members: int = 5) -> str:
+    """HTML version of :func:`latent_view` (for ``IPython.display.HTML`` in notebooks)."""
+    esc = _html.escape
+    parts = [f"<div style='font-family:sans-serif;font-size:90%'><b>latent {latent}</b>"]
+    if latent_logits:
+        parts.append("<div>top logits: " + ", ".join(f"<code>{esc(repr(t))}</code>" for t, _ in latent_logits)
+                     + "</div>")
+    if contexts:
+        parts.append("<table>" + "".join(
+            f"<tr><td style='text-align:right'>{c.act:.3f}</td><td style='text-align:left'>{c.html}</td></tr>"
+            for c in contexts) + "</table>")
+    rows = []
+    for c, a in zip(decomposition.meta_latents, decomposition.acts):
+        lab = esc(labels[c]) if labels and c in labels else ""
+        mem = ""
+        if members is not None:
+            others = [m for m in members[c].meta_latents if m != latent][:n_members]
+            mem = f"{len(members[c].meta_latents)} latents; e.g. {others}"
+        lg = ", ".join(esc(repr(t)) for t, _ in meta_logits[c]) if meta_logits and c in meta_logits else ""
+        rows.append(f"<tr><td>{c}</td><td>{a:.3f}</td><td>{lab}</td><td>{esc(mem)}</td><td>{lg}</td></tr>")
+    parts.append("<table><tr><th>meta-latent</th><th>act</th><th>label</th><th>members</th>"
+                 "<th>top logits</th></tr>" + "".join(rows) + "</table></div>")
+    return "".join(parts)
