@@ -1,0 +1,118 @@
+"""Meta-SAE training speed on a GPT-2-sized decoder (49152 x 768 -> 2304 meta-latents, k = 4).
+
+Two measurements in one run:
+
+1. Time per optimiser step, side by side: the meta-SAE loop of :mod:`saelib.meta` (selection
+   without autograd, a sparse hand-written backward over the k*B active entries) against the
+   generic dense path (``SAE.forward`` with activation "batchtopk" + autograd + Adam), same batch.
+2. A full training run to convergence (FVE criterion of :class:`saelib.meta.MetaSAEConfig`):
+   wall time, steps, and FVE in batch and threshold mode.
+
+The decoder is "random-like": unit rows that are sparse non-negative mixtures of hidden directions
+plus isotropic noise (``--noise``); ``--kind random`` uses pure random unit rows.
+
+    python benchmarks/meta.py                       # the paper's sizes
+    python benchmarks/meta.py --rows 8192 --d 256   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from saelib import meta as M
+
+
+def make_decoder(kind: str, rows: int, d: int, n_hidden: int, k_hidden: int, noise: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return F.normalize(torch.randn(rows, d, generator=g), dim=1)
+    hidden = F.normalize(torch.randn(n_hidden, d, generator=g), dim=1)
+    idx = torch.randint(0, n_hidden, (rows, k_hidden), generator=g)
+    w = torch.rand(rows, k_hidden, generator=g)
+    W = (w[:, :, None] * hidden[idx]).sum(1)
+    W = F.normalize(W, dim=1) + noise / d ** 0.5 * torch.randn(rows, d, generator=g)
+    return F.normalize(W, dim=1)
+
+
+def dense_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int) -> float:
+    """Seconds per step of the generic path: SAE.forward (dense BatchTopK) + autograd + Adam."""
+    from saelib.sae import SAE, SAEConfig
+
+    N, d = W.shape
+    B = min(cfg.batch_size, N)
+    sae = SAE(SAEConfig(d_in=d, d_sae=cfg.width_for(N), activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
+                        aux_coeff=cfg.aux_coeff, dead_after_tokens=cfg.n_batches_to_dead * B, seed=cfg.seed))
+    sae.train()
+    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(n_steps + 1):  # first step is warm-up
+        x = W[torch.randperm(N, generator=g)[:B]]
+        t = time.perf_counter()
+        out = sae(x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        sae.set_decoder_norm_to_unit_norm()
+        times.append(time.perf_counter() - t)
+    return sum(times[1:]) / n_steps
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=49152, help="decoder rows (base SAE width)")
+    p.add_argument("--d", type=int, default=768, help="d_model")
+    p.add_argument("--d-meta", type=int, default=2304, help="meta-latents")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16384)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--min-steps", type=int, default=200)
+    p.add_argument("--window", type=int, default=100)
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--select-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--kind", choices=["mixture", "random"], default="mixture")
+    p.add_argument("--n-hidden", type=int, default=4096, help="hidden directions of the mixture decoder")
+    p.add_argument("--k-hidden", type=int, default=4)
+    p.add_argument("--noise", type=float, default=0.5)
+    p.add_argument("--compare-steps", type=int, default=3, help="steps timed for the side-by-side (0: skip)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=49)
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    W = make_decoder(args.kind, args.rows, args.d, args.n_hidden, args.k_hidden, args.noise, 0)
+    if args.device:
+        W = W.to(args.device)
+    cfg = M.MetaSAEConfig(d_meta=args.d_meta, k=args.k, lr=args.lr, batch_size=args.batch_size,
+                          max_steps=args.max_steps, min_steps=args.min_steps, window=args.window, tol=args.tol,
+                          select_dtype=args.select_dtype, seed=args.seed)
+    print(f"decoder {tuple(W.shape)} ({args.kind}), {args.d_meta} meta-latents, k={args.k}, "
+          f"batch {min(args.batch_size, args.rows)}, threads {torch.get_num_threads()}, select {args.select_dtype}")
+
+    if args.compare_steps > 0:
+        n = args.compare_steps
+        sparse_cfg = M.MetaSAEConfig(**{**cfg.__dict__, "max_steps": n + 1, "min_steps": n + 1, "progress": False,
+                                        "log_every": 1})
+        t_sparse = M.train_meta_sae(W, sparse_cfg).s_per_step  # first (warm-up) step excluded, as below
+        t_dense = dense_step_time(W.cpu() if args.device is None else W, cfg, n)
+        print(f"time per step: saelib.meta loop {t_sparse:.3f} s | dense SAE.forward + autograd {t_dense:.3f} s "
+              f"| speed-up {t_dense / t_sparse:.2f}x")
+
+    meta = M.train_meta_sae(W, cfg)
+    fb, ft = M.fve(meta, W, "batch"), M.fve(meta, W, "threshold")
+    print(f"trained: {meta.n_steps} steps in {meta.wall_s:.1f} s ({meta.s_per_step:.3f} s/step), "
+          f"converged={meta.converged}")
+    print(f"FVE batch {fb.fve:.4f} (L0 {fb.l0:.2f}); threshold {ft.fve:.4f} (L0 {ft.l0:.2f}, "
+          f"threshold {meta.threshold:.4f}); dead meta-latents {fb.dead_fraction:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Meta-SAEs on decoders with a planted compositional structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saelib import meta as M
+
+D, N_META, N_ROWS, K = 48, 24, 1536, 3
+
+
+def planted_decoder(seed: int = 0, n_rows: int = N_ROWS, d: int = D, n_meta: int = N_META, k: int = K):
+    """Rows = normalised non-negative sums of ``k`` of ``n_meta`` planted unit directions.
+
+    The first component of every row gets the largest weight, so each row has a dominant
+    "parent" direction (used for planted splits)."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = F.normalize(torch.randn(n_meta, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(n_meta, generator=g)[:k] for _ in range(n_rows)])
+    w = 0.3 + 0.4 * torch.rand(n_rows, k, generator=g)
+    w[:, 0] = 1.5
+    rows = F.normalize((w[:, :, None] * dirs[idx]).sum(1), dim=1)
+    return rows, dirs, idx
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rows, dirs, idx = planted_decoder()
+    meta = M.train_meta_sae(rows, d_meta=2 * N_META, k=K, batch_size=4096, lr=1e-2, max_steps=600,
+                            min_steps=100, window=50, tol=1e-4, seed=0, progress=False)
+    return rows, dirs, idx, meta
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="k must be"):
+        M.MetaSAEConfig(k=0)
+    with pytest.raises(ValueError, match="select_dtype"):
+        M.MetaSAEConfig(select_dtype="float16")
+    assert M.MetaSAEConfig().width_for(49152) == 12288
+    assert M.MetaSAEConfig(d_meta=2304).width_for(49152) == 2304
+    with pytest.raises(ValueError, match="2-D"):
+        M.train_meta_sae(torch.zeros(5))
+
+
+def test_batch_topk_matches_full_sort():
+    g = torch.Generator().manual_seed(1)
+    # skewed rows so that some rows hold many of the global top entries (forces widening)
+    pre = torch.relu(torch.randn(64, 40, generator=g) + torch.linspace(-2, 3, 64)[:, None])
+    rows, cols, vals = M._batch_topk(pre, 64 * 3)
+    ref_v, ref_i = pre.flatten().topk(64 * 3)
+    assert torch.allclose(vals.sort().values, ref_v[ref_v > 0].sort().values)
+    assert torch.equal(pre[rows, cols], vals)
+    assert (rows * 40 + cols).unique().numel() == vals.numel()
+
+
+def test_sparse_code_gradients_match_dense():
+    g = torch.Generator().manual_seed(2)
+    B, d, m = 7, 5, 9
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    params = [torch.randn(d, m, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(m, d, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True),
+              torch.randn(m, generator=g, dtype=torch.float64, requires_grad=True)]
+    W_enc, W_dec, b_dec, b_enc = params
+    pre = torch.relu((x - b_dec) @ W_enc + b_enc).detach()
+    rows, cols = (pre > 0.5).nonzero(as_tuple=True)
+    def f(W_enc, W_dec, b_dec, b_enc):
+        return M._SparseCode.apply(x, W_enc, W_dec, b_dec, b_enc, rows, cols)[0]
+
+    assert torch.autograd.gradcheck(f, tuple(params))
+    # and the forward equals the dense masked rule
+    mask = torch.zeros_like(pre, dtype=torch.bool)
+    mask[rows, cols] = True
+    dense = (torch.relu((x - b_dec) @ W_enc + b_enc) * mask) @ W_dec + b_dec
+    assert torch.allclose(f(*params), dense)
+
+
+def test_fve_and_recovery_on_planted_dictionary(trained):
+    rows, dirs, _, meta = trained
+    res_b = M.fve(meta, rows, "batch")
+    res_t = M.fve(meta, rows, "threshold")
+    assert res_b.fve >= 0.9 and res_t.fve >= 0.9, (res_b, res_t)
+    assert res_b.l0 == pytest.approx(K, abs=1e-9)  # batch mode: mean L0 = k exactly
+    assert abs(res_t.l0 - K) < 0.5, res_t
+    assert meta.threshold > 0
+    cos = M.max_cos(dirs, meta.W_dec)[0]
+    assert cos.mean() >= 0.9, cos
+    # A meta-SAE reconstructing random unit rows must do far worse (the measure can fail).
+    noise = F.normalize(torch.randn(N_ROWS, D), dim=1)
+    assert M.fve(meta, noise, "batch").fve < res_b.fve - 0.3
+    # training history and convergence bookkeeping
+    assert meta.history and meta.history[-1]["step"] == meta.n_steps
+    assert meta.history[-1]["fve"] > meta.history[0]["fve"]
+
+
+def test_decompositions_and_inverse_index_agree(trained):
+    rows, _, _, meta = trained
+    codes = M.meta_codes(meta, rows, "threshold")
+    dec = M.decompose(codes)
+    inv = M.inverse_index(codes)
+    assert len(dec) == rows.shape[0] and len(inv) == meta.d_meta
+    pairs_dec = {(d.latent, c) for d in dec for c in d.meta_latents}
+    pairs_inv = {(l, m.latent) for m in inv for l in m.meta_latents}
+    assert pairs_dec == pairs_inv and len(pairs_dec) == codes.rows.numel()
+    for d in dec[:50]:
+        assert d.acts == sorted(d.acts, reverse=True) and all(a > meta.threshold for a in d.acts)
+    for m in inv[:10]:
+        assert m.acts == sorted(m.acts, reverse=True)
+    # the decomposition reconstructs the row
+    dense = codes.dense()
+    recon = dense @ meta.W_dec + meta.b_dec
+    assert torch.allclose(recon, M.reconstruct(meta, codes), atol=1e-5)
+    assert codes.per_latent_l0().sum() == codes.members_per_meta().sum() == codes.rows.numel()
+
+
+def test_save_load_roundtrip(trained, tmp_path):
+    rows, _, _, meta = trained
+    meta.save(tmp_path / "meta")
+    back = M.MetaSAE.load(tmp_path / "meta")
+    assert back.threshold == pytest.approx(meta.threshold)
+    assert M.fve(back, rows, "batch").fve == pytest.approx(M.fve(meta, rows, "batch").fve, abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="train_meta_sae"):
+        M.MetaSAE.load(tmp_path / "missing")
+
+
+def test_max_cos_comparison_beats_random(trained):
+    rows, dirs, _, meta = trained
+    stats = M.max_cos_comparison(meta.W_dec, {"planted": dirs}, base_W=rows, seed=7)
+    s = stats[0]
+    alive = M.meta_codes(meta, rows, "batch").members_per_meta() > 0
+    assert s.forward[alive].mean() > s.forward_random.mean() + 0.3
+    assert s.reverse.mean() > s.reverse_random.mean() + 0.3
+    table = M.max_cos_table(stats)
+    assert list(table["width"]) == [N_META]
+
+
+def test_split_recovery_planted_and_random(trained):
+    rows, dirs, idx, meta = trained
+    codes = M.meta_codes(meta, rows, "threshold")
+    rec = M.split_recovery(meta, codes, rows, dirs, theta=0.7, n_boot=200, seed=0)
+    assert rec.n_groups > 5
+    assert rec.ratio > 2 and rec.ci_low > 1, rec
+    assert rec.parent_meta_coverage > 0.8, rec
+    # random groups of latents: no excess sharing
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(N_ROWS, generator=g).tolist()
+    groups = [perm[i:i + 6] for i in range(0, 600, 6)]
+    rnd = M.shared_meta_ratio(codes, groups, n_boot=200, seed=0)
+    assert 0.75 < rnd.ratio < 1.3, rnd
+    with pytest.raises(ValueError, match="2 or more"):
+        M.shared_meta_ratio(codes, [[1]])
+
+
+def test_top_activating_contexts_tiny_model():
+    from saelib.models import load_model
+    from saelib.sae import SAE, SAEConfig
+
+    model = load_model("tiny-llama")
+    hook = "blocks.1.hook_resid_pre"
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=16, activation="topk", k=3, hook_name=hook)).eval()
+    g = torch.Generator().manual_seed(0)
+    vocab = model.cfg.d_vocab
+    tokens = torch.randint(3, vocab, (6, 12), generator=g)
+    tokens[:, 0] = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else 1
+    latents = [0, 3, 7]
+    ctx = M.top_activating_contexts(model, sae, tokens, latents, n=4, batch_size=4, before=3, after=1)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n == hook)
+    with torch.no_grad():
+        acts = sae.encode(cache[hook].reshape(-1, model.cfg.d_model)).reshape(6, 12, -1)
+    for lat in latents:
+        a = acts[:, 1:, lat].flatten()
+        expected = a[a > 0].sort(descending=True).values[:4]
+        got = [c.act for c in ctx[lat]]
+        assert got == pytest.approx(expected.tolist(), rel=1e-4, abs=1e-5)
+        for c in ctx[lat]:
+            assert c.pos >= 1 and c.act == pytest.approx(float(acts[c.row, c.pos, lat]), rel=1e-4)
+            tok = model.tokenizer.decode([int(tokens[c.row, c.pos])]).replace("\n", "↵")
+            assert f"[[{tok}]]" in c.text and "<mark>" in c.html
+    # top logits of a direction via the unembedding
+    W_U = M.unembedding(model)
+    direction = W_U[:, 5] / W_U[:, 5].norm()
+    top = M.top_logits(direction, model, k=3)
+    assert len(top) == 3 and top[0][1] >= top[1][1] >= top[2][1]
+    # readable views
+    codes_row = M.Decomposition(0, [2, 1], [0.5, 0.2])
+    text = M.latent_view(0, codes_row, contexts=ctx[0], latent_logits=top)
+    assert "meta     2" in text or "meta 2" in text.replace("  ", " ")
+    assert "<table>" in M.latent_view_html(0, codes_row, contexts=ctx[0])
