@@ -1,0 +1,174 @@
+"""Figures of chapter 3: the L0-NMSE frontier, top-AFA's per-token L0 distribution, training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+from saelib.plots.style import ARCH_COLORS
+
+__all__ = ["ARCH_LABELS", "ARCH_STYLES", "plot_frontier", "plot_l0_distribution", "plot_training_curves"]
+
+# the paper's figure: Top-k solid, Batch Top-k dashed, Top-AFA dash-dot
+ARCH_STYLES = {"topk": "-", "batchtopk": "--", "topafa": "-.", "relu": ":"}
+ARCH_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "topafa": "top-AFA", "relu": "ReLU+L1"}
+
+
+def _nice_log_ticks(axis) -> None:
+    """Label a log axis at 1-2-5 steps, whatever its range (a range inside one decade would
+    otherwise get no labelled tick at all, and a wide one overlapping minor labels)."""
+    lo, hi = sorted(axis.get_view_interval())
+    if not (lo > 0 and hi > lo):
+        return
+    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in (1, 2, 5)]
+    ticks = [t for t in ticks if lo <= t <= hi]
+    if len(ticks) > 8:
+        ticks = [t for t in ticks if str(t).lstrip("0.").startswith("1")]
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _knob_label(row: Mapping[str, Any]) -> str:
+    if row["activation"] == "topafa":
+        c = float(row["afa_coeff"])
+        inv = 1 / c if c > 0 else float("inf")
+        return f"λ=1/{inv:.0f}" if abs(inv - round(inv)) < 1e-6 else f"λ={c:g}"
+    if row["activation"] == "relu":
+        return f"l1={float(row['l1_coeff']):g}"
+    return f"k={int(row['k'])}"
+
+
+def _layer_of(hook: str) -> str:
+    parts = hook.split(".")
+    return parts[1] if len(parts) > 1 and parts[1].isdigit() else hook
+
+
+def plot_frontier(
+    table,
+    *,
+    x: str = "l0",
+    y: str = "nmse",
+    d_model: int | None = None,
+    hooks: Sequence[str] | None = None,
+    annotate: bool = True,
+    title: str | None = None,
+) -> plt.Figure:
+    """Log-log sparsity-fidelity frontier, one panel per hook (the paper's Fig. for E3).
+
+    Args:
+        table: DataFrame from :func:`saelib.train.sweep_table` (columns hook, activation, k,
+            afa_coeff, ``x``, ``y``).
+        d_model: draw a vertical line at L0 = d (above it any SAE can reconstruct almost exactly).
+        annotate: label each point with its k or λ.
+    A star marks each panel's lowest ``y``.
+    """
+    hooks = list(hooks) if hooks is not None else sorted(table["hook"].unique(), key=lambda h: int(_layer_of(h)) if _layer_of(h).isdigit() else 0)
+    fig, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.8), squeeze=False, sharey=True)
+    for ax, hook in zip(axes[0], hooks):
+        sub = table[table["hook"] == hook]
+        for act in ("topk", "batchtopk", "topafa", "relu"):
+            s = sub[sub["activation"] == act]
+            if s.empty:
+                continue
+            s = s.sort_values(x)
+            ax.plot(s[x], s[y], ARCH_STYLES[act], marker="o", ms=4, color=ARCH_COLORS.get(act), label=ARCH_LABELS[act])
+            if annotate:
+                for _, r in s.iterrows():
+                    ax.annotate(_knob_label(r), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points", color=ARCH_COLORS.get(act))
+        if not sub.empty:
+            best = sub.loc[sub[y].idxmin()]
+            ax.plot([best[x]], [best[y]], "*", ms=14, color="k", zorder=5, label="lowest " + y.upper())
+        if d_model:
+            ax.axvline(d_model, color="0.5", lw=0.8, ls=":")
+            ax.text(d_model, 1.0, " L0 = d", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.4")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _nice_log_ticks(ax.xaxis)
+        _nice_log_ticks(ax.yaxis)
+        ax.set_xlabel("sparsity L0 (held-out mean)")
+        ax.set_title(f"layer {_layer_of(hook)} ({hook})", fontsize=9)
+    axes[0][0].set_ylabel(f"{y.upper()} (held-out)")
+    axes[0][-1].legend(loc="best", fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_l0_distribution(
+    evals: Mapping[str, Mapping[str, Any]],
+    names: Sequence[str],
+    *,
+    labels: Sequence[str] | None = None,
+    ks: Sequence[int] = (),
+    d_model: int | None = None,
+    title: str | None = None,
+) -> plt.Figure:
+    """Per-token L0 distributions (held-out ``l0_hist`` of eval.json) as step histograms.
+
+    ``ks`` draws vertical lines at fixed TopK budgets for comparison; ``d_model`` one at L0 = d.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    labels = list(labels) if labels is not None else list(names)
+    cmap = plt.get_cmap("viridis")
+    for i, (n, lab) in enumerate(zip(names, labels)):
+        hist = np.asarray(evals[n]["l0_hist"], dtype=float)
+        if hist.sum() == 0:
+            continue
+        vals = np.arange(len(hist))
+        nz = hist > 0
+        # log-spaced bins: L0 spans orders of magnitude across λ
+        lo, hi = max(vals[nz].min(), 1), max(vals[nz].max(), 2)
+        bins = np.unique(np.round(np.geomspace(lo, hi + 1, 30)).astype(int))
+        counts, edges = np.histogram(vals, bins=bins, weights=hist)
+        dens = counts / hist.sum() / np.diff(edges)
+        ax.stairs(dens, edges, color=cmap(i / max(len(names) - 1, 1)), label=f"{lab} (mean {evals[n]['l0']:.0f})")
+    ax.set_xscale("log")
+    xlo, xhi = ax.get_xlim()
+    for i, k in enumerate(k for k in ks if xlo / 2 <= k <= xhi * 2):
+        ax.axvline(k, color="0.6", lw=0.8, ls="--", label="TopK budgets k" if i == 0 else None)
+    if d_model:
+        ax.axvline(d_model, color="0.3", lw=0.8, ls=":", label=f"L0 = d = {d_model}")
+    _nice_log_ticks(ax.xaxis)
+    ax.set_xlabel("latents active on a token (L0)")
+    ax.set_ylabel("fraction of tokens per unit L0")
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(
+    metrics,
+    names: Sequence[str],
+    *,
+    labels: Sequence[str] | None = None,
+    ys: Sequence[str] = ("nmse", "l0"),
+    title: str | None = None,
+) -> plt.Figure:
+    """Training records (``load_metrics`` DataFrame) against tokens, one panel per metric (log y)."""
+    labels = list(labels) if labels is not None else list(names)
+    fig, axes = plt.subplots(1, len(ys), figsize=(4.4 * len(ys), 3.4), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        for n, lab in zip(names, labels):
+            m = metrics[metrics["name"] == n]
+            if m.empty or y not in m:
+                continue
+            act = next((a for a in ARCH_STYLES if f"-{a}-" in n), "topk")
+            ax.plot(m["tokens"], m[y], ARCH_STYLES[act], color=ARCH_COLORS.get(act), label=lab, lw=1.2)
+        # fractions such as dead_frac can be exactly 0: keep those on a linear axis
+        ax.set_yscale("linear" if y.startswith("dead") else "log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(y.upper() + " (training, per window)")
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
