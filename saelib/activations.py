@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelib.models import check_hook
+from saelib.io import atomic_write_json
 
 __all__ = [
     "ActivationCache",
@@ -383,18 +383,6 @@ def _write_bytes(path: Path, data: memoryview) -> None:
         os.fsync(f.fileno())
 
 
-def _write_json_atomic(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _tokens_fingerprint(tokens: Tensor) -> str:
     t = tokens.detach().to("cpu", torch.int64).contiguous()
     h = hashlib.sha256(str(tuple(t.shape)).encode())
@@ -714,7 +702,7 @@ class ActivationCache:
                     entry = {"index": shard, "n_tokens": int(rows.shape[0] * per_row), "files": files}
                     shards = [*manifest["shards"], entry]
                     # The shard becomes part of the cache only when this manifest lands.
-                    _write_json_atomic({**manifest, "shards": shards, "complete": len(shards) == n_shards}, mpath)
+                    atomic_write_json(mpath, {**manifest, "shards": shards, "complete": len(shards) == n_shards})
                     manifest["shards"], manifest["complete"] = shards, len(shards) == n_shards
                 except OSError as e:
                     for t in tmps:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from saelib.io import atomic_write_text
+
 PROFILES = ("ci", "embedded", "gpt2")
 
 # `myst build --site` asks the network for the book theme's metadata. Offline, a stub theme is
@@ -90,14 +92,6 @@ def profile_parameters(profile: str | Path, stem: str) -> dict:
     return params
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def sync_notebook(stem: str) -> Path:
     """Write ``notebooks/<stem>.ipynb`` from its MyST-markdown source, keeping existing outputs."""
     import jupytext
@@ -112,7 +106,7 @@ def sync_notebook(stem: str) -> Path:
         # Keep outputs of unchanged cells, as `jupytext --sync` does.
         old = jupytext.read(ipynb)
         nb = jupytext.combine.combine_inputs_with_outputs(nb, old)
-    _atomic_write_text(ipynb, jupytext.writes(nb, fmt="ipynb"))
+    atomic_write_text(ipynb, jupytext.writes(nb, fmt="ipynb"))
     return ipynb
 
 
@@ -178,7 +172,7 @@ def export_html(ipynb: Path, html_dir: Path) -> Path:
 
     body, _ = HTMLExporter(template_name="lab").from_filename(str(ipynb))
     target = html_dir / f"{ipynb.stem}.html"
-    _atomic_write_text(target, body)
+    atomic_write_text(target, body)
     return target
 
 
@@ -187,7 +181,7 @@ def _write_html_index(html_dir: Path) -> None:
         f'<li><a href="{stem}.html">{stem.replace("_", " ")}</a></li>'
         for stem in chapters() if (html_dir / f"{stem}.html").exists()
     )
-    _atomic_write_text(
+    atomic_write_text(
         html_dir / "index.html",
         f"<!doctype html><html><head><meta charset='utf-8'><title>saelib book</title></head>"
         f"<body><h1>saelib: the book (offline HTML)</h1><ol>{items}</ol></body></html>\n",
@@ -198,7 +192,7 @@ def _record_timings(profile: str, timings: dict[str, float]) -> None:
     path = repo_root() / "_build" / f"timings-{profile}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update({k: round(v, 1) for k, v in timings.items()})
-    _atomic_write_text(path, json.dumps(old, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(old, indent=2) + "\n")
     total = sum(timings.values())
     print(f"Executed {len(timings)} chapter(s) in {total / 60:.1f} min: " +
           ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

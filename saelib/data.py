@@ -25,13 +25,14 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from saelib.io import atomic_path, atomic_write_json
 
 __all__ = [
     "HELDOUT_FRACTION",
@@ -402,20 +403,9 @@ def _build_rows(tok: Any, bos: int, eos: int, corpus, split: str, seq_len: int,
 
 def _atomic_save(path: Path, arr: np.ndarray, meta: dict) -> None:
     """Write ``meta`` (``.json``) then ``arr`` (``.npy``) atomically; the ``.npy`` marks completion."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path = path.with_suffix(".json")
-    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp_meta, meta_path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path.with_suffix(".json"), meta)
+    with atomic_path(path, suffix=".npy.tmp") as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
 
 
 def token_rows(

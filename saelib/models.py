@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from saelib.io import atomic_write_json
+
 if TYPE_CHECKING:  # the bridge import costs ~3 s; only pay it when a model is loaded
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -128,18 +130,6 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _load_from_gguf(*, tokenizer_only: bool = False):
     """Dequantize the GGUF into a float32 ``LlamaForCausalLM`` (slow: ~20 s) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -195,7 +185,7 @@ def check_embedded_cache(cache_dir: Path, *, full: bool = False) -> None:
             stamps[name] = stamp
             changed = True
     if changed:
-        _write_json_atomic(stamps, stamp_path)
+        atomic_write_json(stamp_path, stamps)
 
 
 def prepare_embedded_model(
@@ -242,9 +232,9 @@ def prepare_embedded_model(
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
-        _write_json_atomic(
-            {"source": GGUF_FILE, "hf_name": EMBEDDED_HF_NAME, "dtype": "float32", "files": files},
+        atomic_write_json(
             tmp / _MANIFEST,
+            {"source": GGUF_FILE, "hf_name": EMBEDDED_HF_NAME, "dtype": "float32", "files": files},
         )
         os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
         if target.exists():

@@ -73,7 +73,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -82,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saelib.io import atomic_path, atomic_write_text
 from saelib.topafa import topafa_select
 
 __all__ = [
@@ -622,8 +622,9 @@ class SAE(nn.Module):
         if metadata:
             meta["metadata"] = metadata
         doc = {"saelib": meta, "cfg": self.cfg.to_dict()}
-        _atomic_write(path / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT_NAME}))
-        _atomic_write(path / CFG_FILE, lambda p: Path(p).write_text(json.dumps(doc, indent=2)))
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=2))
         return path
 
     @classmethod
@@ -757,15 +758,3 @@ class _GatherPreActs(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             gb_dec = -(W_enc @ col_sum)
         return None, gW, gb_enc, gb_dec, None, None, None, None
-
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

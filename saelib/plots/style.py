@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +12,8 @@ if not os.environ.get("DISPLAY") and "ipykernel" not in matplotlib.get_backend()
     matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 
 import matplotlib.pyplot as plt  # noqa: E402
+
+from saelib.io import atomic_path  # noqa: E402
 
 # A colour per SAE family, reused in every chapter so a reader learns them once.
 ARCH_COLORS = {
@@ -46,13 +47,6 @@ def apply_style() -> None:
 def savefig(fig: plt.Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
