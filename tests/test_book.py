@@ -57,3 +57,12 @@ def test_runs_dir_is_rooted_at_the_repo(tmp_path: Path):
     rel = book.runs_dir("runs/test-book-runs")
     assert rel == book.repo_root() / "runs" / "test-book-runs" and rel.is_dir()
     rel.rmdir()
+
+
+def test_every_top_level_export_resolves():
+    import saelib
+
+    for name in saelib.__all__:
+        assert getattr(saelib, name) is not None, name
+    with pytest.raises(AttributeError):
+        saelib.not_a_name  # noqa: B018
