@@ -52,10 +52,8 @@ import dataclasses
 import itertools
 import json
 import math
-import os
 import random
 import re
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -66,6 +64,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from saelib.io import atomic_path, atomic_write_text
 
 __all__ = [
     "TrainConfig",
@@ -225,30 +225,9 @@ def _sae_module():
     return sae_mod
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _jsonable(v: Any) -> Any:
@@ -519,7 +498,7 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
     for line in path.read_text().splitlines():
         if line.strip() and json.loads(line).get("step", 0) <= max_step:
             keep.append(line)
-    _atomic_write_text(path, "".join(line + "\n" for line in keep))
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _write_combined_csv(out_dir: Path) -> Path | None:
@@ -532,17 +511,10 @@ def _write_combined_csv(out_dir: Path) -> Path | None:
     for r in rows:
         cols += [c for c in r if c not in cols]
     path = out_dir / "metrics.csv"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".metrics.csv.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            w.writerows(rows)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
     return path
 
 
@@ -662,7 +634,7 @@ def train_saes(
     step, tokens = 0, 0
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
+        atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
         if ckpt_path.exists() and cfg.resume:
             step, tokens = _load_checkpoint(ckpt_path, runs, cfg, device)
         for r in runs:
@@ -753,7 +725,7 @@ def train_saes(
         if out_dir is not None:
             for name, ev in evals.items():
                 ev = {"train_steps": step, "train_tokens": tokens, **ev}
-                _atomic_write_text(out_dir / name / "eval.json", json.dumps(ev, indent=2))
+                atomic_write_text(out_dir / name / "eval.json", json.dumps(ev, indent=2))
     if out_dir is not None:
         _write_combined_csv(out_dir)
         if ckpt_path is not None and ckpt_path.exists() and not cfg.keep_checkpoint:
@@ -1051,7 +1023,7 @@ def ensure_sweep(
         train_saes(missing, b, cfg, eval_batches=e)
         if data_tag is None and stamp_path.exists():  # keep the data name a previous caller recorded
             stamp["data_tag"] = json.loads(stamp_path.read_text()).get("data_tag")
-        _atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
+        atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
     return load_saes(out_dir, list(configs))
 
 
