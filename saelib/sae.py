@@ -409,14 +409,17 @@ class SAE(nn.Module):
         out = pre2 if mask is None else pre2 * mask
         return out.reshape(*lead, self.cfg.d_sae)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Model-space x [..., d_in] → sparse activations [..., d_sae] (dense tensor with zeros)."""
-        x = self._check_input(x)
-        x2, lead = self._flatten(x)
-        x_n, _ = self.normalize(x2)
+    def _encode_flat(self, x2: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Model-space x [N, d_in] → (activations [N, d_sae], normalisation stats)."""
+        x_n, stats = self.normalize(x2)
         pre = self._pre_acts_n(x_n)
         mask = self._select_mask(pre, x_n, training=self.training)
-        acts = pre if mask is None else pre * mask
+        return (pre if mask is None else pre * mask), stats
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Model-space x [..., d_in] → sparse activations [..., d_sae] (dense tensor with zeros)."""
+        x2, lead = self._flatten(self._check_input(x))
+        acts, _ = self._encode_flat(x2)
         return acts.reshape(*lead, self.cfg.d_sae)
 
     def decode(self, acts: Tensor, x: Tensor | None = None) -> Tensor:
@@ -436,12 +439,8 @@ class SAE(nn.Module):
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Model-space x → model-space x_hat (works in every input_norm mode)."""
-        x = self._check_input(x)
-        x2, lead = self._flatten(x)
-        x_n, stats = self.normalize(x2)
-        pre = self._pre_acts_n(x_n)
-        mask = self._select_mask(pre, x_n, training=self.training)
-        acts = pre if mask is None else pre * mask
+        x2, lead = self._flatten(self._check_input(x))
+        acts, stats = self._encode_flat(x2)
         return self.denormalize(acts @ self.W_dec + self.b_dec, stats).reshape(*lead, self.cfg.d_in)
 
     # ------------------------------------------------------------------ training forward
