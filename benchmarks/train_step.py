@@ -26,6 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from saelib.sae import SAE, SAEConfig
+from saelib.train import make_adam
 
 
 def peak_step_bytes(step) -> int:
@@ -55,7 +56,7 @@ def time_step(step, repeats: int, cpu_time: bool) -> float:
 
 
 def ours_step(sae: SAE, x: torch.Tensor):
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+    opt = make_adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))  # as saelib.train does
     info = {}
 
     def step():
@@ -100,8 +101,8 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=12288)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--input-norm", choices=["none", "token"], default="none")
-    ap.add_argument("--afa-scales", type=str, default="1,2", help="encoder scales for top-AFA (1 = paper init)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--afa-scales", type=str, default="1,1.5,2,4", help="encoder scales for top-AFA (1 = paper init)")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads; 1 → CPU-time measurement")
     ap.add_argument("--no-saelens", action="store_true", help="skip the SAELens comparison")
     ap.add_argument("--seed", type=int, default=0)

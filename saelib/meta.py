@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from saelib.train import make_adam
 
 __all__ = [
     "MetaSAEConfig",
@@ -443,7 +444,7 @@ def train_meta_sae(W_dec: torch.Tensor, cfg: MetaSAEConfig | None = None, **over
     params = [sae.W_enc, sae.W_dec, sae.b_dec] + ([sae.b_enc] if cfg.use_b_enc else [])
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
+    opt = make_adam(params, lr=cfg.lr, betas=cfg.betas)
 
     not_active = torch.zeros(m, dtype=torch.long, device=device)  # batches since last firing
     hint = None  # a value a little below the last batch's BatchTopK cut-off

@@ -241,6 +241,10 @@ class SAEOutput(NamedTuple):
     """[N, d_sae] ReLU pre-activations before selection (detached)."""
     n_dead: Tensor
     """Number of latents currently counted dead (long scalar)."""
+    l0_tokens: Tensor
+    """[N] number of non-zero activations of each token (long; the per-token L0)."""
+    fired: Tensor
+    """[d_sae] bool: latents with a non-zero activation on some token of the batch."""
 
 
 class SAE(nn.Module):
@@ -353,6 +357,10 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ encode/decode
     def _pre_acts_n(self, x_n: Tensor) -> Tensor:
         pre = (x_n - self.b_dec) @ self.W_enc
+        if not torch.is_grad_enabled():  # in place: one [N, d_sae] buffer instead of three
+            if self.cfg.use_b_enc:
+                pre.add_(self.b_enc)
+            return pre.relu_()
         if self.cfg.use_b_enc:
             pre = pre + self.b_enc
         return F.relu(pre)
@@ -368,8 +376,10 @@ class SAE(nn.Module):
         x_n, _ = self.normalize(x2)
         return self._pre_acts_n(x_n).reshape(*lead, self.cfg.d_sae)
 
-    def _select_mask(self, pre: Tensor, x_n: Tensor, *, training: bool) -> Tensor | None:
-        """Boolean keep-mask [N, d_sae] (None = keep all, ReLU)."""
+    def _select_mask(self, pre: Tensor, x_n: Tensor, *, training: bool,
+                     key_buffer: Tensor | None = None) -> Tensor | None:
+        """Boolean keep-mask [N, d_sae] (None = keep all, ReLU). ``key_buffer``: scratch tensor
+        like ``pre`` for the top-AFA ranking keys (overwritten)."""
         act = self.cfg.activation
         with torch.no_grad():
             if act == "relu":
@@ -389,11 +399,18 @@ class SAE(nn.Module):
                     return mask.view_as(pre)
                 return pre > self.threshold
             if act == "topafa":
-                mask = topafa_select(pre, self.decoder_norms(), self._target_n(x_n), k_start=self._afa_k_hint)
-                # next batch starts its partial sort near this batch's largest k (speed only)
-                self._afa_k_hint = int(mask.sum(-1, dtype=torch.int32).max()) * 5 // 4 + 16 if mask.numel() else None
+                mask = topafa_select(pre, self.decoder_norms(), self._target_n(x_n), k_start=self._afa_k_hint,
+                                     key_buffer=key_buffer)
+                # next batch starts its partial sort near this batch's largest k (speed only; a
+                # strided sample of rows is enough, and forward() refines it from exact counts)
+                probe = mask[:: max(1, mask.shape[0] // 256)]
+                self._set_afa_hint(probe.view(torch.uint8).sum(-1, dtype=torch.int32))
                 return mask
         raise AssertionError(act)
+
+    def _set_afa_hint(self, l0_tokens: Tensor) -> None:
+        """First K of the next batch's partial sort: 1.25x this batch's largest top-AFA k."""
+        self._afa_k_hint = int(l0_tokens.max()) * 5 // 4 + 16 if l0_tokens.numel() else None
 
     def select(self, pre_acts: Tensor, x: Tensor | None = None) -> Tensor:
         """Apply the activation rule to ReLU pre-activations [N, d_sae]; ``x`` (model space) is
@@ -465,6 +482,7 @@ class SAE(nn.Module):
         if cfg.activation == "topk":
             can_sparse = can_sparse and cfg.k <= self.sparse_max_density * cfg.d_sae
         pre_g = None
+        acts_buf = None
         fused = self.sparse_kernels and not x_n.requires_grad
 
         def encode_with_grad() -> Tensor:  # [N, d_sae] ReLU pre-acts with grad
@@ -489,8 +507,12 @@ class SAE(nn.Module):
                     rows = torch.arange(n, device=x.device).repeat_interleave(cfg.k)
                     use_sparse = True
                 else:
-                    mask = self._select_mask(pre, x_n, training=self.training)
-                    mask &= pre > 0
+                    # top-AFA's ranking keys go to the buffer that later holds the dense
+                    # activations: one [N, d_sae] allocation serves both
+                    acts_buf = torch.empty_like(pre) if cfg.activation == "topafa" else None
+                    mask = self._select_mask(pre, x_n, training=self.training, key_buffer=acts_buf)
+                    if cfg.activation != "topafa":  # topafa_select already keeps positive latents only
+                        mask &= pre > 0
                     use_sparse = int(torch.count_nonzero(mask)) <= self.sparse_max_density * mask.numel()
                     if use_sparse:
                         rows, cols = mask.nonzero(as_tuple=True)
@@ -499,7 +521,13 @@ class SAE(nn.Module):
             vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, rows, cols,
                                         pre[rows, cols], cfg.use_b_enc)
             x_hat_n = _sparse_decode(self.W_dec, rows, cols, vals, n) + self.b_dec
-            acts = vals.new_zeros(n, cfg.d_sae).index_put((rows, cols), vals)
+            acts = acts_buf.zero_() if acts_buf is not None else vals.new_zeros(n, cfg.d_sae)
+            acts.index_put_((rows, cols), vals)  # in place: no second [N, d_sae] buffer
+            with torch.no_grad():  # per-token L0 and firing latents from the nnz entries, not [N, d_sae]
+                pos = vals.detach() > 0
+                l0_tokens = torch.bincount(rows[pos], minlength=n)
+                fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
+                fired[cols[pos]] = True
             sq = vals.new_zeros(n).index_add(0, rows, vals.square())
             dn = self.W_dec.norm(dim=-1)
             sq_scaled = vals.new_zeros(n).index_add(0, rows, (vals * dn[cols]).square())
@@ -509,6 +537,11 @@ class SAE(nn.Module):
                 pre_g = encode_with_grad()
             acts = pre_g if mask is None else pre_g * mask
             x_hat_n = acts @ self.W_dec + self.b_dec
+            with torch.no_grad():  # pre >= 0 (ReLU), so acts != 0 <=> selected and pre > 0
+                nz = pre > 0 if mask is None else mask & (pre > 0)
+                l0_tokens = nz.view(torch.uint8).sum(-1, dtype=torch.int32).long()  # 2x faster than bool.sum
+                fired = nz.any(0)
+                del nz
             dn = self.W_dec.norm(dim=-1)
             a2 = acts.square()  # one [N, d_sae] temporary for the three norms
             sq = a2.sum(-1)
@@ -527,10 +560,12 @@ class SAE(nn.Module):
         else:
             l1 = x.new_zeros(())
 
+        if cfg.activation == "topafa":
+            self._set_afa_hint(l0_tokens)
         if self.training:
-            self._update_dead(acts.detach(), n)
+            self._update_dead(fired, n)
             if cfg.activation == "batchtopk":
-                self._update_threshold(acts.detach())
+                self._update_threshold(vals.detach() if use_sparse else acts.detach())
         dead = self.dead_mask()
         n_dead = dead.sum()
         aux = x.new_zeros(())
@@ -553,15 +588,14 @@ class SAE(nn.Module):
             aux = cfg.aux_coeff * (e - resid).pow(2).mean()
 
         loss = mse + cfg.afa_coeff * afa + aux + l1
-        with torch.no_grad():
-            l0 = torch.count_nonzero(acts, dim=-1).float().mean()
+        l0 = l0_tokens.float().mean()
         x_hat = self.denormalize(x_hat_n, stats)
         return SAEOutput(x_hat=x_hat, acts=acts, loss=loss, mse_loss=mse, afa_loss=afa, aux_loss=aux,
-                         l1_loss=l1, l0=l0, pre_acts=pre, n_dead=n_dead)
+                         l1_loss=l1, l0=l0, pre_acts=pre, n_dead=n_dead, l0_tokens=l0_tokens, fired=fired)
 
     @torch.no_grad()
-    def _update_dead(self, acts: Tensor, n_tokens: int) -> None:
-        fired = (acts > 0).any(0)
+    def _update_dead(self, fired: Tensor, n_tokens: int) -> None:
+        """``fired`` [d_sae] bool: latents active on some token of a batch of ``n_tokens``."""
         self.tokens_since_fired.add_(n_tokens)
         self.tokens_since_fired[fired] = 0
 
@@ -746,10 +780,15 @@ class _GatherPreActs(torch.autograd.Function):
         g = g * (vals > 0)  # ReLU
         h = ctx.h
         gW = gb_enc = gb_dec = None
-        if ctx.needs_input_grad[1]:
-            S = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (h, x_cent.shape[0]), check_invariants=False)
-            gW = torch.sparse.mm(S, x_cent).T  # [d_in, h]
         col_sum = None
+        if ctx.needs_input_grad[1]:
+            # gW[:, c] = sum over entries e with cols[e] = c of g_e * x_cent[rows[e]]: group the
+            # entries by column and let embedding_bag sum each group (3x faster than sparse.mm)
+            order = torch.argsort(cols, stable=True)
+            counts = torch.bincount(cols, minlength=h)
+            offsets = torch.zeros(h, dtype=torch.long, device=cols.device)
+            offsets[1:] = counts.cumsum(0)[:-1]
+            gW = F.embedding_bag(rows[order], x_cent, offsets, mode="sum", per_sample_weights=g[order]).T
         if (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]:
             col_sum = g.new_zeros(h).index_add_(0, cols, g)
         if ctx.use_b_enc and ctx.needs_input_grad[2]:

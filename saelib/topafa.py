@@ -41,10 +41,11 @@ def _check(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor) -> None:
         raise ValueError(f"target_norm must have shape [{n}] (one per token), got {tuple(target_norm.shape)}")
 
 
-def _keys(pre_acts: Tensor, dec_norms: Tensor) -> Tensor:
-    """Ranking keys (a_i·||W_dec[i]||)^2, [N, h]; one expression so both versions agree bitwise."""
-    key = pre_acts * dec_norms
-    return key.mul_(key)  # == (pre_acts * dec_norms) ** 2 bitwise, one allocation
+def _keys(pre_acts: Tensor, dec_norms: Tensor, out: Tensor | None = None) -> Tensor:
+    """Ranking keys (a_i·||W_dec[i]||)^2, [N, h]; one expression so both versions agree bitwise.
+    ``out``: a reusable buffer of the same shape and dtype (fresh [N, h] allocations are costly)."""
+    key = torch.mul(pre_acts, dec_norms, out=out) if out is not None else pre_acts * dec_norms
+    return key.mul_(key)  # == (pre_acts * dec_norms) ** 2 bitwise
 
 
 def _cum_norms(sorted_keys: Tensor) -> Tensor:
@@ -135,7 +136,7 @@ def _prefix_mask(key: Tensor, vals: Tensor, j: Tensor, pre: Tensor) -> Tensor:
 
 @torch.no_grad()
 def topafa_select(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor, *, k_start: int | None = None,
-                  growth: int = 4) -> Tensor:
+                  growth: int = 4, key_buffer: Tensor | None = None) -> Tensor:
     """Fast top-AFA selection; returns exactly the mask of :func:`topafa_select_reference`.
 
     Instead of sorting all h latents, take the ``K`` largest keys (``topk``, sorted) and solve
@@ -154,6 +155,9 @@ def topafa_select(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor, *, k
         k_start: first K to try (e.g. 1.25x the largest k of the previous batch); default:
             1.25x the largest k among 32 evenly spaced rows solved by a full sort, plus 16.
         growth: factor by which K grows for unresolved rows.
+        key_buffer: optional scratch tensor shaped and typed like ``pre_acts`` that receives the
+            ranking keys (overwritten). A training loop that passes the same buffer every step
+            saves one [N, h] allocation per step.
     """
     _check(pre_acts, dec_norms, target_norm)
     if growth < 2:
@@ -161,7 +165,11 @@ def topafa_select(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor, *, k
     n, h = pre_acts.shape
     if n == 0:
         return torch.zeros_like(pre_acts, dtype=torch.bool)
-    key = _keys(pre_acts, dec_norms)
+    if key_buffer is not None and (key_buffer.shape != pre_acts.shape or key_buffer.dtype != pre_acts.dtype
+                                   or key_buffer.device != pre_acts.device or not key_buffer.is_contiguous()):
+        raise ValueError(f"key_buffer must be a contiguous {pre_acts.dtype} tensor of shape {tuple(pre_acts.shape)} "
+                         f"on {pre_acts.device}, got {key_buffer.dtype} {tuple(key_buffer.shape)} on {key_buffer.device}")
+    key = _keys(pre_acts, dec_norms, key_buffer)
     keep = None  # allocated only if rows are resolved in several rounds
     if k_start is None:  # estimate from a few rows solved by full sort (cheap: n_s/N of a sort)
         n_s = min(n, 32)

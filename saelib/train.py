@@ -299,6 +299,17 @@ def _loss_fields(out: Any) -> dict[str, Tensor]:
 # --------------------------------------------------------------------------------------------
 # per-SAE training state
 # --------------------------------------------------------------------------------------------
+def make_adam(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float],
+              eps: float = 1e-8) -> torch.optim.Adam:
+    """Adam, fused where PyTorch has the kernel (CPU/CUDA floating point): one pass per step and
+    no [d_sae, d_in]-sized temporaries, the same update rule as the default implementation."""
+    params = list(params)
+    devices = {p.device.type for p in params}
+    fused = (len(devices) == 1 and devices <= {"cpu", "cuda"}
+             and all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params))
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
+
+
 class _Run:
     """One SAE being trained: model, optimiser, counters and the current metrics window."""
 
@@ -307,7 +318,7 @@ class _Run:
         self.sae = sae
         self.hook = sae.cfg.hook_name
         self.d_sae = int(sae.cfg.d_sae)
-        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
+        self.opt = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         # tokens since each latent last fired (trainer-side, for the `dead` metric)
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=device)
         self.tokens_seen = 0
@@ -422,20 +433,18 @@ def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
 @torch.no_grad()
 def _accumulate(run: _Run, x: Tensor, out: Any) -> None:
     x_hat = out.x_hat.detach()
-    acts = out.acts.detach()
     err = (x - x_hat).pow(2).sum(-1)  # [B]
     sq = x.pow(2).sum(-1)  # [B]
     run.add("nmse", (err / sq.clamp_min(1e-12)).mean())
     run.add("fvu", err.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-    l0_tok = (acts != 0).sum(-1)  # [B]
+    l0_tok = out.l0_tokens  # [B], counted by the forward pass without an [B, d_sae] temporary
     run.add("l0", l0_tok.float().mean())
     run.l0_hist += torch.bincount(l0_tok, minlength=run.d_sae + 1)
     for k, v in _loss_fields(out).items():
         run.add(k, v)
     run.n_steps_window += 1
-    fired = (acts != 0).any(0)
     run.since_fired += x.shape[0]
-    run.since_fired[fired] = 0
+    run.since_fired[out.fired] = 0
     run.tokens_seen += x.shape[0]
 
 
@@ -787,7 +796,7 @@ def evaluate_saes(
             p = sae.W_dec
             x = batch[hook].to(device=dev or p.device, dtype=p.dtype)
             out = sae(x)
-            x_hat, acts = out.x_hat, out.acts
+            x_hat = out.x_hat
             a = acc[name]
             err = (x - x_hat).pow(2).sum(-1).double()
             sq = x.pow(2).sum(-1).double()
@@ -798,9 +807,8 @@ def evaluate_saes(
             a["mse_loss"] += out.mse_loss.double().cpu() * x.shape[0]
             a["cos"] += torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).double().sum().cpu()
             a["l2_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).double().sum().cpu()
-            l0 = (acts != 0).sum(-1)
-            a["hist"] += torch.bincount(l0, minlength=a["hist"].numel()).cpu()
-            a["fired"] |= (acts != 0).any(0).cpu()
+            a["hist"] += torch.bincount(out.l0_tokens, minlength=a["hist"].numel()).cpu()
+            a["fired"] |= out.fired.cpu()
             a["n"] += x.shape[0]
             a["n_batches"] += 1
     res: dict[str, dict[str, Any]] = {}

@@ -221,6 +221,10 @@ def test_sparse_path_equals_dense_path(act, extra):
         assert oa.aux_loss > 0
     for f in ("x_hat", "acts", "loss", "mse_loss", "afa_loss", "aux_loss", "l0"):
         torch.testing.assert_close(getattr(oa, f), getattr(ob, f), rtol=1e-5, atol=1e-5)
+    for o in (oa, ob):  # per-token L0 and firing latents are counted without the dense acts
+        assert torch.equal(o.l0_tokens, (o.acts != 0).sum(-1))
+        assert torch.equal(o.fired, (o.acts != 0).any(0))
+    assert torch.equal(a.tokens_since_fired, b.tokens_since_fired)
     oa.loss.backward()
     ob.loss.backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):

@@ -68,6 +68,9 @@ def test_fast_equals_reference(kind, seed, n, h):
     for k_start in (None, 1, 3, h):
         fast = topafa_select(pre, dn, t, k_start=k_start)
         assert torch.equal(ref, fast), f"{kind}: {(ref != fast).sum()} entries differ (k_start={k_start})"
+    buf = torch.full_like(pre, float("nan"))  # stale contents must not matter
+    assert torch.equal(ref, topafa_select(pre, dn, t, key_buffer=buf))
+    torch.testing.assert_close(buf, (pre * dn) ** 2, rtol=0, atol=0)  # it now holds the keys
 
 
 def test_exact_tie_at_the_cut_keeps_lower_indices():
@@ -120,6 +123,10 @@ def test_shape_errors():
         topafa_select(torch.ones(2, 3), torch.ones(3), torch.ones(3))
     with pytest.raises(ValueError, match="pre_acts"):
         topafa_select(torch.ones(3), torch.ones(3), torch.ones(3))
+    with pytest.raises(ValueError, match="key_buffer"):
+        topafa_select(torch.ones(2, 3), torch.ones(3), torch.ones(2), key_buffer=torch.ones(3, 2))
+    with pytest.raises(ValueError, match="key_buffer"):
+        topafa_select(torch.ones(2, 3), torch.ones(3), torch.ones(2), key_buffer=torch.ones(2, 3, dtype=torch.float64))
 
 
 def test_full_sort_fallback_in_row_chunks(monkeypatch):
