@@ -485,9 +485,9 @@ class SAE(nn.Module):
         acts_buf = None
         fused = self.sparse_kernels and not x_n.requires_grad
 
-        def encode_with_grad() -> Tensor:  # [N, d_sae] ReLU pre-acts with grad
-            if fused:  # backward without the [N, d_in] input-gradient product
-                return _DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc)
+        def encode_with_grad(pre_done: Tensor | None = None) -> Tensor:  # [N, d_sae] ReLU pre-acts with grad
+            if fused:  # backward without the [N, d_in] input-gradient product; reuses pre_done
+                return _DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc, pre_done)
             return self._pre_acts_n(x_n)
 
         if not can_sparse or self._last_dense:  # one encoder matmul, with grad
@@ -533,8 +533,9 @@ class SAE(nn.Module):
             sq_scaled = vals.new_zeros(n).index_add(0, rows, (vals * dn[cols]).square())
             abs_scaled = None
         else:
-            if pre_g is None:  # the sparse attempt found a dense selection: redo with grad
-                pre_g = encode_with_grad()
+            if pre_g is None:  # the sparse attempt found a dense selection: attach its pre-acts to the graph
+                acts_buf = None  # the keys are no longer needed
+                pre_g = encode_with_grad(pre)
             acts = pre_g if mask is None else pre_g * mask
             x_hat_n = acts @ self.W_dec + self.b_dec
             with torch.no_grad():  # pre >= 0 (ReLU), so acts != 0 <=> selected and pre > 0
@@ -742,11 +743,14 @@ class _DenseEncode(torch.autograd.Function):
     [N, d_sae] @ [d_sae, d_in] product autograd would spend on d/dx_cent."""
 
     @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, use_b_enc):
-        pre = x_cent @ W_enc
-        if use_b_enc:
-            pre = pre + b_enc
-        pre = pre.relu_()
+    def forward(ctx, x_cent, W_enc, b_enc, b_dec, use_b_enc, pre_done=None):
+        if pre_done is not None:  # computed without grad already (same expression): not again
+            pre = pre_done.view_as(pre_done)
+        else:
+            pre = x_cent @ W_enc
+            if use_b_enc:
+                pre = pre + b_enc
+            pre = pre.relu_()
         ctx.save_for_backward(x_cent, W_enc, pre)
         ctx.use_b_enc = use_b_enc
         return pre
@@ -759,7 +763,7 @@ class _DenseEncode(torch.autograd.Function):
         col_sum = g.sum(0)
         gb_enc = col_sum if (ctx.use_b_enc and ctx.needs_input_grad[2]) else None
         gb_dec = -(W_enc @ col_sum) if ctx.needs_input_grad[3] else None
-        return None, gW, gb_enc, gb_dec, None
+        return None, gW, gb_enc, gb_dec, None, None
 
 
 class _GatherPreActs(torch.autograd.Function):

@@ -29,6 +29,7 @@ __all__ = ["topafa_select", "topafa_select_reference"]
 
 _SENTINEL = 1e8  # the paper's code: cum[..., -1] = 1e8
 _CHUNK_ELEMS = 1 << 22  # rows per full-sort chunk = this / h (memory bound, not speed)
+_SELECT_CHUNK_ELEMS = 1 << 23  # rows per selection block = this / h (bounds the [rows, K] buffers)
 
 
 def _check(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor) -> None:
@@ -71,8 +72,14 @@ def _largest_desc(key: Tensor, K: int) -> Tensor:
     if K >= h:
         return _sorted_desc(key)
     if key.device.type == "cpu" and key.dtype in (torch.float32, torch.float64) and K >= 256:
-        part = np.partition(key.numpy(), h - K, axis=-1)[:, h - K:]
-        return torch.from_numpy(np.ascontiguousarray(np.sort(part, axis=-1)[:, ::-1]))
+        # np.partition copies its input: in row chunks, so the copy is a chunk, not all [n, h]
+        a = key.numpy()
+        out = np.empty((a.shape[0], K), dtype=a.dtype)
+        step = max(1, _CHUNK_ELEMS // h)
+        for c in range(0, a.shape[0], step):
+            part = np.partition(a[c:c + step], h - K, axis=-1)[:, h - K:]
+            out[c:c + step] = np.sort(part, axis=-1)[:, ::-1]
+        return torch.from_numpy(out)
     return key.topk(K, dim=-1, sorted=True).values
 
 
@@ -169,14 +176,30 @@ def topafa_select(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor, *, k
                                    or key_buffer.device != pre_acts.device or not key_buffer.is_contiguous()):
         raise ValueError(f"key_buffer must be a contiguous {pre_acts.dtype} tensor of shape {tuple(pre_acts.shape)} "
                          f"on {pre_acts.device}, got {key_buffer.dtype} {tuple(key_buffer.shape)} on {key_buffer.device}")
-    key = _keys(pre_acts, dec_norms, key_buffer)
-    keep = None  # allocated only if rows are resolved in several rounds
     if k_start is None:  # estimate from a few rows solved by full sort (cheap: n_s/N of a sort)
         n_s = min(n, 32)
-        probe = torch.linspace(0, n - 1, n_s, device=key.device).long()
-        pv = _sorted_desc(key[probe])
+        probe = torch.linspace(0, n - 1, n_s, device=pre_acts.device).long()
+        pv = _sorted_desc(_keys(pre_acts[probe], dec_norms))
         pj = _nearest_prefix(_cum_norms(pv), target_norm[probe], full=True)
         k_start = int(pj.max()) * 5 // 4 + 16
+    step = max(1, _SELECT_CHUNK_ELEMS // h)
+    if n <= step:
+        return _select_rows(pre_acts, dec_norms, target_norm, k_start, growth, key_buffer)
+    # row chunks: the sorted values and float64 cumulative sums of a round are [rows, K], and K
+    # can approach h/2 at high L0, so whole-batch rounds would cost several [N, h] buffers
+    keep = torch.empty((n, h), dtype=torch.bool, device=pre_acts.device)
+    for c in range(0, n, step):
+        keep[c:c + step] = _select_rows(pre_acts[c:c + step], dec_norms, target_norm[c:c + step], k_start, growth,
+                                        None if key_buffer is None else key_buffer[c:c + step])
+    return keep
+
+
+def _select_rows(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor, k_start: int, growth: int,
+                 key_buffer: Tensor | None) -> Tensor:
+    """:func:`topafa_select` on one block of rows (inputs already checked)."""
+    n, h = pre_acts.shape
+    key = _keys(pre_acts, dec_norms, key_buffer)
+    keep = None  # allocated only if rows are resolved in several rounds
     K = int(min(max(k_start, 1), h))
     rows = None  # None = all rows
     while True:

@@ -139,6 +139,31 @@ def test_full_sort_fallback_in_row_chunks(monkeypatch):
     assert torch.equal(ref, topafa_select(pre, dn, t, k_start=2))  # rounds, then the full sort
 
 
+@pytest.mark.parametrize("kind", ["gauss", "ties", "zeros"])
+def test_partial_sort_in_row_chunks(monkeypatch, kind):
+    import saelib.topafa as T
+
+    monkeypatch.setattr(T, "_CHUNK_ELEMS", 5 * 1200)  # 5 rows per np.partition chunk
+    pre, dn, t = _random_case(11, 23, 1200, kind)
+    ref = topafa_select_reference(pre, dn, t)
+    for k_start in (256, 300, 500):  # K >= 256 and 2K < h: the chunked numpy partial sort
+        assert torch.equal(ref, topafa_select(pre, dn, t, k_start=k_start)), k_start
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_selection_in_row_blocks(monkeypatch, kind):
+    import saelib.topafa as T
+
+    monkeypatch.setattr(T, "_SELECT_CHUNK_ELEMS", 7 * 300)  # blocks of 7 rows (the last one shorter)
+    pre, dn, t = _random_case(5, 40, 300, kind)
+    ref = topafa_select_reference(pre, dn, t)
+    for k_start in (None, 2, 300):
+        assert torch.equal(ref, topafa_select(pre, dn, t, k_start=k_start)), k_start
+    buf = torch.empty_like(pre)
+    assert torch.equal(ref, topafa_select(pre, dn, t, key_buffer=buf))
+    torch.testing.assert_close(buf, (pre * dn) ** 2, rtol=0, atol=0)  # every block wrote its keys
+
+
 def test_negative_inputs_are_never_selected():
     pre, dn, t = _random_case(8, 30, 200, "gauss")
     pre = pre - 0.3  # not ReLU outputs
