@@ -530,7 +530,8 @@ class SAE(nn.Module):
                 fired[cols[pos]] = True
             sq = vals.new_zeros(n).index_add(0, rows, vals.square())
             dn = self.W_dec.norm(dim=-1)
-            sq_scaled = vals.new_zeros(n).index_add(0, rows, (vals * dn[cols]).square())
+            dn_sel = dn.index_select(0, cols)  # not dn[cols]: its backward accumulates in a thread-dependent order
+            sq_scaled = vals.new_zeros(n).index_add(0, rows, (vals * dn_sel).square())
             abs_scaled = None
         else:
             if pre_g is None:  # the sparse attempt found a dense selection: attach its pre-acts to the graph
@@ -556,7 +557,7 @@ class SAE(nn.Module):
             afa = (_safe_sqrt(sq_scaled) - x_cent.norm(dim=-1)).pow(2).mean()
         if cfg.l1_coeff > 0:
             if abs_scaled is None:
-                abs_scaled = vals.new_zeros(n).index_add(0, rows, vals * dn[cols])
+                abs_scaled = vals.new_zeros(n).index_add(0, rows, vals * dn_sel)
             l1 = cfg.l1_coeff * abs_scaled.mean()
         else:
             l1 = x.new_zeros(())

@@ -330,3 +330,30 @@ def test_fused_dense_encoder_gradients(act):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert pa.grad is not None, name
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("act", ["topafa", "batchtopk"])
+def test_sparse_training_is_reproducible_across_threads(act):
+    """Same seed, same data, two threads: bitwise the same weights (a gradient gathered with
+    ``dn[cols]`` accumulated duplicates in a thread-dependent order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(6, 256, 64, generator=g) * torch.linspace(0.2, 3, 64)
+
+        def train():
+            extra = dict(k=16) if act == "batchtopk" else dict(afa_target="consistent", l1_coeff=1e-3)
+            sae = SAE(SAEConfig(d_in=64, d_sae=512, activation=act, **extra))
+            sae.sparse_max_density = 1.0  # always the sparse kernels
+            opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+            for x in X:
+                out = sae(x)
+                opt.zero_grad()
+                out.loss.backward()
+                opt.step()
+            return torch.cat([p.detach().flatten() for p in sae.parameters()])
+
+        assert torch.equal(train(), train())
+    finally:
+        torch.set_num_threads(threads)
