@@ -729,13 +729,19 @@ def _safe_sqrt(sq: Tensor) -> Tensor:
     return torch.where(pos, sq.clamp_min(1e-30).sqrt(), sq.new_zeros(()))
 
 
+def _bag_sum(table: Tensor, bags: Tensor, index: Tensor, weights: Tensor, n_bags: int) -> Tensor:
+    """[n_bags, table cols]: out[b] = sum over entries j with bags[j] = b of weights_j ·
+    table[index_j]; ``bags`` must be sorted. ``embedding_bag`` sums the groups without the dense
+    [n_bags, table rows] matrix a matrix product would need."""
+    offsets = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
+    offsets[1:] = torch.bincount(bags, minlength=n_bags).cumsum(0)[:-1]
+    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
+
+
 def _sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> Tensor:
     """sum_j vals_j · W_dec[cols_j] per row, [n, d_in]; rows must be sorted (row-major
-    nonzero order). ``embedding_bag`` avoids a dense [n, d_sae] @ [d_sae, d_in] product."""
-    counts = torch.bincount(rows, minlength=n)
-    offsets = torch.zeros(n, dtype=torch.long, device=rows.device)
-    offsets[1:] = counts.cumsum(0)[:-1]
-    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals)
+    nonzero order)."""
+    return _bag_sum(W_dec, rows, cols, vals, n)
 
 
 class _DenseEncode(torch.autograd.Function):
@@ -790,10 +796,7 @@ class _GatherPreActs(torch.autograd.Function):
             # gW[:, c] = sum over entries e with cols[e] = c of g_e * x_cent[rows[e]]: group the
             # entries by column and let embedding_bag sum each group (3x faster than sparse.mm)
             order = torch.argsort(cols, stable=True)
-            counts = torch.bincount(cols, minlength=h)
-            offsets = torch.zeros(h, dtype=torch.long, device=cols.device)
-            offsets[1:] = counts.cumsum(0)[:-1]
-            gW = F.embedding_bag(rows[order], x_cent, offsets, mode="sum", per_sample_weights=g[order]).T
+            gW = _bag_sum(x_cent, cols[order], rows[order], g[order], h).T
         if (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]:
             col_sum = g.new_zeros(h).index_add_(0, cols, g)
         if ctx.use_b_enc and ctx.needs_input_grad[2]:
