@@ -26,7 +26,9 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,8 +37,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, folder_lock, model_fingerprint, LOCK_FILE
 from saelib.models import check_hook
-from saelib.io import atomic_write_json
 
 __all__ = [
     "ActivationCache",
@@ -48,7 +50,11 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-_VERSION = 1
+_VERSION = 2  # 2: the identity holds the model's weights fingerprint and the code fingerprint
+# The only names ActivationCache.build ever writes in its folder (it deletes nothing else).
+_OWN_FILE = re.compile(
+    r"^(manifest\.json|shard_\d{5}\..+\.bin|\.shard_\d{5}\..+\.bin\.tmp|\.manifest\.json\..+\.tmp)$"
+)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # numpy has no bfloat16: those shards are stored and memory-mapped as int16 and viewed back.
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
@@ -74,7 +80,12 @@ def _as_hooks(model, hooks: str | Sequence[str]) -> list[str]:
     return hooks
 
 
-def _check_tokens(tokens: Tensor, exclude_bos: bool) -> Tensor:
+def _check_tokens(tokens: Tensor, exclude_bos: bool, model=None) -> Tensor:
+    if isinstance(tokens, np.ndarray):
+        raise ValueError(
+            f"tokens is a numpy array {tokens.shape}; pass a torch LongTensor [n_rows, seq_len] "
+            "(torch.from_numpy(tokens).long()), e.g. from saelib.data.token_rows."
+        )
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError(
             "tokens must be a 2-D LongTensor [n_rows, seq_len] (e.g. from saelib.data.token_rows), "
@@ -86,7 +97,17 @@ def _check_tokens(tokens: Tensor, exclude_bos: bool) -> Tensor:
         raise ValueError("tokens has no rows: nothing to run the model on.")
     if exclude_bos and tokens.shape[1] < 2:
         raise ValueError("rows need at least 2 tokens when exclude_bos=True (position 0 is dropped).")
-    return tokens.long()
+    tokens = tokens.long()
+    vocab = getattr(getattr(model, "cfg", None), "d_vocab", None)
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or (vocab is not None and hi >= int(vocab)):
+        bad = lo if lo < 0 else hi
+        name = getattr(model, "saelib_name", None) or getattr(getattr(model, "cfg", None), "model_name", "the model")
+        raise ValueError(
+            f"tokens holds id {bad}, outside the vocabulary of {name} (ids 0..{int(vocab) - 1 if vocab else '?'}): "
+            "tokenize with this model's tokenizer (saelib.data.token_rows(model, ...)) and do not mix models."
+        )
+    return tokens
 
 
 def _model_device(model) -> torch.device:
@@ -157,7 +178,7 @@ def harvest(
         device: where the result lives (CPU by default so large harvests do not fill the GPU).
     """
     hooks = _as_hooks(model, hooks)
-    tokens = _check_tokens(tokens, exclude_bos)
+    tokens = _check_tokens(tokens, exclude_bos, model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_rows, seq_len = tokens.shape
@@ -293,7 +314,7 @@ class ActivationStore:
     ) -> None:
         self.model = model
         self.hooks = _as_hooks(model, hooks)
-        self.tokens = _check_tokens(tokens, exclude_bos)
+        self.tokens = _check_tokens(tokens, exclude_bos, model)
         self.exclude_bos = exclude_bos
         if batch_size < 1 or model_batch_size < 1:
             raise ValueError(f"batch_size and model_batch_size must be >= 1, got {batch_size}, {model_batch_size}")
@@ -409,6 +430,46 @@ def _disk_full(path: Path, shard: int, n_done: int, n_total: int) -> OSError:
     )
 
 
+def _refuse_foreign(path: Path) -> None:
+    """Refuse a folder holding anything ActivationCache.build did not write (it never deletes those)."""
+    if not path.is_dir():
+        return
+    foreign = sorted(f.name for f in path.iterdir() if f.name != LOCK_FILE and not _OWN_FILE.match(f.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{path} is not empty and is not an activation cache: it holds {shown}. "
+            "ActivationCache.build writes (and clears) only its own shard files, so it needs an empty "
+            "or new folder, or an existing cache: choose another path (e.g. a new subfolder)."
+        )
+
+
+_MANIFEST_KEYS = {"hooks": list, "dims": dict, "dtype": str, "shards": list, "n_shards": int}
+_SHARD_KEYS = ("index", "n_tokens", "files")
+
+
+def _check_manifest(m, mpath: Path) -> None:
+    """Raise a clear error when a manifest lacks a field or holds one of the wrong type."""
+    fix = f"delete {mpath.parent} and run ActivationCache.build again to rebuild it"
+    if not isinstance(m, dict):
+        raise ValueError(f"{mpath} holds a {type(m).__name__}, not a cache manifest (a JSON object); {fix}.")
+    for k, typ in _MANIFEST_KEYS.items():
+        if not isinstance(m.get(k), typ):
+            what = "is missing" if k not in m else f"is a {type(m[k]).__name__}, expected {typ.__name__}"
+            raise ValueError(f"{mpath}: field {k!r} {what}; the manifest is damaged: {fix}.")
+    if m.get("dtype") not in _DTYPES:
+        raise ValueError(f"{mpath}: field 'dtype' is {m.get('dtype')!r}, expected one of {sorted(_DTYPES)}; {fix}.")
+    for i, sh in enumerate(m["shards"]):
+        miss = [k for k in _SHARD_KEYS if not isinstance(sh, dict) or k not in sh]
+        if miss:
+            raise ValueError(f"{mpath}: shards[{i}] lacks field(s) {miss}; the manifest is damaged: {fix}.")
+        for h, info in sh["files"].items():
+            if not isinstance(info, dict) or any(k not in info for k in ("file", "bytes", "sha256")):
+                raise ValueError(f"{mpath}: shards[{i}].files[{h!r}] lacks 'file', 'bytes' or 'sha256'; {fix}.")
+            if h not in m["dims"]:
+                raise ValueError(f"{mpath}: field 'dims' has no width for hook {h!r}; {fix}.")
+
+
 def activation_cache_path(
     runs_dir: str | Path,
     model,
@@ -422,15 +483,17 @@ def activation_cache_path(
 ) -> Path:
     """Shared cache folder ``<runs_dir>/activations/<model>/<corpus>/<split>/<rows>x<seq>-<hash>``.
 
-    The hash covers the token ids, hooks, dtype and BOS handling, so chapters asking for the same
-    activations share one cache and different requests never collide.
+    The hash covers the token ids, hooks, dtype and BOS handling and, when ``model`` is a model
+    object, a fingerprint of its weights, so chapters asking for the same activations share one
+    cache and different requests (or two models of one name with other weights) never collide.
     """
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     model_name = model if isinstance(model, str) else _model_id(model)
     corpus_name = Path(str(corpus)).stem if os.sep in str(corpus) else str(corpus)
-    h = hashlib.sha256(
-        json.dumps([_tokens_fingerprint(tokens), hooks, _dtype_name(dtype), exclude_bos]).encode()
-    ).hexdigest()[:12]
+    key = [_tokens_fingerprint(tokens), hooks, _dtype_name(dtype), exclude_bos]
+    if not isinstance(model, str):
+        key.append(model_fingerprint(model))
+    h = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
     safe = lambda x: x.replace("/", "--")  # noqa: E731 - hub ids contain slashes
     return (
         Path(runs_dir) / "activations" / safe(model_name) / safe(corpus_name) / split
@@ -467,6 +530,7 @@ class ActivationCache:
         except json.JSONDecodeError as e:
             raise ValueError(f"{mpath} is not valid JSON ({e}); delete {self.path} and rebuild the cache.") from None
         m = self.manifest
+        _check_manifest(m, mpath)
         if not m.get("complete"):
             raise ValueError(
                 f"The activation cache at {self.path} is incomplete ({len(m['shards'])} of "
@@ -624,9 +688,15 @@ class ActivationCache:
     ) -> ActivationCache:
         """Harvest ``hooks`` over ``tokens`` into a sharded cache at ``path`` and open it.
 
-        A complete cache built from the same tokens, hooks, model and dtype is returned as is;
-        an interrupted build resumes after its last complete shard; a cache built from other
-        inputs is an error (delete it or choose another path).
+        A complete cache built from the same tokens, hooks, model weights and dtype is returned
+        as is; an interrupted build resumes after its last complete shard; a cache built from other
+        inputs (tokens, hooks, dtype, BOS handling, or a model with other weights: the identity
+        holds a fingerprint of every parameter) is an error (delete it or choose another path).
+        A cache made by other saelib code (the identity holds a fingerprint of this module and
+        saelib.models) is rebuilt, with a warning. The build deletes only files it writes itself
+        (``manifest.json``, ``shard_*.bin`` and their temp names) and refuses a folder that holds
+        anything else. One process builds a folder at a time (an advisory lock; a second one gets
+        an error naming the first one's pid).
 
         Args:
             shard_tokens: target activations per shard (rounded to whole rows).
@@ -635,7 +705,7 @@ class ActivationCache:
         """
         path = Path(path)
         hooks = _as_hooks(model, hooks)
-        tokens = _check_tokens(tokens, exclude_bos)
+        tokens = _check_tokens(tokens, exclude_bos, model)
         dname = _dtype_name(dtype)
         n_rows, seq_len = tokens.shape
         per_row = seq_len - (1 if exclude_bos else 0)
@@ -644,6 +714,7 @@ class ActivationCache:
         ident = {
             "version": _VERSION,
             "model": _model_id(model),
+            "model_sha256": model_fingerprint(model),
             "hooks": hooks,
             "dtype": dname,
             "exclude_bos": exclude_bos,
@@ -651,30 +722,65 @@ class ActivationCache:
             "seq_len": seq_len,
             "rows_per_shard": rows_per_shard,
             "tokens_sha256": _tokens_fingerprint(tokens),
+            "code": code_fingerprint(*ACTIVATION_CODE),
         }
-        path.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a folder; pass a folder path for the activation cache.")
         mpath = path / MANIFEST
-        manifest = None
-        if mpath.is_file():
-            try:
-                manifest = json.loads(mpath.read_text())
-            except json.JSONDecodeError:
-                raise ValueError(f"{mpath} is not valid JSON: delete {path} and build again.") from None
-            differs = [k for k, v in ident.items() if manifest.get(k) != v]
-            if differs:
-                raise ValueError(
-                    f"The activation cache at {path} was built with different {', '.join(differs)}. "
-                    "Delete it or choose another path for this cache."
-                )
-            if manifest.get("complete"):
-                return cls(path, verify=verify)
+        # A complete matching cache is only read: no lock, works in a read-only folder.
+        manifest = cls._matching_manifest(path, ident)
+        if manifest is not None and manifest.get("complete"):
+            return cls(path, verify=verify)
+        _refuse_foreign(path)  # before the lock file is created: a wrong folder is left untouched
+        with folder_lock(path, "activation cache"):
+            return cls._build_locked(path, model, tokens, hooks, ident, dtype, dname, per_row, rows_per_shard,
+                                     n_shards, batch_size, exclude_bos, progress, verify)
+
+    @classmethod
+    def _matching_manifest(cls, path: Path, ident: dict) -> dict | None:
+        """The manifest at ``path`` when it was built from ``ident`` (None when there is none or
+        it is stale code's); an error when it was built from other inputs."""
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            return None
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"{mpath} is not valid JSON: delete {path} and build again.") from None
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{mpath} is not a cache manifest: delete {path} and build again.")
+        if manifest.get("version") != ident["version"] or manifest.get("code") != ident["code"]:
+            return None  # made by other saelib code: rebuilt (its own files only)
+        differs = [k for k, v in ident.items() if manifest.get(k) != v]
+        if differs:
+            what = ", ".join("model weights (model_sha256)" if k == "model_sha256" else k for k in differs)
+            raise ValueError(
+                f"The activation cache at {path} was built with different {what}. "
+                "Delete it or choose another path for this cache."
+            )
+        _check_manifest(manifest, mpath)
+        return manifest
+
+    @classmethod
+    def _build_locked(cls, path, model, tokens, hooks, ident, dtype, dname, per_row, rows_per_shard, n_shards,
+                      batch_size, exclude_bos, progress, verify) -> ActivationCache:
+        n_rows = tokens.shape[0]
+        mpath = path / MANIFEST
+        _refuse_foreign(path)
+        manifest = cls._matching_manifest(path, ident)  # re-read under the lock
+        if manifest is not None and manifest.get("complete"):
+            return cls(path, verify=verify)
         if manifest is None:
+            if mpath.is_file():
+                warnings.warn(f"The activation cache at {path} was made by other saelib code; rebuilding it.",
+                              stacklevel=3)
+                mpath.unlink()
             manifest = {**ident, "n_shards": n_shards, "dims": {}, "shards": [], "complete": False}
-        # Anything on disk not listed in the manifest is debris of an interrupted shard.
+        # Own files the manifest does not list are debris of an interrupted shard (or stale code's).
         listed = {info["file"] for s in manifest["shards"] for info in s["files"].values()}
         for f in path.iterdir():
-            if f.name != MANIFEST and f.name not in listed:
-                f.unlink() if f.is_file() else shutil.rmtree(f, ignore_errors=True)
+            if f.name not in (MANIFEST, LOCK_FILE) and f.name not in listed and _OWN_FILE.match(f.name) and f.is_file():
+                f.unlink()
         done = len(manifest["shards"])
         total_tokens = n_rows * per_row
         bar = _progress(total_tokens, f"cache {path.name}", progress)
@@ -739,7 +845,7 @@ def residual_norms(
     if hooks is None:
         hooks = [f"blocks.{layer}.hook_resid_pre" for layer in range(int(model.cfg.n_layers))]
     hooks = _as_hooks(model, hooks)
-    tokens = _check_tokens(tokens, exclude_bos=False)
+    tokens = _check_tokens(tokens, exclude_bos=False, model=model)
     n_rows, seq_len = tokens.shape
     out = torch.empty(len(hooks), n_rows, seq_len)
     bar = _progress(n_rows * seq_len, "norms", progress)

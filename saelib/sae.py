@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelib.io import atomic_path, atomic_write_text
+from saelib.io import atomic_path, atomic_write_text, file_sha256
 from saelib.topafa import topafa_select
 
 __all__ = [
@@ -444,8 +444,12 @@ class SAE(nn.Module):
 
         In input_norm="token" mode pass the original input ``x`` (its per-token mean and std undo
         the standardisation)."""
-        if acts.shape[-1] != self.cfg.d_sae:
-            raise ValueError(f"acts has width {acts.shape[-1]}, this SAE has d_sae={self.cfg.d_sae}")
+        if not isinstance(acts, Tensor):
+            raise TypeError(f"acts must be a torch.Tensor [N, {self.cfg.d_sae}], got {type(acts).__name__}; "
+                            "convert it first (torch.as_tensor(acts))")
+        if acts.ndim < 1 or acts.shape[-1] != self.cfg.d_sae:
+            raise ValueError(f"acts has shape {tuple(acts.shape)}, but this SAE has d_sae={self.cfg.d_sae}: "
+                             "pass activations of this SAE (its encode output)")
         a2, lead = self._flatten(acts.to(self.dtype))
         x_hat_n = a2 @ self.W_dec + self.b_dec
         stats = None
@@ -638,11 +642,19 @@ class SAE(nn.Module):
     def save(self, path: str | os.PathLike, *, fold_input_norm: bool = True, metadata: dict | None = None) -> Path:
         """Write ``path/sae.safetensors`` and ``path/cfg.json`` atomically (no pickle).
 
+        Each file is replaced by one rename; ``cfg.json`` (written second) records the weights'
+        sha256, which :meth:`load` checks, so a crash between the two renames, a truncated or a
+        bit-flipped file is an error, never a silently wrong SAE. Non-finite weights are refused.
+
         With input_norm="global" and ``fold_input_norm`` (default) the stored weights work in
         model space (W_enc·s, W_dec/s, b_dec/s); :meth:`load` unfolds them."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        bad = _non_finite(self.state_dict())
+        if bad:
+            raise ValueError(f"refusing to save an SAE with non-finite (NaN/inf) weights {bad} to {path}: it diverged; "
+                             "retrain it (lower the learning rate or normalise the inputs)")
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         folded = None
@@ -656,9 +668,12 @@ class SAE(nn.Module):
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "folded_input_scale": folded}
         if metadata:
             meta["metadata"] = metadata
-        doc = {"saelib": meta, "cfg": self.cfg.to_dict()}
         with atomic_path(path / WEIGHTS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+            meta["weights_sha256"] = file_sha256(tmp)
+        # written second and naming the weights' checksum: a crash between the two renames leaves
+        # a pair that load() reports as mismatched, never one it silently uses
+        doc = {"saelib": meta, "cfg": self.cfg.to_dict()}
         atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=2))
         return path
 
@@ -680,10 +695,21 @@ class SAE(nn.Module):
             doc = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt, re-save it") from None
-        if not isinstance(doc, dict) or doc.get("saelib", {}).get("format") != FORMAT_NAME:
+        if not isinstance(doc, dict) or not isinstance(doc.get("saelib"), dict) or doc["saelib"].get("format") != FORMAT_NAME:
             raise ValueError(f"{cfg_path} was not written by saelib.SAE.save (it looks like another library's "
                              f"checkpoint, e.g. SAELens: use saelib.interop.from_saelens({str(path)!r}))")
-        cfg = SAEConfig.from_dict(doc["cfg"])
+        if not isinstance(doc.get("cfg"), dict):
+            raise ValueError(f"{cfg_path} lacks its 'cfg' field (the SAEConfig); the file is damaged: re-save the SAE")
+        try:
+            cfg = SAEConfig.from_dict(doc["cfg"])
+        except TypeError as e:  # a required field (d_in, d_sae) is missing
+            raise ValueError(f"{cfg_path}: field 'cfg' is incomplete ({e}); the file is damaged: re-save the SAE") from None
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: field 'cfg' is invalid: {e}") from None
+        want_sha = doc["saelib"].get("weights_sha256")
+        if want_sha is not None and file_sha256(w_path) != want_sha:
+            raise ValueError(f"{w_path} does not match the checksum recorded in {cfg_path} (truncated, corrupted, or "
+                             "an interrupted save left a mismatched pair): re-save or retrain this SAE")
         if expect is not None:
             exp = expect.to_dict() if isinstance(expect, SAEConfig) else dict(expect)
             diff = {k: (v, cfg.to_dict().get(k, "<missing>")) for k, v in exp.items() if cfg.to_dict().get(k, "<missing>") != v}
@@ -691,7 +717,15 @@ class SAE(nn.Module):
                 raise ValueError(f"Checkpoint at {path} does not match the expected config: "
                                  + ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in diff.items()))
         sae = cls(cfg)
-        tensors = load_file(str(w_path))
+        try:
+            tensors = load_file(str(w_path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for bad files
+            raise ValueError(f"{w_path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated "
+                             "or corrupt: re-save or retrain this SAE") from None
+        bad = _non_finite(tensors)
+        if bad:
+            raise ValueError(f"{w_path} holds non-finite (NaN/inf) values in {bad}: this SAE diverged in training; "
+                             "retrain it (lower the learning rate or normalise the inputs)")
         own = sae.state_dict()
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
@@ -716,6 +750,19 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}, k={c.k}, input_norm={c.input_norm!r}"
+
+
+def _non_finite(tensors: dict[str, Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN/inf (BatchTopK's ``threshold`` is NaN until it
+    is first estimated, which is allowed; inf is not)."""
+    bad = []
+    for k, v in tensors.items():
+        if not v.is_floating_point():
+            continue
+        ok = ~torch.isinf(v) if k == "threshold" else torch.isfinite(v)
+        if not bool(ok.all()):
+            bad.append(k)
+    return bad
 
 
 def load_sae(path: str | os.PathLike, **kw) -> SAE:

@@ -43,12 +43,23 @@ Re-running :func:`train_saes` with the same configs, the same ``out_dir`` and a 
 iterable that yields the same sequence as before (same source, same seed) resumes: the trainer
 skips the ``step`` batches it already consumed and continues. The result is bit-identical to an
 uninterrupted run (tested). The learning-rate schedule is a pure function of the step.
+The checkpoint holds tensors and plain data only and is read with ``torch.load(weights_only=True)``
+(nothing is unpickled); it records fingerprints of the first batch and of the last batch before
+it, so resuming on another stream is an error. A torn last line of ``metrics.jsonl`` (a kill
+during an append) is dropped on resume.
+
+Reliability: one process writes a run folder at a time (an advisory lock; a second gets an
+error naming the holder's pid). Training stops at the first non-finite loss (on CPU at once; on
+a GPU at the next log or checkpoint step, without a host sync per step) with
+:class:`TrainingDivergedError` naming the SAE, the step and the likely causes; non-finite weights
+are never checkpointed, saved or returned, and metrics are never written as ``null``.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -65,7 +76,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelib.io import atomic_path, atomic_write_text
+from saelib.io import TRAINING_CODE, atomic_path, atomic_write_text, code_fingerprint, folder_lock
 
 __all__ = [
     "TrainConfig",
@@ -83,6 +94,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+_CHECKPOINT_FORMAT = 2  # 2: no pickled objects (weights_only load), batch-stream fingerprint
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
 _QUANTILES = (0.1, 0.5, 0.9)
 
@@ -259,6 +271,11 @@ def decoder_epsilon(W_dec: Tensor, block_size: int = 2048) -> tuple[float, float
     (the paper logs a *signed* mean, which is ~0 and says little; |cos| is what matters).
     """
     W = W_dec.detach().float()
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(
+            f"decoder_epsilon: W_dec holds {int((~torch.isfinite(W)).sum())} non-finite entries (NaN/inf), so its "
+            "epsilon is undefined; the SAE diverged: retrain it (lower lr, normalise inputs)"
+        )
     W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     h = W.shape[0]
     if h < 2:
@@ -322,6 +339,8 @@ class _Run:
         # tokens since each latent last fired (trainer-side, for the `dead` metric)
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=device)
         self.tokens_seen = 0
+        # first step with a non-finite loss (-1: none); tracked on the device, read at check points
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self.reset_window(device)
 
     def reset_window(self, device: torch.device) -> None:
@@ -350,7 +369,7 @@ class _Run:
         self.opt.load_state_dict(st["optim"])
         self.since_fired.copy_(st["since_fired"])
         self.tokens_seen = int(st["tokens_seen"])
-        self.acc = {k: v.clone() for k, v in st["acc"].items()}
+        self.acc = {k: v.to(self.since_fired.device).clone() for k, v in st["acc"].items()}
         self.l0_hist.copy_(st["l0_hist"])
         self.n_steps_window = int(st["n_steps_window"])
 
@@ -474,6 +493,11 @@ def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: d
     else:
         rec["dead"], rec["dead_frac"] = None, None
     rec.update(extra)
+    bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # never written as null: a non-finite metric means the run diverged
+        raise TrainingDivergedError(
+            f"SAE {run.name!r}: metrics {bad} are non-finite at step {step}; " + _DIVERGED_ADVICE
+        )
     return {k: _jsonable(v) for k, v in rec.items()}
 
 
@@ -499,14 +523,33 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path, step: int, token
         pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3g}", l0=f"{rec.get('l0', 0):.1f}")
 
 
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(line, record)`` pairs of a metrics file. A torn last line (a kill during an append) is
+    dropped with a warning; an unreadable line elsewhere is an error naming the file and line."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: ignoring a torn last line (an interrupted append): {line[:60]!r}", stacklevel=3)
+                break
+            raise ValueError(
+                f"{path}:{i + 1} is not a JSON record ({e}); the metrics file is damaged: delete that line "
+                "(or the file, losing the training curve) and run again"
+            ) from None
+        out.append((line, rec))
+    return out
+
+
 def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records past ``max_step`` (written after the checkpoint we resume from)."""
+    """Drop records past ``max_step`` (written after the checkpoint we resume from) and a torn last line."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        if line.strip() and json.loads(line).get("step", 0) <= max_step:
-            keep.append(line)
+    keep = [line for line, rec in _read_jsonl(path) if rec.get("step", 0) <= max_step]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
@@ -531,18 +574,38 @@ def _write_combined_csv(out_dir: Path) -> Path | None:
 # checkpoints
 # --------------------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors, numbers and lists (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": list(py_state), "gauss": gauss},
+    }
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = list(torch.cuda.get_rng_state_all())
     return st
 
 
 def _set_rng_state(st: Mapping[str, Any]) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"].cpu())
+    n = st["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
+
+
+def _batch_fingerprint(batch: Mapping[str, Tensor], hooks: Iterable[str]) -> str:
+    """sha256 of the hooks' tensors of one batch (dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for k in sorted(set(hooks)):
+        t = batch[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _identity(runs: list[_Run], cfg: TrainConfig) -> dict[str, Any]:
@@ -553,13 +616,15 @@ def _identity(runs: list[_Run], cfg: TrainConfig) -> dict[str, Any]:
     return {"train": tc, "saes": {r.name: _cfg_dict(r.sae.cfg) for r in runs}}
 
 
-def _save_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, step: int, tokens: int) -> None:
+def _save_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, step: int, tokens: int,
+                     stream: dict[str, Any]) -> None:
     _atomic_torch_save(
         {
-            "format": 1,
+            "format": _CHECKPOINT_FORMAT,
             "step": step,
             "tokens": tokens,
             "identity": _identity(runs, cfg),
+            "stream": stream,
             "runs": {r.name: r.state() for r in runs},
             "rng": _rng_state(),
         },
@@ -567,8 +632,37 @@ def _save_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, step: int, 
     )
 
 
-def _load_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, device: torch.device) -> tuple[int, int]:
-    ck = torch.load(path, map_location=device, weights_only=False)
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain data only, never unpickled objects."""
+    import pickle
+    import zipfile
+
+    fix = (f"delete {path} to start over (the SAEs restart from step 0), or pass TrainConfig(resume=False)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (a crash while it was written?): {fix}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} is not a saelib checkpoint: it holds pickled objects, which saelib never loads "
+            f"(they could run code). ({str(e).splitlines()[0][:200]}) Remove that file: {fix}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'truncated'}); "
+            f"it is truncated or corrupt: {fix}"
+        ) from None
+    if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT:
+        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"{path} has checkpoint format {got!r}, this saelib reads format {_CHECKPOINT_FORMAT}: {fix}")
+    missing = [k for k in ("step", "tokens", "identity", "stream", "runs", "rng") if k not in ck]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: it is damaged: {fix}")
+    return ck
+
+
+def _load_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig) -> tuple[int, int, dict[str, Any]]:
+    ck = _read_checkpoint(path)
     want = _identity(runs, cfg)
     if ck.get("identity") != want:
         have = ck.get("identity", {})
@@ -581,7 +675,34 @@ def _load_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, device: tor
     for r in runs:
         r.load_state(ck["runs"][r.name])
     _set_rng_state(ck["rng"])
-    return int(ck["step"]), int(ck["tokens"])
+    return int(ck["step"]), int(ck["tokens"]), dict(ck["stream"])
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training produced a non-finite loss, metric or weight; nothing of it was saved."""
+
+
+_DIVERGED_ADVICE = (
+    "training stopped and the diverged weights were not saved. Likely causes: a learning rate too high "
+    "for the input scale (lower TrainConfig.lr, add warmup_steps or grad_clip), inputs with a large or "
+    "uneven norm (SAEConfig.input_norm='global' or 'token'), or NaN/inf in the activations."
+)
+
+
+def _check_finite(runs: list[_Run], cfg: TrainConfig, n_done: int, *, weights: bool) -> None:
+    """Raise :class:`TrainingDivergedError` when some SAE had a non-finite loss (or weight)."""
+    for r in runs:
+        bad = int(r.bad_step)
+        bad_w = [n for n, p in r.sae.named_parameters() if not bool(torch.isfinite(p).all())] if weights else []
+        if bad >= 0:
+            raise TrainingDivergedError(
+                f"SAE {r.name!r} diverged: its loss became non-finite (NaN/inf) at step {bad} "
+                f"(0-based, lr {cfg.lr_at(bad):.3g}); " + _DIVERGED_ADVICE
+            )
+        if bad_w:
+            raise TrainingDivergedError(
+                f"SAE {r.name!r} diverged: its weights {bad_w} are non-finite after step {n_done}; " + _DIVERGED_ADVICE
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -631,6 +752,13 @@ def train_saes(
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if batches is None or not isinstance(batches, Iterable):
         raise ValueError("batches must be an iterable of dict[hook, Tensor[B, d]] (e.g. ActivationCache.iter_batches(...))")
+    if cfg.out_dir is None:
+        return _train(saes, batches, cfg, eval_batches)
+    with folder_lock(cfg.out_dir, "run folder"):  # one writer per run folder
+        return _train(saes, batches, cfg, eval_batches)
+
+
+def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.Module]:
     device = _resolve_device(cfg)
     modules = _prepare_saes(saes, device)
     torch.manual_seed(cfg.seed)
@@ -641,11 +769,13 @@ def train_saes(
     out_dir: Path | None = cfg.out_dir  # type: ignore[assignment]
     ckpt_path = out_dir / CHECKPOINT if out_dir is not None else None
     step, tokens = 0, 0
+    stream: dict[str, Any] = {}  # fingerprints of the first batch and of the last one before a checkpoint
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
         if ckpt_path.exists() and cfg.resume:
-            step, tokens = _load_checkpoint(ckpt_path, runs, cfg, device)
+            step, tokens, stream = _load_checkpoint(ckpt_path, runs, cfg)
+        # only once the checkpoint (if any) is known to belong to this run
+        atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
         for r in runs:
             mpath = out_dir / r.name / "metrics.jsonl"
             if step:
@@ -655,6 +785,7 @@ def train_saes(
             (out_dir / r.name).mkdir(parents=True, exist_ok=True)
 
     n_steps = cfg.n_steps
+    hooks = [r.hook for r in runs]
     it: Iterator = iter(batches)
     if step:  # replay the stream up to where the checkpoint left it
         skipped = 0
@@ -667,6 +798,13 @@ def train_saes(
                     "pass the same (fresh) batch iterable as the interrupted run"
                 ) from None
             if _check_batch(b, runs, cfg):
+                for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
+                    if skipped == at and stream.get(key) != _batch_fingerprint(b, hooks):
+                        raise ValueError(
+                            f"cannot resume {ckpt_path} at step {step}: batch {at} of this stream differs from the one "
+                            "the checkpoint was trained on (another dataset, seed, order or dtype). Pass the same (fresh) "
+                            "batch iterable as the interrupted run, or start over with TrainConfig(resume=False)"
+                        )
                 skipped += 1
 
     wb = _lazy_wandb(cfg, [r.name for r in runs])
@@ -693,12 +831,21 @@ def train_saes(
                 continue  # drop a short trailing batch
             if step == 0:
                 _fit_global_norms(runs, batch, device)
+                if ckpt_path is not None:
+                    stream["first"] = _batch_fingerprint(batch, hooks)
             lr = cfg.lr_at(step)
             for r in runs:
                 x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype, non_blocking=True)
                 for g in r.opt.param_groups:
                     g["lr"] = lr
                 out = r.sae(x)
+                finite = torch.isfinite(out.loss.detach())
+                if device.type == "cpu":  # free to check at once: stop before the step spoils the weights
+                    if not bool(finite):
+                        r.bad_step.fill_(step)
+                        _check_finite(runs, cfg, step, weights=False)
+                else:  # no host sync per step: the first bad step is read at the next check point
+                    r.bad_step = torch.where(~finite & (r.bad_step < 0), step, r.bad_step)
                 r.opt.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if cfg.grad_clip is not None:
@@ -712,15 +859,19 @@ def train_saes(
             tok_window += cfg.batch_size
 
             if out_dir is not None and (step % cfg.log_every == 0 or step == n_steps):
+                _check_finite(runs, cfg, step, weights=True)
                 _log_all(runs, cfg, out_dir, step, tokens, lr, tok_window / max(time.perf_counter() - t_window, 1e-9), wb, pbar)
                 t_window, tok_window = time.perf_counter(), 0
             if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_steps:
-                _save_checkpoint(ckpt_path, runs, cfg, step, tokens)
+                _check_finite(runs, cfg, step, weights=True)  # a checkpoint never holds diverged weights
+                stream.update(last=_batch_fingerprint(batch, hooks), last_step=step)
+                _save_checkpoint(ckpt_path, runs, cfg, step, tokens, stream)
             if pbar is not None:
                 pbar.update(1)
     finally:
         if pbar is not None:
             pbar.close()
+    _check_finite(runs, cfg, step, weights=True)  # non-finite weights are never saved or returned
     if out_dir is not None and runs[0].n_steps_window:  # the stream ended mid-window: log the rest
         _log_all(runs, cfg, out_dir, step, tokens, cfg.lr_at(max(step - 1, 0)),
                  tok_window / max(time.perf_counter() - t_window, 1e-9), wb, None)
@@ -927,7 +1078,7 @@ def load_metrics(out_dir: str | Path, *, as_frame: bool = True):
     out_dir = Path(out_dir)
     res: dict[str, list[dict[str, Any]]] = {}
     for p in sorted(out_dir.glob("*/metrics.jsonl"), key=lambda p: _natural_key(p.parent.name)):
-        res[p.parent.name] = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        res[p.parent.name] = [rec for _, rec in _read_jsonl(p)]
     if not as_frame:
         return res
     import pandas as pd
@@ -981,7 +1132,14 @@ def _is_finished(folder: Path, cfg: Any, need_eval: bool) -> bool:
         have = type(cfg).from_dict(doc.get("cfg", doc)) if hasattr(type(cfg), "from_dict") else None
     except Exception:  # noqa: BLE001 - an unreadable folder is simply "not finished"
         return False
-    return have is not None and _cfg_dict(have) == _cfg_dict(cfg)
+    if have is None or _cfg_dict(have) != _cfg_dict(cfg):
+        return False
+    try:  # the weights must load: checksum matches, all finite (a diverged SAE is never reused)
+        _sae_module().SAE.load(folder)
+    except (ValueError, OSError) as e:
+        warnings.warn(f"{folder} holds an unusable SAE ({e}); retraining it", stacklevel=3)
+        return False
+    return True
 
 
 def ensure_sweep(
@@ -994,9 +1152,11 @@ def ensure_sweep(
 ) -> dict[str, Any]:
     """Load a finished sweep from ``cfg.out_dir``, training (in one pass) only what is missing.
 
-    A member is finished when its folder holds the saved SAE with the same config (and
-    ``eval.json`` when ``eval_batches`` is given) and the folder's ``sweep.json`` records the
-    same training settings (tokens, batch size, optimiser, schedule, seed) and ``data_tag`` (a
+    A member is finished when its folder holds the saved SAE with the same config, whose
+    weights load (checksum and finiteness checked), (and ``eval.json`` when ``eval_batches`` is
+    given) and the folder's ``sweep.json`` records the same training settings (tokens, batch size,
+    optimiser, schedule, seed), the same code (a fingerprint of saelib's SAE, top-AFA, trainer,
+    activation and model modules: results of older code are retrained) and ``data_tag`` (a
     string naming the activation source, e.g. model/corpus/hooks/rows; ``None`` = do not check
     the data, e.g. when a later chapter reuses a sweep it did not build). When those differ the
     whole sweep is retrained (with a warning) rather than silently reusing stale SAEs.
@@ -1005,12 +1165,22 @@ def ensure_sweep(
     """
     if cfg.out_dir is None:
         raise ValueError("ensure_sweep needs TrainConfig.out_dir (the sweep folder to load from / train into)")
+    with folder_lock(cfg.out_dir, "sweep folder"):
+        return _ensure_sweep(configs, batches, cfg, eval_batches, data_tag)
+
+
+def _ensure_sweep(configs, batches, cfg: TrainConfig, eval_batches, data_tag) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
-    stamp = {"train": _identity([], cfg)["train"], "data_tag": data_tag}
+    stamp = {"train": _identity([], cfg)["train"], "code": code_fingerprint(*TRAINING_CODE), "data_tag": data_tag}
     stamp_path = out_dir / "sweep.json"
     same = False
     if stamp_path.exists():
-        have = json.loads(stamp_path.read_text())
+        try:
+            have = json.loads(stamp_path.read_text())
+        except ValueError:
+            have = {}  # unreadable: retrain rather than trust the folder
+        if not isinstance(have, dict):
+            have = {}
         want = json.loads(json.dumps(stamp))
         if data_tag is None:  # the caller does not name its data: compare the training settings only
             have.pop("data_tag", None)
@@ -1021,7 +1191,8 @@ def ensure_sweep(
     else:
         if any(_is_finished(out_dir / n, c, False) for n, c in configs.items()):
             warnings.warn(
-                f"{out_dir} holds SAEs trained with other settings or data (sweep.json differs); retraining the sweep",
+                f"{out_dir} holds SAEs trained with other settings, data or saelib code (sweep.json differs); "
+                "retraining the sweep",
                 stacklevel=2,
             )
         missing = dict(configs)
@@ -1030,7 +1201,10 @@ def ensure_sweep(
         e = eval_batches() if callable(eval_batches) else eval_batches
         train_saes(missing, b, cfg, eval_batches=e)
         if data_tag is None and stamp_path.exists():  # keep the data name a previous caller recorded
-            stamp["data_tag"] = json.loads(stamp_path.read_text()).get("data_tag")
+            try:
+                stamp["data_tag"] = json.loads(stamp_path.read_text()).get("data_tag")
+            except (ValueError, AttributeError):
+                pass
         atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
     return load_saes(out_dir, list(configs))
 
