@@ -97,6 +97,18 @@ def _decoder_matrix(W_dec: Any) -> Tensor:
     return W
 
 
+def _finite_decoder(W: Tensor) -> Tensor:
+    """``W`` unchanged; NaN/inf entries raise (ε of such a decoder is undefined, never 0)."""
+    n_bad = int((~torch.isfinite(W)).sum())
+    if n_bad:
+        rows = int((~torch.isfinite(W)).any(1).sum())
+        raise ValueError(
+            f"W_dec has {n_bad} non-finite (NaN/inf) entries in {rows} rows, so ε is undefined: the SAE "
+            "diverged in training; retrain it (lower the learning rate or normalise the inputs)"
+        )
+    return W
+
+
 def _unit_rows(W: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of ``W`` scaled to unit norm, and the norms; zero rows raise (cosine undefined)."""
     norms = W.norm(dim=1)
@@ -178,8 +190,10 @@ def epsilon(
         exact: if False, return ``epsilon_sampled(W_dec, n_pairs, seed)`` instead.
         n_pairs, seed: used only when ``exact=False``.
         progress: show a tqdm bar over row blocks (useful for h ≳ 50k on CPU).
+
+    A decoder with NaN/inf entries raises ValueError (its ε is undefined, never reported as 0).
     """
-    W = _decoder_matrix(W_dec)
+    W = _finite_decoder(_decoder_matrix(W_dec))
     if not exact:
         return epsilon_sampled(W, n_pairs=n_pairs, seed=seed)
     if block_size < 1:
@@ -235,7 +249,7 @@ def epsilon(
 @torch.no_grad()
 def epsilon_dense(W_dec: Any) -> Epsilon:
     """Reference ε from the full h×h Gram matrix (extra memory ≈ h²·4 bytes; tests and benchmarks)."""
-    W = _decoder_matrix(W_dec)
+    W = _finite_decoder(_decoder_matrix(W_dec))
     h = W.shape[0]
     if h < 2:
         raise ValueError(f"need at least 2 decoder rows to form a pair, got h={h}")
@@ -269,7 +283,7 @@ def epsilon_sampled(W_dec: Any, n_pairs: int = 1_000_000, seed: int = 0, *, min_
     of the block means / sqrt(n_blocks). ``max`` is the max over the sample, so it
     *under*-estimates the true ε: use ``epsilon`` when the maximum matters.
     """
-    W = _decoder_matrix(W_dec).float()
+    W = _finite_decoder(_decoder_matrix(W_dec)).float()
     h = W.shape[0]
     if h < 2:
         raise ValueError(f"need at least 2 decoder rows to form a pair, got h={h}")

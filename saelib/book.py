@@ -86,7 +86,9 @@ def profile_parameters(profile: str | Path, stem: str) -> dict:
     path = folder / f"{stem}.yaml"
     if not path.exists():
         return {}
-    params = yaml.safe_load(path.read_text()) or {}
+    from saelib.io import load_yaml  # a syntax error names this file, line and column
+
+    params = load_yaml(path) or {}
     if not isinstance(params, dict):
         raise ValueError(f"{path} must hold a mapping of parameter names to values.")
     return params

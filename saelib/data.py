@@ -233,7 +233,13 @@ def corpus_checksum(corpus: str | os.PathLike = "embedded") -> str:
     if kind == "embedded":
         manifest = path.with_name(path.name.replace(".jsonl", ".manifest.json"))
         if manifest.exists():
-            return json.loads(manifest.read_text())["sha256"]
+            try:
+                return str(json.loads(manifest.read_text())["sha256"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{manifest} is unreadable or lacks field 'sha256' ({type(e).__name__}: {e}); rebuild the "
+                    "corpus with `python scripts/prepare_corpus.py`"
+                ) from None
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _CHECKSUMS:
@@ -462,19 +468,34 @@ def token_rows(
         base = data_dir() / "tokens" if cache_dir == "default" else Path(cache_dir)
         cache = base / tokenizer_fingerprint(tok) / f"{key}.npy"
 
+    rows = None
     if cache is not None and cache.exists():
-        rows = np.load(cache, mmap_mode="r")
-        meta_path = cache.with_suffix(".json")
-        n_stream = json.loads(meta_path.read_text())["n_stream_tokens"] if meta_path.exists() else None
-    else:
+        try:  # a cache is derived data: an unreadable one is rebuilt (never unpickled: allow_pickle=False)
+            rows = np.load(cache, mmap_mode="r", allow_pickle=False)
+            if rows.ndim != 2 or rows.shape[1] != seq_len or not np.issubdtype(rows.dtype, np.integer):
+                raise ValueError(f"holds {rows.dtype} {rows.shape}, expected integer rows of {seq_len}")
+            meta_path = cache.with_suffix(".json")
+            n_stream = int(json.loads(meta_path.read_text())["n_stream_tokens"]) if meta_path.exists() else None
+        except (ValueError, OSError, KeyError, TypeError, EOFError) as e:
+            import warnings
+
+            warnings.warn(f"The token cache {cache} is unreadable ({e}); rebuilding it.", stacklevel=2)
+            rows = None
+    if rows is None:
         max_rows = n_wanted if kind == "openwebtext" else None
         rows, n_stream = _build_rows(tok, bos, eos, corpus, split, seq_len, max_rows, progress)
         if cache is not None and len(rows):
-            _atomic_save(cache, rows, {
-                "corpus": str(corpus), "split": split, "seq_len": seq_len,
-                "tokenizer": str(getattr(tok, "name_or_path", type(tok).__name__)),
-                "bos": bos, "eos": eos, "n_rows": int(len(rows)), "n_stream_tokens": n_stream,
-            })
+            try:
+                _atomic_save(cache, rows, {
+                    "corpus": str(corpus), "split": split, "seq_len": seq_len,
+                    "tokenizer": str(getattr(tok, "name_or_path", type(tok).__name__)),
+                    "bos": bos, "eos": eos, "n_rows": int(len(rows)), "n_stream_tokens": n_stream,
+                })
+            except OSError as e:  # read-only or full disk: the rows are still right, only not cached
+                import warnings
+
+                warnings.warn(f"Could not write the token cache {cache} ({e}); continuing without it. "
+                              "Pass cache_dir= a writable folder (or None) to silence this.", stacklevel=2)
 
     n_rows = len(rows)
     need = n_wanted if n_wanted is not None else 1

@@ -11,8 +11,11 @@ topk           "topk" (``rescale_acts_by_decoder_norm=False``; b_enc = 0 when un
 batchtopk      "jumprelu" with every threshold = the learned inference threshold θ
                (what SAELens itself does with BatchTopK SAEs)
 jumprelu       "jumprelu"
-topafa         "standard" layout plus ``metadata.saelib_architecture = "topafa"``. SAELens
-               has no top-AFA activation: loaded by SAELens it runs as a plain ReLU SAE.
+topafa         refused by default: SAELens has no top-AFA activation, and loaded by SAELens
+               the weights run as a plain ReLU SAE (every positive pre-activation kept; on a
+               trained SAE L0 rose from 268 to 429). With ``allow_lossy=True`` it is written in
+               the "standard" layout with ``metadata.saelib_architecture = "topafa"`` and
+               ``metadata.saelib_lossy_export`` saying what SAELens computes instead;
                :func:`from_saelens` reads the metadata and restores the top-AFA rule.
 =============  =====================================================================
 
@@ -57,21 +60,41 @@ def _model_space_weights(sae: SAE) -> dict[str, torch.Tensor]:
     return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
 
 
-def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``sae`` in SAELens' on-disk format under ``path`` (files replaced atomically).
+# Activation rules SAELens cannot represent: what SAELens computes from the exported weights instead.
+LOSSY = {
+    "topafa": ("SAELens has no top-AFA activation: it would run these weights as a plain ReLU SAE, "
+               "ReLU(W_enc (x - b_dec)) with every positive pre-activation kept instead of the top-AFA "
+               "selection, so L0 and reconstructions differ (on a trained SAE L0 went from 268 to 429)"),
+}
+
+
+def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
+               allow_lossy: bool = False) -> Path:
+    """Write ``sae`` in SAELens' on-disk format under ``path`` (files replaced atomically,
+    world-readable).
 
     Raises ValueError for a BatchTopK SAE whose inference threshold was never estimated
-    (train it first: the threshold is learned in training mode)."""
+    (train it first: the threshold is learned in training mode), and for an activation rule
+    SAELens cannot represent (top-AFA) unless ``allow_lossy=True``; that opt-in is recorded in
+    the exported metadata (``saelib_lossy_export``)."""
+    if not isinstance(sae, SAE):
+        raise TypeError(f"to_saelens expects a saelib.SAE, got {type(sae).__name__}")
+    cfg = sae.cfg
+    act = cfg.activation
+    if act in LOSSY and not allow_lossy:
+        raise ValueError(f"Cannot export this {act!r} SAE to SAELens faithfully. {LOSSY[act]}. Keep it in saelib's "
+                         "format (SAE.save), or pass allow_lossy=True to export anyway (recorded in the metadata as "
+                         "saelib_lossy_export).")
     import sae_lens
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
-    cfg = sae.cfg
-    act = cfg.activation
     w = _model_space_weights(sae)
     norm = {"none": "none", "global": "none", "token": "layer_norm"}[cfg.input_norm]
     meta = {"hook_name": cfg.hook_name, "model_name": cfg.model_name,
             "sae_lens_version": getattr(sae_lens, "__version__", "6.0.0"),
             "saelib_architecture": act, "saelib_cfg": cfg.to_dict()}
+    if act in LOSSY:
+        meta["saelib_lossy_export"] = LOSSY[act]
     if metadata:
         meta.update(metadata)
     common = dict(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device="cpu",
@@ -105,6 +128,7 @@ def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | 
     try:
         lsae.save_model(tmp)
         for f in tmp.iterdir():
+            os.chmod(f, 0o644)  # results are meant to be shared (the temp folder is owner-only)
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

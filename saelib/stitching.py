@@ -1000,13 +1000,15 @@ def _tokens_and_cache(runs: Path, model, model_name: str, corpus: str, hook: str
     from saelib.activations import ActivationCache
     from saelib.data import token_rows
 
+    from saelib.io import ACTIVATION_CODE, code_fingerprint
+
     path = runs / "activations" / model_name / Path(str(corpus)).name / split / f"{hook}-{n_tokens}-s{seed}"
     if (path / "manifest.json").exists():
-        try:
+        try:  # reused without loading the model only when the current code made it
             cache = ActivationCache(path)
-            if cache.n_tokens > 0:
+            if cache.n_tokens > 0 and cache.manifest.get("code") == code_fingerprint(*ACTIVATION_CODE):
                 return cache
-        except Exception:  # noqa: BLE001 - incomplete cache: rebuild (build resumes)
+        except Exception:  # noqa: BLE001 - incomplete or stale cache: build (resumes or rebuilds)
             pass
     m = model() if callable(model) else model
     toks = token_rows(m, corpus, split=split, n_tokens=n_tokens, seq_len=seq_len, seed=seed, progress=progress)
@@ -1077,6 +1079,11 @@ def ensure_width_family(
     *per-element* MSE (mean over d_in), so it must be about 1/d_in of the usual sum-of-squares
     value: 0.2 kills every ReLU latent (L0 < 1, FVU ≈ 1), 3e-3 gives L0 of tens.
 
+    The folder's ``family.json`` records the recipe (data, optimisation) and a fingerprint of the
+    code that trains the family (saelib's SAE, top-AFA, trainer, activation and model modules and
+    this function): when either differs, the whole family is retrained, so a family made by older
+    code is never reused. Members whose weights do not load (checksum, non-finite) are retrained.
+
     ``release="gpt2-small-res-jb-feature-splitting"`` instead loads Bloom's GPT-2 feature-splitting
     family (widths 768–98304, ReLU) through SAE Lens (needs the Hugging Face Hub); ``multipliers``
     then selects widths 768·m.
@@ -1131,8 +1138,12 @@ def ensure_width_family(
                        device=device, seed=seed, log_every=max(1, (train_tokens // batch_size) // 20))
 
     # what the SAE configs do not record: the data and the optimisation (a changed preset retrains)
+    # ... and the code that trains it: a family made by other saelib code is retrained
+    from saelib.io import TRAINING_CODE, code_fingerprint
+
     recipe = dict(model_name=model_name, corpus=corpus, hook=hook, n_tokens=int(n_tokens), train_tokens=train_tokens,
-                  batch_size=int(batch_size), lr=float(lr), seq_len=int(seq_len), seed=int(seed))
+                  batch_size=int(batch_size), lr=float(lr), seq_len=int(seq_len), seed=int(seed),
+                  code=code_fingerprint(*TRAINING_CODE, ensure_width_family, _tokens_and_cache))
     same_recipe = _read_json(out / "family.json") == recipe
     missing = {n: c for n, c in configs.items() if not (same_recipe and _member_done(out / n, c))}
     if missing:
@@ -1150,8 +1161,11 @@ def ensure_width_family(
             with torch.no_grad():
                 sae.b_dec.copy_(sample.mean(0) * scale)
             init[n] = sae
-        train_saes(init, cache.iter_batches([hook], batch_size, seed=seed, n_tokens=train_tokens), tcfg)
-        atomic_write_json(out / "family.json", recipe)
+        from saelib.io import folder_lock
+
+        with folder_lock(out, "width family folder"):  # one writer; the recipe lands after its SAEs
+            train_saes(init, cache.iter_batches([hook], batch_size, seed=seed, n_tokens=train_tokens), tcfg)
+            atomic_write_json(out / "family.json", recipe)
     from saelib.train import load_saes
 
     saes = load_saes(out, list(configs), device=device)

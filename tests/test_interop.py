@@ -94,7 +94,7 @@ def test_export_loads_in_saelens(tmp_path, act, norm, lens_cls):
             sae.b_enc.normal_()
     sae(x)  # training step: BatchTopK threshold
     sae.eval()
-    to_saelens(sae, tmp_path)
+    to_saelens(sae, tmp_path, allow_lossy=act == "topafa")
     lsae = sae_lens.SAE.load_from_disk(str(tmp_path))
     assert isinstance(lsae, lens_cls)
     assert lsae.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
