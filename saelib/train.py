@@ -774,15 +774,6 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
         out_dir.mkdir(parents=True, exist_ok=True)
         if ckpt_path.exists() and cfg.resume:
             step, tokens, stream = _load_checkpoint(ckpt_path, runs, cfg)
-        # only once the checkpoint (if any) is known to belong to this run
-        atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
-        for r in runs:
-            mpath = out_dir / r.name / "metrics.jsonl"
-            if step:
-                _truncate_jsonl(mpath, step)
-            elif mpath.exists():
-                mpath.unlink()  # a fresh run starts a fresh log
-            (out_dir / r.name).mkdir(parents=True, exist_ok=True)
 
     n_steps = cfg.n_steps
     hooks = [r.hook for r in runs]
@@ -806,6 +797,16 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
                             "batch iterable as the interrupted run, or start over with TrainConfig(resume=False)"
                         )
                 skipped += 1
+
+    if out_dir is not None:  # written only once the checkpoint and the stream are known to belong to this run
+        atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
+        for r in runs:
+            mpath = out_dir / r.name / "metrics.jsonl"
+            if step:
+                _truncate_jsonl(mpath, step)
+            elif mpath.exists():
+                mpath.unlink()  # a fresh run starts a fresh log
+            (out_dir / r.name).mkdir(parents=True, exist_ok=True)
 
     wb = _lazy_wandb(cfg, [r.name for r in runs])
     pbar = None
