@@ -70,6 +70,7 @@ Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -669,7 +670,12 @@ class SAE(nn.Module):
         if metadata:
             meta["metadata"] = metadata
         with atomic_path(path / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+            try:
+                save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
+            except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors as SafetensorError
+                code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
+                raise OSError(code, f"could not write {path / WEIGHTS_FILE} ({e}); the files already there are kept. "
+                                    "Free disk space or save to another folder") from None
             meta["weights_sha256"] = file_sha256(tmp)
         # written second and naming the weights' checksum: a crash between the two renames leaves
         # a pair that load() reports as mismatched, never one it silently uses

@@ -238,8 +238,12 @@ def _sae_module():
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); the previous checkpoint (if any) is kept. "
+                               "Free disk space and run again to resume from it") from None
 
 
 def _jsonable(v: Any) -> Any:
@@ -512,8 +516,14 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path, step: int, token
         if do_eps:
             extra["eps_max"], extra["eps_mean"] = _epsilon(r.sae.W_dec, cfg.eps_block)
         rec = _window_record(r, cfg, step, tokens, extra)
-        with open(out_dir / r.name / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        mpath = out_dir / r.name / "metrics.jsonl"
+        try:
+            with open(mpath, "a") as f:
+                f.write(json.dumps(rec, allow_nan=False) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"could not append to {mpath} ({e.strerror or e}); free disk space (or fix the "
+                                   "folder's permissions) and run again: training resumes from the last checkpoint "
+                                   "and a torn last line is dropped") from None
         if wb is not None:
             wb_log.update({f"{r.name}/{k}": v for k, v in rec.items() if v is not None})
         r.reset_window(r.since_fired.device)
@@ -643,10 +653,14 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} is not a saelib checkpoint: it holds pickled objects, which saelib never loads "
-            f"(they could run code). ({str(e).splitlines()[0][:200]}) Remove that file: {fix}"
-        ) from None
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # a torch archive or a pickle stream
+            raise ValueError(
+                f"{path} is not a saelib checkpoint: it holds pickled objects, which saelib never loads "
+                f"(they could run code). ({str(e).splitlines()[0][:200]}) Remove that file: {fix}"
+            ) from None
+        raise ValueError(f"{path} is not a checkpoint (unrecognised bytes); it is corrupt: {fix}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
         raise ValueError(
             f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'truncated'}); "
