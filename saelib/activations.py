@@ -402,6 +402,7 @@ def _write_bytes(path: Path, data: memoryview) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(path, 0o644)  # shared results: readable whatever the umask
 
 
 def _tokens_fingerprint(tokens: Tensor) -> str:
