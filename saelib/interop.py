@@ -12,8 +12,8 @@ batchtopk      "jumprelu" with every threshold = the learned inference threshold
                (what SAELens itself does with BatchTopK SAEs)
 jumprelu       "jumprelu"
 topafa         refused by default: SAELens has no top-AFA activation, and loaded by SAELens
-               the weights run as a plain ReLU SAE (every positive pre-activation kept; on a
-               trained SAE L0 rose from 268 to 429). With ``allow_lossy=True`` it is written in
+               the weights run as a plain ReLU SAE (every positive pre-activation kept, so
+               L0 rises and reconstructions change). With ``allow_lossy=True`` it is written in
                the "standard" layout with ``metadata.saelib_architecture = "topafa"`` and
                ``metadata.saelib_lossy_export`` saying what SAELens computes instead;
                :func:`from_saelens` reads the metadata and restores the top-AFA rule.
@@ -64,7 +64,7 @@ def _model_space_weights(sae: SAE) -> dict[str, torch.Tensor]:
 LOSSY = {
     "topafa": ("SAELens has no top-AFA activation: it would run these weights as a plain ReLU SAE, "
                "ReLU(W_enc (x - b_dec)) with every positive pre-activation kept instead of the top-AFA "
-               "selection, so L0 and reconstructions differ (on a trained SAE L0 went from 268 to 429)"),
+               "selection, so its L0 is higher and its reconstructions differ"),
 }
 
 

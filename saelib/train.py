@@ -1180,11 +1180,22 @@ def ensure_sweep(
     """
     if cfg.out_dir is None:
         raise ValueError("ensure_sweep needs TrainConfig.out_dir (the sweep folder to load from / train into)")
-    with folder_lock(cfg.out_dir, "sweep folder"):
+    from saelib.io import FolderInUseError
+
+    try:
+        lock = folder_lock(cfg.out_dir, "sweep folder")
+        lock.__enter__()
+    except FolderInUseError:
+        raise
+    except OSError as e:  # a read-only folder: fine as long as nothing needs training
+        return _ensure_sweep(configs, batches, cfg, eval_batches, data_tag, cannot_write=e)
+    try:
         return _ensure_sweep(configs, batches, cfg, eval_batches, data_tag)
+    finally:
+        lock.__exit__(None, None, None)
 
 
-def _ensure_sweep(configs, batches, cfg: TrainConfig, eval_batches, data_tag) -> dict[str, Any]:
+def _ensure_sweep(configs, batches, cfg: TrainConfig, eval_batches, data_tag, cannot_write=None) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     stamp = {"train": _identity([], cfg)["train"], "code": code_fingerprint(*TRAINING_CODE), "data_tag": data_tag}
     stamp_path = out_dir / "sweep.json"
@@ -1211,6 +1222,8 @@ def _ensure_sweep(configs, batches, cfg: TrainConfig, eval_batches, data_tag) ->
                 stacklevel=2,
             )
         missing = dict(configs)
+    if missing and cannot_write is not None:
+        raise cannot_write
     if missing:
         b = batches() if callable(batches) else batches
         e = eval_batches() if callable(eval_batches) else eval_batches

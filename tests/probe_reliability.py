@@ -748,6 +748,22 @@ def _():
         return ("recovered", "loaded") if SAE.load(d / "s") is not None else ("silent", "")
 
 
+@probe("readonly", "ensure_sweep loads a finished sweep from a read-only folder")
+def _():
+    configs = sweep_configs([HOOK], D, H, topk_ks=(4,))
+    with read_only(lambda d: ensure_sweep(configs, stream, tcfg(d / "sw", n_tokens=64 * 4))) as d:
+        calls = []
+        res = ensure_sweep(configs, lambda: (calls.append(1), stream())[1], tcfg(d / "sw", n_tokens=64 * 4))
+        return ("recovered", "loaded without writing") if not calls and len(res) == 1 else ("silent", "")
+
+
+@probe("readonly", "ensure_sweep must train in a read-only folder")
+def _():
+    configs = sweep_configs([HOOK], D, H, topk_ks=(4,))
+    with read_only(lambda d: (d / "sw").mkdir()) as d:
+        return err(lambda: ensure_sweep(configs, stream, tcfg(d / "sw", n_tokens=64 * 4)), "sw", "writable")
+
+
 @probe("readonly", "SAE.save into a read-only folder")
 def _():
     with read_only(lambda d: None) as d:
