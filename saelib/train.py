@@ -80,6 +80,7 @@ from saelib.io import TRAINING_CODE, atomic_path, atomic_write_text, code_finger
 
 __all__ = [
     "TrainConfig",
+    "TrainingDivergedError",
     "train_saes",
     "evaluate_saes",
     "sweep_configs",
