@@ -44,9 +44,31 @@ def apply_style() -> None:
     )
 
 
-def savefig(fig: plt.Figure, path: str | Path) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically (temp file in the same folder, then rename)."""
+def savefig(fig: plt.Figure, path: str | Path) -> None:
+    """Write ``fig`` as PNG to ``path`` atomically, show it inline in a notebook, and close it.
+
+    The PNG is written through a temp file in the same folder and a rename. Inside a Jupyter
+    kernel the same PNG bytes are displayed as an ``image/png`` output whatever the matplotlib
+    backend is (papermill kernels inherit ``MPLBACKEND=Agg``, which never shows figures), so the
+    executed notebook, the offline HTML and the MyST site all carry the figure. The figure is
+    closed afterwards so that the inline backend, when it is active, does not show it twice.
+    Returns nothing: a returned path would print as an absolute machine path.
+    """
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
-    return path
+    plt.close(fig)
+    if _in_kernel():
+        from IPython.display import Image, display
+
+        display(Image(data=path.read_bytes(), format="png"))
+
+
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (papermill, Lab), False in scripts and tests."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
