@@ -11,7 +11,7 @@ export MPLBACKEND ?= Agg
 # MPLBACKEND=Agg reaches the chapters' kernels too; saelib.plots.savefig displays every figure
 # as an image output itself, so figures appear in the executed pages whatever the backend.
 
-.PHONY: setup book run site test test-unit bench lab clean-runs help
+.PHONY: setup book run site pdf test test-unit bench lab clean-runs help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -22,12 +22,16 @@ setup:  ## create/refresh .venv (pinned), cache the embedded model, prepare the 
 book: setup  ## main job: execute every chapter (PROFILE=embedded), build the book, screenshot every page
 	$(PY) -m saelib.book run --profile $(PROFILE)
 	$(PY) -m saelib.book screenshots --profile $(PROFILE)
+	$(PY) -m saelib.book pdf --profile $(PROFILE)
 
 run: setup  ## execute chapters only: make run PROFILE=ci ONLY="01_residual_stream"
 	$(PY) -m saelib.book run --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
 
 site:  ## offline `myst build --site` + HTML of the executed chapters (PROFILE=embedded)
 	$(PY) -m saelib.book site --profile $(PROFILE)
+
+pdf:  ## the executed book as one PDF, printed by headless Chromium (PROFILE=embedded)
+	$(PY) -m saelib.book pdf --profile $(PROFILE)
 
 test: setup  ## every chapter on the ci profile (fails on any cell error), then the whole test suite
 	$(PY) -m saelib.book run --profile ci

@@ -167,10 +167,28 @@ def parameter_defaults(stem: str) -> dict:
                 and isinstance(node.targets[0], ast.Name)):
             raise ValueError(f"The parameters cell of {rel(src)} may hold only `name = literal` lines.")
         try:
-            defaults[node.targets[0].id] = ast.literal_eval(node.value)
+            defaults[node.targets[0].id] = _constant(node.value)
         except ValueError:
             raise ValueError(f"{rel(src)}: parameter {node.targets[0].id} must default to a literal.") from None
     return defaults
+
+
+_ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+          ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b, ast.FloorDiv: lambda a, b: a // b}
+
+
+def _constant(node):
+    """A literal, allowing constant arithmetic such as ``1 / 32`` (nothing is executed)."""
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
+        return _ARITH[type(node.op)](_constant(node.left), _constant(node.right))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _constant(node.operand)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_constant(e) for e in node.elts] if isinstance(node, ast.List) else tuple(_constant(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return {_constant(k): _constant(v) for k, v in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
 
 
 _LITERAL_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
@@ -411,7 +429,7 @@ def run(profile: str, only: list[str] | None = None, html: bool = True,
                 str(tmp), str(tmp), kernel_name="python3", cwd=str(repo_root() / "notebooks"),
                 progress_bar=False, log_output=False,
                 # the kernel's fd 2 stays the runner's stderr: library progress bars go there
-                extra_arguments=["--IPKernelApp.capture_fd_output=False"],
+                extra_arguments=["--IPKernelApp.capture_fd_output=False", "--IPKernelApp.log_level=ERROR"],
             )
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
@@ -529,6 +547,18 @@ def screenshots(profile: str = "embedded", out: Path | None = None) -> dict:
     return report
 
 
+def pdf(profile: str = "embedded") -> Path:
+    """The whole book as one PDF, printed by headless Chromium from the offline HTML (maths, figures)."""
+    html_dir = book_dir(profile) / "html"
+    if not (html_dir / "print.html").exists():
+        raise FileNotFoundError(f"{rel(html_dir / 'print.html')} is missing: build the book first (`make book`).")
+    target = book_dir(profile) / "book.pdf"
+    subprocess.run(["node", str(repo_root() / "scripts" / "browse_book.js"), "--pdf", str(html_dir / "print.html"),
+                    str(target)], check=True, cwd=repo_root(), timeout=600)
+    print(f"PDF: {rel(target)} ({target.stat().st_size / 1e6:.1f} MB)")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m saelib.book", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -547,6 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     p_site.add_argument("--profile", default="embedded")
     p_shot = sub.add_parser("screenshots", help="open every page in headless Chromium", allow_abbrev=False)
     p_shot.add_argument("--profile", default="embedded")
+    p_pdf = sub.add_parser("pdf", help="the book as one PDF (headless Chromium)", allow_abbrev=False)
+    p_pdf.add_argument("--profile", default="embedded")
     sub.add_parser("list", help="print the chapters in order")
     args = parser.parse_args(argv)
     try:
@@ -561,6 +593,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(rel(path))
         elif args.cmd == "site":
             build_site(args.profile)
+        elif args.cmd == "pdf":
+            pdf(args.profile)
         elif args.cmd == "screenshots":
             report = screenshots(args.profile)
             if any(p["problems"] for p in report["pages"]):

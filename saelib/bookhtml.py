@@ -317,7 +317,7 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
     shutil.copytree(katex_dist / "fonts", out / "katex" / "fonts")
     atomic_write_text(out / "book.css", _CSS)
     renderer = _Renderer({slug: files[slug] for slug in order} | {"": files[order[0]]} if order else {})
-    toc = []
+    toc, bodies = [], []
     for i, slug in enumerate(order):
         page = content[slug]
         fm = page.get("frontmatter", {})
@@ -330,10 +330,14 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
         nxt = f'<a rel="next" href="{files[order[i + 1]]}">{esc(content[order[i + 1]]["frontmatter"].get("title", ""))} →</a>' if i + 1 < len(order) else "<span></span>"
         nav = f'<nav class="bar">{prev}<a href="index.html">Contents</a>{nxt}</nav>'
         atomic_write_text(out / files[slug], _page(title, f"<h1>{esc(title)}</h1>\n{body}", nav, book_title))
+        bodies.append(f'<section class="chapter"><h1>{esc(title)}</h1>\n{body}</section>')
         toc.append(f'<li><a href="{files[slug]}">{esc(title)}</a></li>')
     nav = f'<nav class="bar"><span></span><span>Contents</span>' + (
         f'<a rel="next" href="{files[order[0]]}">Start reading →</a>' if order else "<span></span>") + "</nav>"
     desc = esc(project.get("description", "") or "")
     index = f"<h1>{esc(book_title)}</h1>\n<p>{desc}</p>\n<ol class=\"toc\">{''.join(toc)}</ol>"
     atomic_write_text(out / "index.html", _page("Contents", index, nav, book_title))
+    # every chapter on one page: what the PDF export prints (one chapter per printed page run)
+    atomic_write_text(out / "print.html", _page(book_title, index + "".join(bodies), "", book_title).replace(
+        "</head>", "<style>section.chapter { break-before: page; } pre { white-space: pre-wrap; }</style></head>"))
     return out

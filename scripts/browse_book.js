@@ -1,6 +1,7 @@
 // Open every page of the offline HTML book in headless Chromium (npm: @sparticuz/chromium +
 // puppeteer-core, no system browser needed) and report what a reader would meet:
 //   node scripts/browse_book.js _build/book/ci/html _build/screenshots/ci
+//   node scripts/browse_book.js --pdf _build/book/embedded/html/print.html book.pdf   (print to PDF)
 // Writes one full-page PNG per page and report.json: console errors, failed requests, images
 // that did not load (or have zero natural size), raw TeX delimiters left in the text, and links
 // between pages that do not resolve.
@@ -9,10 +10,21 @@ const path = require('path');
 const chromium = require('@sparticuz/chromium');
 const puppeteer = require('puppeteer-core');
 
+async function printPdf(htmlFile, pdfFile) {
+  const browser = await puppeteer.launch({ args: chromium.args, executablePath: await chromium.executablePath(), headless: true });
+  const page = await browser.newPage();
+  await page.goto('file://' + path.resolve(htmlFile), { waitUntil: 'load' });
+  await page.evaluate(() => document.fonts.ready);
+  await page.pdf({ path: path.resolve(pdfFile), format: 'A4', printBackground: true,
+                   margin: { top: '16mm', bottom: '16mm', left: '14mm', right: '14mm' } });
+  await browser.close();
+}
+
 (async () => {
+  if (process.argv[2] === '--pdf') { await printPdf(process.argv[3], process.argv[4]); return; }
   const [htmlDir, outDir] = process.argv.slice(2).map((p) => path.resolve(p));
   fs.mkdirSync(outDir, { recursive: true });
-  const files = fs.readdirSync(htmlDir).filter((f) => f.endsWith('.html')).sort();
+  const files = fs.readdirSync(htmlDir).filter((f) => f.endsWith('.html') && f !== 'print.html').sort();
   const browser = await puppeteer.launch({
     args: [...chromium.args, '--allow-file-access-from-files'],
     executablePath: await chromium.executablePath(),

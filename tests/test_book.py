@@ -66,3 +66,128 @@ def test_every_top_level_export_resolves():
         assert getattr(saelib, name) is not None, name
     with pytest.raises(AttributeError):
         saelib.not_a_name  # noqa: B018
+
+
+# --- parameters: checked early, named, injected as literals (issue: book runner parameters) ---------
+
+
+def test_unknown_profile_parameter_names_the_file_and_the_parameter(tmp_path: Path):
+    (tmp_path / "00_introduction.yaml").write_text("sed: 1\n")
+    with pytest.raises(book.ParameterError, match=r"00_introduction.yaml: 'sed' is not a parameter.*Did you mean 'seed'"):
+        book.chapter_parameters(tmp_path, "00_introduction")
+
+
+def test_wrong_type_is_rejected_before_anything_runs(tmp_path: Path, monkeypatch):
+    (tmp_path / "00_introduction.yaml").write_text("seed: '3'\n")
+    import papermill
+
+    def must_not_run(*a, **k):
+        raise AssertionError("a kernel was started before the parameters were checked")
+
+    monkeypatch.setattr(papermill, "execute_notebook", must_not_run)
+    with pytest.raises(book.ParameterError, match=r"parameter seed must be a int .* got '3' \(str\)"):
+        book.run(str(tmp_path), only=["00_introduction"], html=False)
+    # a bad value for a later chapter also stops the run before the first chapter starts
+    (tmp_path / "00_introduction.yaml").write_text("seed: 3\n")
+    (tmp_path / "01_residual_stream.yaml").write_text("batch_size: [1]\n")
+    with pytest.raises(book.ParameterError, match="01_residual_stream.yaml"):
+        book.run(str(tmp_path), only=["00_introduction", "01_residual_stream"], html=False)
+
+
+def test_types_follow_the_defaults():
+    d = {"n": 3, "lr": 0.1, "flag": True, "name": "x", "opt": None, "xs": [1, 2]}
+    ok = {"n": 4, "lr": 1, "flag": False, "name": "y", "opt": "anything", "xs": [3]}
+    assert book.validate_parameters("00_introduction", ok, "f.yaml", defaults=d) == ok
+    for bad in ({"n": 1.5}, {"n": True}, {"flag": 1}, {"lr": "0.1"}, {"xs": 3}, {"lr": float("nan")}):
+        with pytest.raises(book.ParameterError, match="f.yaml"):
+            book.validate_parameters("00_introduction", bad, "f.yaml", defaults=d)
+
+
+def test_values_are_injected_as_literals_never_as_code(tmp_path: Path):
+    import ast
+
+    evil = 'x\\"; __import__("os").system("touch PWNED") #\n"'
+    nb = book.injected_notebook("00_introduction", {"model_name": evil, "seed": 2}, "test")
+    (cell,) = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    values = {}
+    for node in ast.parse(cell.source).body:  # only assignments of literals
+        assert isinstance(node, ast.Assign)
+        values[node.targets[0].id] = ast.literal_eval(node.value)
+    assert values == {"model_name": evil, "seed": 2}
+
+
+def test_command_line_is_strict():
+    with pytest.raises(SystemExit):
+        book.main(["run", "--profil", "ci"])  # no abbreviations
+    with pytest.raises(SystemExit, match="'sed' is not a parameter of any chapter.*'seed'"):
+        book.main(["run", "--profile", "ci", "--only", "00_introduction", "--set", "sed=1", "--no-html"])
+    with pytest.raises(SystemExit, match="parameter seed must be a int"):
+        book.main(["prepare", "--profile", "ci", "--only", "00_introduction", "--set", "seed=[1]"])
+
+
+def test_direct_papermill_run_rejects_a_misspelt_parameter(tmp_path: Path):
+    """papermill only warns about an unknown -p name; the chapter's check cell stops the run."""
+    import nbformat
+    import papermill
+
+    src = tmp_path / "00.ipynb"
+    nbformat.write(book.injected_notebook("00_introduction", {}, "test"), src)
+    with pytest.raises(papermill.PapermillExecutionError, match="'sed' is not a parameter.*Did you mean 'seed'"):
+        papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={"sed": 1},
+                                   kernel_name="python3", progress_bar=False,
+                                   cwd=str(book.repo_root() / "notebooks"))
+    with pytest.raises(papermill.PapermillExecutionError, match="parameter seed must be a int"):
+        papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={"seed": "zero"},
+                                   kernel_name="python3", progress_bar=False,
+                                   cwd=str(book.repo_root() / "notebooks"))
+
+
+def test_every_chapter_checks_its_parameters_right_after_them():
+    for stem in book.chapters():
+        nb = jupytext.read(book.repo_root() / "notebooks" / f"{stem}.md")
+        i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        nxt = next(c for c in nb.cells[i + 1:] if c.cell_type == "code")
+        assert f'check_parameters("{stem}", globals())' in nxt.source, stem
+
+
+# --- the executed ci book: figures inline, clean outputs ------------------------------------------
+
+
+def _figure_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code" and "savefig(" in c.source
+            and not c.source.lstrip().startswith("def ")]
+
+
+def test_every_figure_making_cell_shows_its_figure():
+    from tests.book_helpers import executed
+
+    counts = {}
+    for stem in book.chapters():
+        nb = executed(stem)
+        n = 0
+        for cell in _figure_cells(nb):
+            images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+            assert images, f"{stem}: a figure cell has no image output:\n{cell.source[:300]}"
+            n += len(images)
+        counts[stem] = n
+    print("figures per chapter:", counts, "total", sum(counts.values()))
+    for stem in ("02_theory", "03_training", "04_evaluation", "05_stitching", "06_meta_saes"):
+        assert counts[stem] > 0, stem
+
+
+def test_executed_pages_hold_no_machine_paths_or_progress_bars():
+    import sys
+
+    from tests.book_helpers import executed
+
+    root = str(book.repo_root())
+    for stem in book.chapters():
+        for cell in executed(stem).cells:
+            for out in cell.get("outputs", []):
+                text = out.get("text", "") + "".join(
+                    v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str))
+                where = f"{stem}: {cell.source[:120]!r}"
+                assert root not in text and sys.prefix not in text, f"machine path in the output of {where}"
+                assert "it/s]" not in text and "Loading weights" not in text and "%|" not in text, \
+                    f"progress bar in the output of {where}"
+                assert "application/vnd.jupyter.widget-view+json" not in out.get("data", {}), where
