@@ -7,7 +7,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.plots.style import ARCH_COLORS, apply_style
+from saelib.plots.style import ARCH_COLORS, apply_style, legend_outside
 
 __all__ = [
     "plot_meta_training",
@@ -130,7 +130,7 @@ def plot_fve_by_sae(df, *, title: str = "How much of each SAE's dictionary is co
     ax.set_xticks(x, df["sae"], rotation=0)
     ax.set_ylabel("meta-SAE FVE of decoder rows")
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper right")
+    legend_outside(ax)
     ax.set_title(title)
     fig.tight_layout()
     return fig

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import matplotlib.pyplot as plt
 
-from saelib.plots.style import ARCH_COLORS
+from saelib.plots.style import ARCH_COLORS, legend_outside
 
 CLASS_COLORS = {"novel": "#2ca02c", "reconstruction": "#d62728", "dead": "#bbbbbb"}
 
@@ -51,7 +51,7 @@ def delta_vs_maxcos(max_cos: np.ndarray, delta_mse: np.ndarray, label: np.ndarra
     ax.set_xlabel("max cosine to the smaller SAE's decoder")
     ax.set_ylabel("ΔMSE of inserting the latent")
     ax.set_title(title or "Insertion ΔMSE vs max cosine")
-    ax.legend(markerscale=3)
+    legend_outside(ax, markerscale=3)
     return fig
 
 
@@ -67,7 +67,7 @@ def delta_by_class(delta: Mapping[str, np.ndarray]) -> plt.Figure:
     ax.set_xlabel("ΔMSE of inserting the latent")
     ax.set_ylabel("latents")
     ax.set_title("ΔMSE by class")
-    ax.legend()
+    legend_outside(ax)
     return fig
 
 
@@ -79,7 +79,7 @@ def proxy_sweep(proxy_tables: Mapping[str, "object"]) -> plt.Figure:
     ax.set_xlabel("θ (novel ⇔ max cos < θ)")
     ax.set_ylabel("agreement with the ΔMSE sign")
     ax.set_title("The max-cosine proxy")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     return fig
 
 
@@ -100,7 +100,7 @@ def interpolation_curves(curves: Sequence[dict], trained: Sequence[dict], *, y: 
     ax.set_xlabel("latents in the SAE")
     ax.set_ylabel(ylabel or y)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     return fig
 
 
@@ -119,7 +119,7 @@ def family_sizes(sizes: Mapping[str, np.ndarray]) -> plt.Figure:
     ax.set_ylabel("families")
     ax.set_title("Swap-family sizes")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        legend_outside(ax, fontsize=7)
     else:
         ax.text(0.5, 0.5, "no swap families at this θ", ha="center", va="center", transform=ax.transAxes)
     return fig

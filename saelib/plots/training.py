@@ -7,9 +7,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-from saelib.plots.style import ARCH_COLORS, count_formatter, figure_legend_below, legend_outside, metric_label
+from saelib.plots.style import ARCH_COLORS, count_formatter, log_ticks, figure_legend_below, legend_outside, metric_label
 
 __all__ = ["ARCH_LABELS", "ARCH_STYLES", "plot_frontier", "plot_l0_distribution", "plot_training_curves"]
 
@@ -19,19 +18,8 @@ ARCH_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "topafa": "top-AFA", "r
 
 
 def _nice_log_ticks(axis) -> None:
-    """Label a log axis at 1-2-5 steps, whatever its range (a range inside one decade would
-    otherwise get no labelled tick at all, and a wide one overlapping minor labels)."""
-    lo, hi = sorted(axis.get_view_interval())
-    if not (lo > 0 and hi > lo):
-        return
-    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in (1, 2, 5)]
-    ticks = [t for t in ticks if lo <= t <= hi]
-    if len(ticks) > 8:
-        ticks = [t for t in ticks if str(t).lstrip("0.").startswith("1")]
-    axis.set_major_locator(FixedLocator(ticks))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_locator(NullLocator())
-    axis.set_minor_formatter(NullFormatter())
+    """Label a log axis at 1-2-5 steps whatever its range (see :func:`saelib.plots.style.log_ticks`)."""
+    log_ticks(axis)
 
 
 def _knob_label(row: Mapping[str, Any]) -> str:
@@ -89,10 +77,12 @@ def plot_frontier(
             ax.text(d_model, 1.0, " L0 = d", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.4")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        _nice_log_ticks(ax.xaxis)
-        _nice_log_ticks(ax.yaxis)
         ax.set_xlabel("sparsity L0 (held-out mean)")
         ax.set_title(f"layer {_layer_of(hook)} ({hook})", fontsize=9)
+    for ax in axes[0]:  # after every panel is drawn: the y axis is shared
+        ax.autoscale_view()
+        _nice_log_ticks(ax.xaxis)
+    _nice_log_ticks(axes[0][0].yaxis)
     axes[0][0].set_ylabel(f"{metric_label(y)} (held-out)")
     if title:
         fig.suptitle(title)
@@ -179,6 +169,9 @@ def plot_training_curves(
             ax.plot(m["tokens"], m[y], styles[j % len(styles)], color=shade, label=lab, lw=1.3)
         # fractions such as dead_frac can be exactly 0: keep those on a linear axis
         ax.set_yscale("linear" if y.startswith("dead") else "log")
+        if not y.startswith("dead"):
+            ax.autoscale_view()
+            log_ticks(ax.yaxis)
         ax.xaxis.set_major_formatter(count_formatter())  # 120k, not 120000 run into its neighbour
         ax.set_xlabel("training tokens")
         ax.set_ylabel(metric_label(y) + " (training, per window)")
