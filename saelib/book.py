@@ -441,11 +441,19 @@ def run(profile: str, only: list[str] | None = None, html: bool = True,
             print(f"Chapter {stem} failed; the partly executed notebook is {rel(failed)}", file=sys.stderr)
             raise
         timings[stem] = time.perf_counter() - start
-        print(f"    done in {timings[stem]:.0f} s", flush=True)
+        print(f"    done in {timings[stem]:.0f} s; {count_figures(target)} figures", flush=True)
     _record_timings(profile, timings, started=t0)
     if html:
         build_site(profile)
     return timings
+
+
+def count_figures(ipynb: Path) -> int:
+    """Image outputs in an executed notebook."""
+    import nbformat
+
+    nb = nbformat.read(ipynb, as_version=4)
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
 def _record_timings(profile, timings: dict[str, float], started: float) -> None:

@@ -153,9 +153,23 @@ def test_every_chapter_checks_its_parameters_right_after_them():
 # --- the executed ci book: figures inline, clean outputs ------------------------------------------
 
 
+def _unconditional_savefig(source: str) -> bool:
+    """True when the cell calls savefig outside any `if`/`try` (so the call always runs)."""
+    import ast
+
+    def walk(node, guarded):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "savefig":
+            return not guarded
+        if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+            return False
+        guarded = guarded or isinstance(node, (ast.If, ast.Try))
+        return any(walk(c, guarded) for c in ast.iter_child_nodes(node))
+
+    return walk(ast.parse(source), False)
+
+
 def _figure_cells(nb):
-    return [c for c in nb.cells if c.cell_type == "code" and "savefig(" in c.source
-            and not c.source.lstrip().startswith("def ")]
+    return [c for c in nb.cells if c.cell_type == "code" and "savefig(" in c.source]
 
 
 def test_every_figure_making_cell_shows_its_figure():
@@ -167,7 +181,8 @@ def test_every_figure_making_cell_shows_its_figure():
         n = 0
         for cell in _figure_cells(nb):
             images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-            assert images, f"{stem}: a figure cell has no image output:\n{cell.source[:300]}"
+            if _unconditional_savefig(cell.source):
+                assert images, f"{stem}: a figure cell has no image output:\n{cell.source[:300]}"
             n += len(images)
         counts[stem] = n
     print("figures per chapter:", counts, "total", sum(counts.values()))

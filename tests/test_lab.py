@@ -1,5 +1,6 @@
 """JupyterLab after a run: every chapter opens through Jupytext's contents manager, as Lab does it."""
 
+import asyncio
 import json
 
 import pytest
@@ -8,19 +9,19 @@ from saelib import book
 from tests.book_helpers import ci_book
 
 
-def _contents_manager():
-    from jupytext.contentsmanager import build_jupytext_contents_manager_class
-    from jupyter_server.services.contents.largefilemanager import LargeFileManager
+def _get(path: str) -> dict:
+    """``GET /api/contents/<path>`` as JupyterLab issues it: Jupytext's async contents manager
+    (the one ``jupyter lab`` uses with jupyter_server 2), rooted at the repository."""
+    from jupytext import AsyncTextFileContentsManager
 
-    cls = build_jupytext_contents_manager_class(LargeFileManager)
-    return cls(root_dir=str(book.repo_root()))
+    cm = AsyncTextFileContentsManager(root_dir=str(book.repo_root()))
+    return asyncio.run(cm.get(path, content=True))
 
 
 @pytest.mark.parametrize("stem", book.chapters())
 def test_every_chapter_opens_in_lab_after_a_run(stem):
     folder = ci_book()
-    cm = _contents_manager()
-    model = cm.get(f"notebooks/{stem}.md", content=True)
+    model = _get(f"notebooks/{stem}.md")
     assert model["type"] == "notebook"
     cells = model["content"]["cells"]
     assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in cells), stem
@@ -30,5 +31,5 @@ def test_every_chapter_opens_in_lab_after_a_run(stem):
     twin = book.repo_root() / "notebooks" / f"{stem}.ipynb"
     assert not twin.exists() or twin.stat().st_mtime < started, f"the run wrote {twin}"
     # the executed copy opens too (it is not a Jupytext pair)
-    executed = cm.get(str((folder / "executed" / f"{stem}.ipynb").relative_to(book.repo_root())))
+    executed = _get(str((folder / "executed" / f"{stem}.ipynb").relative_to(book.repo_root())))
     assert executed["type"] == "notebook"

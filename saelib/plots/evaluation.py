@@ -196,6 +196,8 @@ def paper_vs_ours_plot(
         ax.set_ylabel(lab)
         if "eps" in col or "nmse" in col:
             ax.set_yscale("log")
+            ax.autoscale_view()
+            log_ticks(ax.yaxis)
         ax.set_xlim(0, 1.05)
     figure_legend_below(fig, axes, ncol=2)
     return fig
