@@ -274,7 +274,7 @@ def check_parameters(stem: str, namespace: dict) -> None:
     try:  # wide tables: show the first and last columns, not a clipped row of 19
         import pandas as pd
 
-        pd.set_option("display.max_columns", 12)
+        pd.set_option("display.max_columns", 10)  # + index + the "…" column: 12 cells
     except ImportError:  # pragma: no cover - pandas is a dependency
         pass
 

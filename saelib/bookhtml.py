@@ -218,7 +218,20 @@ class _Renderer:
         return f'<div class="block {esc(n.get("kind", ""))}">{self.children(n)}</div>\n'
 
     def n_outputs(self, n):
-        return "".join(self.n_output(c) for c in n.get("children", []) if c.get("type") == "output")
+        # consecutive prints to one stream arrive as separate outputs: show them as one block
+        merged = []
+        for c in n.get("children", []):
+            if c.get("type") != "output":
+                continue
+            data = c.get("jupyter_data") or {}
+            prev = merged[-1].get("jupyter_data", {}) if merged else {}
+            if (data.get("output_type") == "stream" and prev.get("output_type") == "stream"
+                    and prev.get("name") == data.get("name")):
+                text = data.get("text", "")
+                prev["text"] = _text(prev.get("text", "")) + _text(text)
+                continue
+            merged.append({**c, "jupyter_data": dict(data)})
+        return "".join(self.n_output(c) for c in merged)
 
     def n_output(self, n):
         data = n.get("jupyter_data") or {}
@@ -247,6 +260,10 @@ class _Renderer:
         if "text/plain" in bundle:
             return f'<div class="output"><pre class="text">{esc(_strip_ansi(bundle["text/plain"].get("content", "")))}</pre></div>\n'
         return ""
+
+
+def _text(text) -> str:
+    return "".join(text) if isinstance(text, list) else str(text)
 
 
 def _strip_ansi(text: str) -> str:
@@ -335,7 +352,7 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
     nav = f'<nav class="bar"><span></span><span>Contents</span>' + (
         f'<a rel="next" href="{files[order[0]]}">Start reading →</a>' if order else "<span></span>") + "</nav>"
     desc = esc(project.get("description", "") or "")
-    index = f"<h1>{esc(book_title)}</h1>\n<p>{desc}</p>\n<ol class=\"toc\">{''.join(toc)}</ol>"
+    index = f"<h1>{esc(book_title)}</h1>\n<p>{desc}</p>\n<ol class=\"toc\" start=\"0\">{''.join(toc)}</ol>"
     atomic_write_text(out / "index.html", _page("Contents", index, nav, book_title))
     # every chapter on one page: what the PDF export prints (one chapter per printed page run)
     atomic_write_text(out / "print.html", _page(book_title, index + "".join(bodies), "", book_title).replace(

@@ -206,3 +206,23 @@ def test_executed_pages_hold_no_machine_paths_or_progress_bars():
                 assert "it/s]" not in text and "Loading weights" not in text and "%|" not in text, \
                     f"progress bar in the output of {where}"
                 assert "application/vnd.jupyter.widget-view+json" not in out.get("data", {}), where
+
+
+def test_html_renderer_merges_prints_and_cuts_wide_tables():
+    from saelib import bookhtml
+
+    r = bookhtml._Renderer({"theory": "02_theory.html"})
+    outs = {"children": [{"type": "output", "jupyter_data": {"output_type": "stream", "name": "stdout", "text": t}}
+                         for t in ("a\n", "b\n")]}
+    assert r.n_outputs(outs).count("<pre") == 1
+    wide = "<table>" + "<tr>" + "".join(f"<td>c{i}</td>" for i in range(19)) + "</tr></table>"
+    cut = bookhtml.cut_wide_tables(wide)
+    assert "c0" in cut and "c18" in cut and "c9" not in cut and "columns not shown" in cut
+    assert bookhtml.cut_wide_tables("<table><tr><td>1</td></tr></table>") == "<table><tr><td>1</td></tr></table>"
+    # MyST nodes: KaTeX html is used as is, cross-references become links, admonitions asides
+    assert r.node({"type": "inlineMath", "value": "x", "html": "<span class=\"katex\">x</span>"}) == "<span class=\"katex\">x</span>"
+    xref = r.node({"type": "crossReference", "remote": True, "url": "/theory", "html_id": "fig-a",
+                   "children": [{"type": "text", "value": "Figure 1"}]})
+    assert 'href="02_theory.html#fig-a"' in xref
+    adm = r.node({"type": "admonition", "kind": "warning", "children": [{"type": "paragraph", "children": []}]})
+    assert adm.startswith('<aside class="admonition warning">')
