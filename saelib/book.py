@@ -417,9 +417,12 @@ def run(profile: str, only: list[str] | None = None, html: bool = True,
     os.environ[PROGRESS_ENV] = "1"
     timings: dict[str, float] = {}
     t0 = time.time()
+    previous = _previous_timings(profile)
     for i, stem in enumerate(stems, 1):
         params, where = plan[stem]
-        print(f"[{i}/{len(stems)}] {stem}  (profile {profile_name(profile)})", flush=True)
+        left = [previous.get(s) for s in stems[i - 1:]]
+        eta = f"; about {sum(left) / 60:.0f} min left (last run)" if all(left) else ""
+        print(f"[{i}/{len(stems)}] {stem}  (profile {profile_name(profile)}{eta})", flush=True)
         start = time.perf_counter()
         target = out / f"{stem}.ipynb"
         tmp = out / f".{stem}.running.ipynb"
@@ -446,6 +449,14 @@ def run(profile: str, only: list[str] | None = None, html: bool = True,
     if html:
         build_site(profile)
     return timings
+
+
+def _previous_timings(profile) -> dict[str, float]:
+    path = book_dir(profile) / "timings.json"
+    try:
+        return {k: float(v) for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def count_figures(ipynb: Path) -> int:
@@ -520,7 +531,7 @@ def build_site(profile: str = "embedded") -> Path:
     shutil.rmtree(folder / "_build" / "site", ignore_errors=True)
     env = {**os.environ, "NO_UPDATE_NOTIFIER": "1", "CI": "1"}
     proc = subprocess.run([myst, "build", "--site"], cwd=folder, env=env, capture_output=True, text=True)
-    noise = re.compile(r"Update available|pip install -U mystmd|Follow @mystmd|bsky\.app|^[\s│╭╮╰╯─]*$")
+    noise = re.compile(r"building myst-cli session|Update available|pip install -U mystmd|Follow @mystmd|bsky\.app|^[\s│╭╮╰╯─]*$")
     for line in (proc.stdout + proc.stderr).splitlines():
         if not noise.search(line):
             print(line)

@@ -226,3 +226,27 @@ def test_html_renderer_merges_prints_and_cuts_wide_tables():
     assert 'href="02_theory.html#fig-a"' in xref
     adm = r.node({"type": "admonition", "kind": "warning", "children": [{"type": "paragraph", "children": []}]})
     assert adm.startswith('<aside class="admonition warning">')
+
+
+def test_progress_bars_go_to_the_terminal_under_the_runner():
+    """With the runner's variable set, library bars (even progress=False) write to the real stderr."""
+    import subprocess
+    import sys
+
+    code = ("from saelib.book import check_parameters\n"
+            "check_parameters('00_introduction', {})\n"
+            "from saelib.activations import _progress\n"
+            "b = _progress(1000, 'harvest', False)\nb.update(1000)\nb.close()\n")
+    env = {**__import__("os").environ, book.PROGRESS_ENV: "1", "PYTHONPATH": str(book.repo_root())}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "00_introduction: harvest" in out.stderr and "1.00k/1.00k" in out.stderr and out.stdout == ""
+    env.pop(book.PROGRESS_ENV)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "harvest" not in out.stderr  # outside the runner, progress=False means no bar
+
+
+def test_every_shipped_profile_passes_the_checks():
+    for profile in book.PROFILES:
+        for stem in book.chapters():
+            book.chapter_parameters(profile, stem)
