@@ -256,7 +256,11 @@ class _Renderer:
             if content:
                 return f'<div class="output"><div class="html">{cut_wide_tables(content)}</div></div>\n'
         if "text/markdown" in bundle:
-            return f'<div class="output"><pre class="text">{esc(bundle["text/markdown"].get("content", ""))}</pre></div>\n'
+            from markdown_it import MarkdownIt
+
+            md = MarkdownIt("commonmark", {"html": False}).enable("table")
+            body = md.render(bundle["text/markdown"].get("content", "")).replace("<table>", '<table class="md-table">')
+            return f'<div class="output"><div class="markdown">{body}</div></div>\n'
         if "text/plain" in bundle:
             return f'<div class="output"><pre class="text">{esc(_strip_ansi(bundle["text/plain"].get("content", "")))}</pre></div>\n'
         return ""

@@ -226,6 +226,9 @@ def test_html_renderer_merges_prints_and_cuts_wide_tables():
     assert 'href="02_theory.html#fig-a"' in xref
     adm = r.node({"type": "admonition", "kind": "warning", "children": [{"type": "paragraph", "children": []}]})
     assert adm.startswith('<aside class="admonition warning">')
+    md = r.n_output({"jupyter_data": {"output_type": "display_data",
+                                      "data": {"text/markdown": {"content": "| a |\n|---|\n| 1 |"}}}})
+    assert "<table" in md and "|---|" not in md  # Markdown outputs are rendered, not shown raw
 
 
 def test_progress_bars_go_to_the_terminal_under_the_runner():
