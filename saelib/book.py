@@ -198,6 +198,10 @@ def _type_name(value) -> str:
     return "None" if value is None else type(value).__name__
 
 
+def _a(word: str) -> str:
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def _check_literal(name: str, value, where: str) -> None:
     if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
         raise ParameterError(f"{where}: parameter {name} = {value!r} is not a finite number.")
@@ -246,7 +250,7 @@ def validate_parameters(stem: str, params: dict, where: str, defaults: dict | No
         _check_literal(name, value, where)
         if not _compatible(value, defaults[name]):
             raise ParameterError(
-                f"{where}: parameter {name} must be a {_type_name(defaults[name])} like its default "
+                f"{where}: parameter {name} must be {_a(_type_name(defaults[name]))} like its default "
                 f"{defaults[name]!r} in {src}, got {value!r} ({_type_name(value)})."
             )
     return params

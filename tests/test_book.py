@@ -85,7 +85,7 @@ def test_wrong_type_is_rejected_before_anything_runs(tmp_path: Path, monkeypatch
         raise AssertionError("a kernel was started before the parameters were checked")
 
     monkeypatch.setattr(papermill, "execute_notebook", must_not_run)
-    with pytest.raises(book.ParameterError, match=r"parameter seed must be a int .* got '3' \(str\)"):
+    with pytest.raises(book.ParameterError, match=r"parameter seed must be an int .* got '3' \(str\)"):
         book.run(str(tmp_path), only=["00_introduction"], html=False)
     # a bad value for a later chapter also stops the run before the first chapter starts
     (tmp_path / "00_introduction.yaml").write_text("seed: 3\n")
@@ -121,7 +121,7 @@ def test_command_line_is_strict():
         book.main(["run", "--profil", "ci"])  # no abbreviations
     with pytest.raises(SystemExit, match="'sed' is not a parameter of any chapter.*'seed'"):
         book.main(["run", "--profile", "ci", "--only", "00_introduction", "--set", "sed=1", "--no-html"])
-    with pytest.raises(SystemExit, match="parameter seed must be a int"):
+    with pytest.raises(SystemExit, match="parameter seed must be an int"):
         book.main(["prepare", "--profile", "ci", "--only", "00_introduction", "--set", "seed=[1]"])
 
 
@@ -136,7 +136,7 @@ def test_direct_papermill_run_rejects_a_misspelt_parameter(tmp_path: Path):
         papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={"sed": 1},
                                    kernel_name="python3", progress_bar=False,
                                    cwd=str(book.repo_root() / "notebooks"))
-    with pytest.raises(papermill.PapermillExecutionError, match="parameter seed must be a int"):
+    with pytest.raises(papermill.PapermillExecutionError, match="parameter seed must be an int"):
         papermill.execute_notebook(str(src), str(tmp_path / "out.ipynb"), parameters={"seed": "zero"},
                                    kernel_name="python3", progress_bar=False,
                                    cwd=str(book.repo_root() / "notebooks"))
