@@ -436,7 +436,7 @@ def run(profile: str, only: list[str] | None = None, html: bool = True,
                 str(tmp), str(tmp), kernel_name="python3", cwd=str(repo_root() / "notebooks"),
                 progress_bar=False, log_output=False,
                 # the kernel's fd 2 stays the runner's stderr: library progress bars go there
-                extra_arguments=["--IPKernelApp.capture_fd_output=False", "--IPKernelApp.log_level=ERROR"],
+                extra_arguments=["--IPKernelApp.capture_fd_output=False", "--IPKernelApp.log_level=CRITICAL"],
             )
             os.chmod(tmp, 0o644)
             os.replace(tmp, target)
