@@ -253,3 +253,44 @@ def test_every_shipped_profile_passes_the_checks():
     for profile in book.PROFILES:
         for stem in book.chapters():
             book.chapter_parameters(profile, stem)
+
+
+def test_myst_features_survive_into_the_offline_html(tmp_path: Path):
+    """Admonitions, numbered sections and figures, cross-references and maths, through `myst build --site`."""
+    import shutil
+    import subprocess
+    import sys
+
+    import nbformat
+
+    myst = shutil.which("myst", path=str(Path(sys.executable).parent)) or shutil.which("myst")
+    katex = book.repo_root() / "node_modules" / "katex" / "dist"
+    if myst is None or not katex.exists():
+        pytest.skip("needs `make setup` (mystmd and node_modules/katex)")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell(
+        "# A chapter\n\nSee {numref}`fig-a` and $x^2$.\n\n:::{note}\nA note.\n:::\n\n## Section\n\n"
+        "```{figure} a.png\n:name: fig-a\n\nA caption.\n```\n")]
+    nbformat.write(nb, tmp_path / "ch.ipynb")
+    import matplotlib.pyplot as plt
+
+    fig, _ = plt.subplots()
+    fig.savefig(tmp_path / "a.png")
+    plt.close(fig)
+    (tmp_path / "myst.yml").write_text("version: 1\nproject:\n  title: T\n  numbering:\n    headings: true\n"
+                                       "  toc:\n    - file: ch.ipynb\nsite:\n  template: book-theme\n")
+    theme = tmp_path / "_build" / "templates" / "site" / "myst" / "book-theme"
+    theme.mkdir(parents=True)
+    (theme / "template.yml").write_text(book._STUB_THEME)
+    subprocess.run([myst, "build", "--site"], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    from saelib.bookhtml import render_site
+
+    out = render_site(tmp_path / "_build" / "site", tmp_path / "html", katex)
+    page = (out / "ch.html").read_text()
+    assert '<aside class="admonition note">' in page
+    assert '<span class="enum">1</span>Section' in page
+    assert 'href="#fig-a"' in page and "Figure\u00a01" in page and '<figure class="figure" id="fig-a">' in page
+    assert 'class="katex"' in page and "$x^2$" not in page
+    assert (out / "katex" / "katex.min.css").exists() and list((out / "katex" / "fonts").glob("*.woff2"))
+    assert "A chapter" in (out / "index.html").read_text()
