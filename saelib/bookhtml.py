@@ -49,7 +49,8 @@ code { font-size: 0.92em; }
 figure { margin: 18px 0; } figure img { max-width: 100%; } figcaption { font-size: 14px; color: #333; }
 .caption-number { font-weight: 600; margin-right: .3em; }
 .katex-display { overflow-x: auto; overflow-y: hidden; padding: 2px 0; }
-ol.toc li { margin: 4px 0; } ol.toc ol { list-style: none; }
+ul.toc { list-style: none; padding-left: 0; } ul.toc li { margin: 6px 0; }
+ul.toc li.part { font-weight: 600; margin-top: 16px; color: #445; }
 blockquote { border-left: 3px solid #ccd; margin-left: 0; padding-left: 12px; color: #444; }
 """
 
@@ -338,7 +339,7 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
     shutil.copytree(katex_dist / "fonts", out / "katex" / "fonts")
     atomic_write_text(out / "book.css", _CSS)
     renderer = _Renderer({slug: files[slug] for slug in order} | {"": files[order[0]]} if order else {})
-    toc, bodies = [], []
+    bodies = []
     for i, slug in enumerate(order):
         page = content[slug]
         fm = page.get("frontmatter", {})
@@ -352,11 +353,21 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
         nav = f'<nav class="bar">{prev}<a href="index.html">Contents</a>{nxt}</nav>'
         atomic_write_text(out / files[slug], _page(title, f"<h1>{esc(title)}</h1>\n{body}", nav, book_title))
         bodies.append(f'<section class="chapter"><h1>{esc(title)}</h1>\n{body}</section>')
-        toc.append(f'<li><a href="{files[slug]}">{esc(title)}</a></li>')
     nav = f'<nav class="bar"><span></span><span>Contents</span>' + (
         f'<a rel="next" href="{files[order[0]]}">Start reading →</a>' if order else "<span></span>") + "</nav>"
     desc = esc(project.get("description", "") or "")
-    index = f"<h1>{esc(book_title)}</h1>\n<p>{desc}</p>\n<ol class=\"toc\" start=\"0\">{''.join(toc)}</ol>"
+    items = []
+    parts = [project.get("index", "index")] + [p.get("slug") or {"part": p.get("title", "")}
+                                                for p in project.get("pages", [])]
+    for entry in parts:
+        if isinstance(entry, dict):
+            items.append(f'<li class="part">{esc(entry["part"])}</li>')
+        elif entry in files:
+            num = re.match(r"\d+", files[entry])  # chapter number = the file's number (00_…, 01_…)
+            label = f'<span class="enum">{int(num.group())}</span>' if num else ""
+            title = content[entry].get("frontmatter", {}).get("title", entry)
+            items.append(f'<li>{label}<a href="{files[entry]}">{esc(title)}</a></li>')
+    index = f"<h1>{esc(book_title)}</h1>\n<p>{desc}</p>\n<ul class=\"toc\">{''.join(items)}</ul>"
     atomic_write_text(out / "index.html", _page("Contents", index, nav, book_title))
     # every chapter on one page: what the PDF export prints (one chapter per printed page run)
     atomic_write_text(out / "print.html", _page(book_title, index + "".join(bodies), "", book_title).replace(
