@@ -351,7 +351,9 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
         prev = f'<a rel="prev" href="{files[order[i - 1]]}">← {esc(content[order[i - 1]]["frontmatter"].get("title", ""))}</a>' if i else "<span></span>"
         nxt = f'<a rel="next" href="{files[order[i + 1]]}">{esc(content[order[i + 1]]["frontmatter"].get("title", ""))} →</a>' if i + 1 < len(order) else "<span></span>"
         nav = f'<nav class="bar">{prev}<a href="index.html">Contents</a>{nxt}</nav>'
-        atomic_write_text(out / files[slug], _page(title, f"<h1>{esc(title)}</h1>\n{body}", nav, book_title))
+        num = re.match(r"\d+", files[slug])  # chapter number = the file's number, as on the contents page
+        h1 = (f'<span class="enum">{int(num.group())}</span>' if num else "") + esc(title)
+        atomic_write_text(out / files[slug], _page(title, f"<h1>{h1}</h1>\n{body}", nav, book_title))
         bodies.append(f'<section class="chapter"><h1>{esc(title)}</h1>\n{body}</section>')
     nav = f'<nav class="bar"><span></span><span>Contents</span>' + (
         f'<a rel="next" href="{files[order[0]]}">Start reading →</a>' if order else "<span></span>") + "</nav>"
