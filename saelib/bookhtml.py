@@ -60,6 +60,7 @@ class _Renderer:
         self.slug_to_file = slug_to_file
         self.public = public_prefix
         self.footnotes: list[str] = []
+        self.chapter: int | None = None  # sections are numbered <chapter>.<MyST's section number>
 
     # --- helpers --------------------------------------------------------------------------
     def children(self, node) -> str:
@@ -96,7 +97,8 @@ class _Renderer:
 
     def n_heading(self, n):
         d = n.get("depth", 2)
-        enum = f'<span class="enum">{esc(n["enumerator"])}</span>' if n.get("enumerator") and n.get("enumerated", True) else ""
+        number = f"{self.chapter}.{n.get('enumerator')}" if self.chapter is not None else n.get("enumerator")
+        enum = f'<span class="enum">{esc(number)}</span>' if n.get("enumerator") and n.get("enumerated", True) else ""
         hid = esc(n.get("html_id", n.get("identifier", "")))
         return f'<h{d} id="{hid}">{enum}{self.children(n)}</h{d}>\n'
 
@@ -345,13 +347,14 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
         fm = page.get("frontmatter", {})
         title = fm.get("title", slug)
         renderer.footnotes = []
+        num = re.match(r"\d+", files[slug])  # chapter number = the file's number, as on the contents page
+        renderer.chapter = int(num.group()) if num else None
         body = renderer.node(page["mdast"])
         if renderer.footnotes:
             body += "<hr><ol class=\"footnotes\">" + "".join(renderer.footnotes) + "</ol>"
         prev = f'<a rel="prev" href="{files[order[i - 1]]}">← {esc(content[order[i - 1]]["frontmatter"].get("title", ""))}</a>' if i else "<span></span>"
         nxt = f'<a rel="next" href="{files[order[i + 1]]}">{esc(content[order[i + 1]]["frontmatter"].get("title", ""))} →</a>' if i + 1 < len(order) else "<span></span>"
         nav = f'<nav class="bar">{prev}<a href="index.html">Contents</a>{nxt}</nav>'
-        num = re.match(r"\d+", files[slug])  # chapter number = the file's number, as on the contents page
         h1 = (f'<span class="enum">{int(num.group())}</span>' if num else "") + esc(title)
         atomic_write_text(out / files[slug], _page(title, f"<h1>{h1}</h1>\n{body}", nav, book_title))
         bodies.append(f'<section class="chapter"><h1>{esc(title)}</h1>\n{body}</section>')

@@ -289,7 +289,8 @@ def test_myst_features_survive_into_the_offline_html(tmp_path: Path):
     out = render_site(tmp_path / "_build" / "site", tmp_path / "html", katex)
     page = (out / "ch.html").read_text()
     assert '<aside class="admonition note">' in page
-    assert '<span class="enum">1</span>Section' in page
+    assert '<span class="enum">1</span>Section' in page  # no chapter number in the file name
+
     assert 'href="#fig-a"' in page and "Figure\u00a01" in page and '<figure class="figure" id="fig-a">' in page
     assert 'class="katex"' in page and "$x^2$" not in page
     assert (out / "katex" / "katex.min.css").exists() and list((out / "katex" / "fonts").glob("*.woff2"))
