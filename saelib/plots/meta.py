@@ -7,7 +7,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.plots.style import ARCH_COLORS, apply_style
+from saelib.plots.style import ARCH_COLORS, apply_style, legend_outside
 
 __all__ = [
     "plot_meta_training",
@@ -31,8 +31,11 @@ def plot_meta_training(history: list[dict], *, title: str = "Meta-SAE training")
     ax2.set_ylabel("dead meta-latents")
     ax2.set_ylim(bottom=0, top=max(1, max(h["n_dead"] for h in history)) * 1.1)
     ax2.grid(False)
+    ax2.spines["right"].set_visible(True)  # the book style hides it; a twin axis needs it
     lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right")
+    # beside the axes (right of the twin axis's labels), never on the curves
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", bbox_to_anchor=(1.18, 1.0),
+              borderaxespad=0.0)
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -130,7 +133,7 @@ def plot_fve_by_sae(df, *, title: str = "How much of each SAE's dictionary is co
     ax.set_xticks(x, df["sae"], rotation=0)
     ax.set_ylabel("meta-SAE FVE of decoder rows")
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper right")
+    legend_outside(ax)
     ax.set_title(title)
     fig.tight_layout()
     return fig

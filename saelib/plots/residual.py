@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from saelib.plots.style import apply_style
+from saelib.plots.style import apply_style, legend_outside
 
 GPT2_SMALL_MEDIAN_NORMS = (4.6, 49.7, 56.2, 60.4, 65.8, 70.9, 78.0, 86.9, 100.1, 118.9, 150.4, 216.7)
 """Median ``||z||`` of GPT-2 small ``blocks.{0..11}.hook_resid_pre`` reported with the top-AFA
@@ -61,7 +61,7 @@ def plot_norms_by_layer(
     axes[1].set_ylabel(r"$\|x\|_2/\sqrt{d_{model}}$")
     axes[0].set_title("Residual norm by layer (BOS excluded)")
     axes[1].set_title("Per-coordinate scale")
-    axes[1].legend(loc="upper left")
+    legend_outside(axes[1])
     fig.tight_layout()
     return fig
 
@@ -87,6 +87,6 @@ def plot_norms_by_position(
     ax.set_xlabel("position in row (0 = BOS)")
     ax.set_ylabel(r"median $\|x\|_2$ at resid_pre")
     ax.set_title("Residual norm by position")
-    ax.legend(ncol=2, fontsize=8)
+    legend_outside(ax, fontsize=8)
     fig.tight_layout()
     return fig

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import matplotlib.pyplot as plt
 
-from saelib.plots.style import ARCH_COLORS
+from saelib.plots.style import ARCH_COLORS, legend_outside, metric_label
 
 CLASS_COLORS = {"novel": "#2ca02c", "reconstruction": "#d62728", "dead": "#bbbbbb"}
 
@@ -47,11 +47,21 @@ def delta_vs_maxcos(max_cos: np.ndarray, delta_mse: np.ndarray, label: np.ndarra
     alive = label != "dead"
     if alive.any():
         lim = np.quantile(np.abs(delta_mse[alive]), 0.995)
-        ax.set_yscale("symlog", linthresh=max(lim * 1e-3, 1e-12))
+        thresh = max(lim * 1e-3, 1e-12)
+        ax.set_yscale("symlog", linthresh=thresh)
+        # labels at every other decade above the linear band and at 0: the ±linthresh labels
+        # would otherwise sit on top of each other around zero
+        top = np.abs(delta_mse[alive]).max()
+        decades = [10.0 ** e for e in range(int(np.ceil(np.log10(thresh * 10))), int(np.ceil(np.log10(max(top, thresh * 10)))) + 1)]
+        decades = decades[::-1][::2][::-1] if len(decades) > 4 else decades
+        from matplotlib.ticker import FixedLocator, NullLocator
+
+        ax.yaxis.set_major_locator(FixedLocator([-d for d in decades[::-1]] + [0.0] + decades))
+        ax.yaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("max cosine to the smaller SAE's decoder")
     ax.set_ylabel("ΔMSE of inserting the latent")
     ax.set_title(title or "Insertion ΔMSE vs max cosine")
-    ax.legend(markerscale=3)
+    legend_outside(ax, markerscale=3)
     return fig
 
 
@@ -67,7 +77,7 @@ def delta_by_class(delta: Mapping[str, np.ndarray]) -> plt.Figure:
     ax.set_xlabel("ΔMSE of inserting the latent")
     ax.set_ylabel("latents")
     ax.set_title("ΔMSE by class")
-    ax.legend()
+    legend_outside(ax)
     return fig
 
 
@@ -79,7 +89,7 @@ def proxy_sweep(proxy_tables: Mapping[str, "object"]) -> plt.Figure:
     ax.set_xlabel("θ (novel ⇔ max cos < θ)")
     ax.set_ylabel("agreement with the ΔMSE sign")
     ax.set_title("The max-cosine proxy")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     return fig
 
 
@@ -97,10 +107,13 @@ def interpolation_curves(curves: Sequence[dict], trained: Sequence[dict], *, y: 
         ax.scatter([t["n_latents"]], [t[y]], color=t.get("color", "k"), marker=t.get("marker", "o"), s=36, zorder=4,
                    edgecolor="k", label=lab)
     ax.set_xscale("log", base=2)
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))  # 1024, not 2^10
     ax.set_xlabel("latents in the SAE")
-    ax.set_ylabel(ylabel or y)
+    ax.set_ylabel(ylabel or metric_label(y))
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     return fig
 
 
@@ -119,7 +132,7 @@ def family_sizes(sizes: Mapping[str, np.ndarray]) -> plt.Figure:
     ax.set_ylabel("families")
     ax.set_title("Swap-family sizes")
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+        legend_outside(ax, fontsize=7)
     else:
         ax.text(0.5, 0.5, "no swap families at this θ", ha="center", va="center", transform=ax.transAxes)
     return fig

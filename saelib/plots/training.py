@@ -7,9 +7,8 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-from saelib.plots.style import ARCH_COLORS
+from saelib.plots.style import ARCH_COLORS, count_formatter, log_ticks, figure_legend_below, legend_outside, metric_label
 
 __all__ = ["ARCH_LABELS", "ARCH_STYLES", "plot_frontier", "plot_l0_distribution", "plot_training_curves"]
 
@@ -19,19 +18,8 @@ ARCH_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "topafa": "top-AFA", "r
 
 
 def _nice_log_ticks(axis) -> None:
-    """Label a log axis at 1-2-5 steps, whatever its range (a range inside one decade would
-    otherwise get no labelled tick at all, and a wide one overlapping minor labels)."""
-    lo, hi = sorted(axis.get_view_interval())
-    if not (lo > 0 and hi > lo):
-        return
-    ticks = [m * 10.0**e for e in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1) for m in (1, 2, 5)]
-    ticks = [t for t in ticks if lo <= t <= hi]
-    if len(ticks) > 8:
-        ticks = [t for t in ticks if str(t).lstrip("0.").startswith("1")]
-    axis.set_major_locator(FixedLocator(ticks))
-    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    axis.set_minor_locator(NullLocator())
-    axis.set_minor_formatter(NullFormatter())
+    """Label a log axis at 1-2-5 steps whatever its range (see :func:`saelib.plots.style.log_ticks`)."""
+    log_ticks(axis)
 
 
 def _knob_label(row: Mapping[str, Any]) -> str:
@@ -83,22 +71,32 @@ def plot_frontier(
                     ax.annotate(_knob_label(r), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points", color=ARCH_COLORS.get(act))
         if not sub.empty:
             best = sub.loc[sub[y].idxmin()]
-            ax.plot([best[x]], [best[y]], "*", ms=14, color="k", zorder=5, label="lowest " + y.upper())
+            ax.plot([best[x]], [best[y]], "*", ms=14, color="k", zorder=5, label="lowest " + metric_label(y))
         if d_model:
             ax.axvline(d_model, color="0.5", lw=0.8, ls=":")
             ax.text(d_model, 1.0, " L0 = d", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.4")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        _nice_log_ticks(ax.xaxis)
-        _nice_log_ticks(ax.yaxis)
         ax.set_xlabel("sparsity L0 (held-out mean)")
         ax.set_title(f"layer {_layer_of(hook)} ({hook})", fontsize=9)
-    axes[0][0].set_ylabel(f"{y.upper()} (held-out)")
-    axes[0][-1].legend(loc="best", fontsize=7)
+    for ax in axes[0]:  # after every panel is drawn: the y axis is shared
+        ax.autoscale_view()
+        _nice_log_ticks(ax.xaxis)
+    _nice_log_ticks(axes[0][0].yaxis)
+    axes[0][0].set_ylabel(f"{metric_label(y)} (held-out)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    figure_legend_below(fig, axes[0], fontsize=8)
     return fig
+
+
+def _shade(color: str, j: int, n: int) -> tuple:
+    """The j-th of n shades of ``color``: from the colour itself towards black."""
+    import matplotlib.colors as mc
+
+    rgb = np.array(mc.to_rgb(color))
+    f = 0.0 if n <= 1 else 0.55 * j / (n - 1)
+    return tuple(rgb * (1 - f))
 
 
 def plot_l0_distribution(
@@ -138,7 +136,7 @@ def plot_l0_distribution(
     _nice_log_ticks(ax.xaxis)
     ax.set_xlabel("latents active on a token (L0)")
     ax.set_ylabel("fraction of tokens per unit L0")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -156,19 +154,28 @@ def plot_training_curves(
     """Training records (``load_metrics`` DataFrame) against tokens, one panel per metric (log y)."""
     labels = list(labels) if labels is not None else list(names)
     fig, axes = plt.subplots(1, len(ys), figsize=(4.4 * len(ys), 3.4), squeeze=False)
+    # runs of one architecture share its hue; each gets its own shade and line style
+    acts = [next((a for a in ARCH_STYLES if f"-{a}-" in n), "topk") for n in names]
+    styles = ["-", "--", ":", "-."]
+    nth = {n: sum(a == acts[i] for a in acts[:i]) for i, n in enumerate(names)}
+    count = {a: acts.count(a) for a in set(acts)}
     for ax, y in zip(axes[0], ys):
-        for n, lab in zip(names, labels):
+        for n, lab, act in zip(names, labels, acts):
             m = metrics[metrics["name"] == n]
             if m.empty or y not in m:
                 continue
-            act = next((a for a in ARCH_STYLES if f"-{a}-" in n), "topk")
-            ax.plot(m["tokens"], m[y], ARCH_STYLES[act], color=ARCH_COLORS.get(act), label=lab, lw=1.2)
+            j = nth[n]
+            shade = _shade(ARCH_COLORS.get(act, "#333333"), j, count[act])
+            ax.plot(m["tokens"], m[y], styles[j % len(styles)], color=shade, label=lab, lw=1.3)
         # fractions such as dead_frac can be exactly 0: keep those on a linear axis
         ax.set_yscale("linear" if y.startswith("dead") else "log")
+        if not y.startswith("dead"):
+            ax.autoscale_view()
+            log_ticks(ax.yaxis)
+        ax.xaxis.set_major_formatter(count_formatter())  # 120k, not 120000 run into its neighbour
         ax.set_xlabel("training tokens")
-        ax.set_ylabel(y.upper() + " (training, per window)")
-    axes[0][0].legend(fontsize=7)
+        ax.set_ylabel(metric_label(y) + " (training, per window)")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    figure_legend_below(fig, axes[0], fontsize=8)
     return fig
