@@ -941,56 +941,18 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
 # The paper's published numbers (for side-by-side tables; never used as targets)
 # --------------------------------------------------------------------------------------------
 
-# gpt2-small-res-jb (h = 24576), 1000 last-token samples per layer from pile-10k OpenWebText2;
-# layer = 1-based (layer L = blocks.{L-1}.hook_resid_pre). Per-layer medians recomputed from the
-# authors' exported CSV (visualization/output_csv); εLBO in absolute units.
-_PAPER_GPT2_ZF = [
-    # layer, med ‖z‖, med ‖f̃‖, med ratio, % over, med NMSE, med εLBO (x1e-5)
-    (1, 4.6, 4.3, 0.972, 3.6, 0.0010, 0.24),
-    (2, 49.7, 48.7, 0.978, 26.9, 0.0121, 0.24),
-    (3, 56.2, 52.7, 0.933, 6.9, 0.0167, 0.61),
-    (4, 60.4, 54.0, 0.898, 1.8, 0.0289, 0.98),
-    (5, 65.8, 56.4, 0.865, 0.6, 0.0430, 1.36),
-    (6, 70.9, 58.7, 0.841, 0.1, 0.0545, 1.69),
-    (7, 78.0, 62.5, 0.816, 0.2, 0.0663, 2.05),
-    (8, 86.9, 68.7, 0.801, 0.3, 0.0774, 2.27),
-    (9, 100.1, 78.6, 0.788, 0.6, 0.0840, 2.49),
-    (10, 118.9, 93.1, 0.789, 1.9, 0.0915, 2.47),
-    (11, 150.4, 120.6, 0.809, 4.9, 0.1050, 2.15),
-    (12, 216.7, 190.3, 0.884, 10.3, 0.0818, 1.17),
-]
+# The numbers and their sources live in saelib.paper.
 
 
 def paper_zf_medians() -> pd.DataFrame:
-    """The paper's per-layer ZF medians for gpt2-small-res-jb, indexed by 1-based layer.
+    """The paper's per-layer ZF medians (moved to :func:`saelib.paper.zf_medians`, which names the source)."""
+    from saelib.paper import zf_medians
 
-    Columns follow ``saelib.afa.zf_summary``: median_norm_z, median_norm_f, median_ratio,
-    pct_over, median_nmse, median_eps_lbo.
-    """
-    df = pd.DataFrame(_PAPER_GPT2_ZF, columns=["layer", "median_norm_z", "median_norm_f", "median_ratio",
-                                               "pct_over", "median_nmse", "median_eps_lbo"])
-    df["median_eps_lbo"] = df["median_eps_lbo"] * 1e-5
-    return df.set_index("layer")
-
-
-# The paper's GPT-2 small training results (h = 12288, last logged training batch, one seed).
-_PAPER_GPT2_TRAINING = [
-    # layer, activation, k, λ_AFA, L0, NMSE (the minimum-NMSE run of each method, §4.5 MDL table)
-    (6, "batchtopk", 1024, None, 1024.0, 1.65076e-4),
-    (6, "topafa", None, 1 / 32, 2037.3, 1.64111e-4),
-    (6, "topk", 1024, None, 1023.5, 1.73874e-4),
-    (7, "batchtopk", 8192, None, 2957.2, 1.81183e-4),
-    (7, "topafa", None, 1 / 64, 1930.1, 1.95328e-4),
-    (7, "topk", 8192, None, 2957.2, 1.81183e-4),
-    (8, "batchtopk", 1024, None, 1024.0, 1.87346e-4),
-    (8, "topafa", None, 1 / 24, 2195.8, 1.65902e-4),
-    (8, "topk", 1024, None, 1023.3, 1.76545e-4),
-]
+    return zf_medians()
 
 
 def paper_best_runs() -> pd.DataFrame:
-    """The paper's best run per (layer, method) on GPT-2 small (d = 768, h = 12288), with the
-    columns :func:`comparison_table` and :func:`mdl_table` expect."""
-    df = pd.DataFrame(_PAPER_GPT2_TRAINING, columns=["layer", "activation", "k", "afa_coeff", "l0_mean", "nmse_mean"])
-    df["d_sae"] = 12288
-    return df
+    """The paper's best runs (moved to :func:`saelib.paper.best_runs`, which names the source)."""
+    from saelib.paper import best_runs
+
+    return best_runs()
