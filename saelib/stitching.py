@@ -471,10 +471,10 @@ def _competing_dse(S: SAEParts, L: SAEParts, x: Tensor, pre_S: Tensor, acts_S: T
     return dse
 
 
-@torch.no_grad()
 INSERTION_MODES = ("rule", "threshold")
 
 
+@torch.no_grad()
 def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *, chunk_tokens: int = 1024,
                         device: str | None = None, progress: bool = False, mode: str = "rule") -> InsertionResult:
     """Exact ΔMSE (per element) of inserting each latent of ``large`` into ``small``, all at once.
