@@ -69,6 +69,15 @@ NUMBERS: dict[str, PaperNumber] = {
                                 "training configs"),
     "topafa_train_tokens": PaperNumber(81_924_096, "training tokens per SAE (20,001 steps x 4096)", "topafa:code",
                                        "training configs"),
+    "topafa_train_steps": PaperNumber(20_001, "training steps per SAE", "topafa:code", "training configs"),
+    "topafa_batch_tokens": PaperNumber(4096, "tokens per training batch (also the batch the reported metrics "
+                                       "come from)", "topafa:code", "training configs and wandb exports"),
+    "topafa_l0_range_best": PaperNumber((1900, 2400), "approximate L0 range of the best top-AFA runs "
+                                        "(lambda >= 1/64 at layers 7-8, all top-AFA runs but three)", "topafa:code",
+                                        "training CSV exports; see e3_results()"),
+    "zf_median_ratio_range": PaperNumber((0.79, 0.98), "range of the per-layer median ||f~||/||z|| of the "
+                                         "pretrained SAEs (GPT-2 small and Gemma 2 2B)", "topafa:code",
+                                         "visualization/output_csv"),
     "topafa_mdl_bits_per_value": PaperNumber(7, "bits per non-zero value B in DL = L0 (B + log2 D)",
                                              "topafa:rebuttal", "visualization/mdl.ipynb"),
     "zf_release_d_sae": PaperNumber(24576, "width of gpt2-small-res-jb, the SAEs of the ZF plots", "topafa:code",
@@ -90,6 +99,8 @@ NUMBERS: dict[str, PaperNumber] = {
                           "released config"),
     "meta_base_width": PaperNumber(49152, "width of the SAE whose decoder the released meta-SAE decomposes",
                                    "canonical:code", "released config"),
+    "meta_hand_thresholds": PaperNumber((0.06, 0.14), "hand-set inference thresholds of the authors' meta-SAE "
+                                        "analysis scripts", "canonical:code", "analysis scripts and city-editing script"),
     "meta_einstein": PaperNumber("scientist, Germany, famous person, starts with E",
                                  "meta-latents of a GPT-2 'Einstein' latent", "canonical:abstract",
                                  "abstract and meta-SAE post TL;DR"),
