@@ -1,5 +1,10 @@
 """Evaluate any SAE on held-out tokens: reconstruction, sparsity, spliced-in CE/KL and ZF statistics.
 
+CE and KL come in two conventions (``convention=`` of :func:`evaluate_sae`): ours ("saelib":
+BOS never spliced or ablated, CE/KL over the predictions from positions 1..S−2) and SAELens' /
+SAEBench's ("saelens": every position spliced or ablated, CE over positions 0..S−2, KL over
+every position). Say which one a table uses; they differ for the same SAE.
+
 Every non-BOS token of every evaluation row counts (not one token per sequence as in the
 paper's ZF notebook), and everything is accumulated batch by batch so memory stays bounded by
 one batch of logits.

@@ -252,6 +252,11 @@ def test_saelens_sae_gives_the_same_metrics(tmp_path):
     theirs = evaluate_sae(lens, model, toks, hook=HOOK, progress=False)
     for key in ("nmse_mean", "l0_mean", "ce_sae", "kl_sae", "zf_ratio_median"):
         assert theirs.metrics[key] == pytest.approx(ours.metrics[key], rel=1e-4, abs=1e-6), key
+    # the same in SAELens' own CE/KL convention (BOS spliced and zero-ablated, KL at every position)
+    ours_l = evaluate_sae(sae, model, toks, progress=False, convention="saelens")
+    theirs_l = evaluate_sae(lens, model, toks, hook=HOOK, progress=False, convention="saelens")
+    for key in ("ce_sae", "ce_zero_abl", "ce_recovered_zero", "kl_sae"):
+        assert theirs_l.metrics[key] == pytest.approx(ours_l.metrics[key], rel=1e-4, abs=1e-6), key
 
 
 def test_centered_input_wrapper_matches_centering_by_hand():
