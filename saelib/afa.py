@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,6 +50,8 @@ __all__ = [
     "ZFStats",
     "zf_stats",
     "zf_stats_sae",
+    "zf_stats_model_space",
+    "activation_class",
     "zf_summary",
     "eps_lbo",
     "mdl_bits",
@@ -614,15 +617,40 @@ def _quantiles(x: Tensor, qs: Sequence[float]) -> list[float]:
     return [float(v) for v in torch.quantile(x, torch.tensor(list(qs), dtype=torch.float64))]
 
 
-def zf_summary(stats: ZFStats | Mapping[Any, ZFStats], *, pooled: bool = False):
+def activation_class(ratio: Any, tol: float = 0.0) -> np.ndarray:
+    """Per-token class of the ZF ratio ‖f̃‖/‖z‖ with a tolerance band of half-width ``tol``:
+    "over" (ratio > 1 + tol), "under" (ratio < 1 − tol), "within" (otherwise), "nan" (‖z‖ = 0).
+
+    ``tol = 0`` is the paper's strict split (its "% over" counts ratio > 1). A band is needed to
+    say anything: a norm-matching SAE (top-AFA) sits at ratio ≈ 1 by construction, and a strict
+    split then labels half its tokens "over-activated" by rounding alone.
+    """
+    if tol < 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    r = torch.as_tensor(ratio, dtype=torch.float64).cpu().numpy()
+    out = np.full(r.shape, "within", dtype=object)
+    out[r > 1 + tol] = "over"
+    out[r < 1 - tol] = "under"
+    out[np.isnan(r)] = "nan"
+    return out
+
+
+def zf_summary(stats: ZFStats | Mapping[Any, ZFStats], *, pooled: bool = False, tol: float = 0.0):
     """One row per layer (or per key) like the paper's ZF table; returns a pandas DataFrame.
 
-    Columns: n, median ‖z‖ and ‖f̃‖, median ratio with IQR, % over-activated (ratio > 1),
-    median NMSE and εLBO with IQRs, % at or above the √½ line (lower edge of the ε(h−1)=1 cone),
-    and the ẑ-based geometry columns (median ‖f̃‖/‖ẑ‖, % over vs ẑ, median geometry εLBO).
+    Columns: n, median ‖z‖ and ‖f̃‖, median ratio with IQR, % over-activated (ratio > 1 + tol),
+    % under-activated (ratio < 1 − tol) and % within the band, median NMSE and εLBO with IQRs,
+    % at or above the √½ line (lower edge of the ε(h−1)=1 cone), the spread of ‖z‖ (its
+    coefficient of variation: ≈ 0 means every token has the same norm, e.g. after per-token
+    standardisation, and the ZF plot collapses to a vertical stripe), and the ẑ-based geometry
+    columns (median ‖f̃‖/‖ẑ‖, % over vs ẑ, median geometry εLBO).
+    ``tol = 0`` (default) is the paper's strict "% over"; pass e.g. ``tol=0.05`` for a ±5% band.
     With ``pooled=True`` a final row "pooled" summarises all keys together.
     """
     import pandas as pd
+
+    if tol < 0 or not math.isfinite(tol):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
 
     if isinstance(stats, ZFStats):
         stats = {"all": stats}
@@ -649,7 +677,13 @@ def zf_summary(stats: ZFStats | Mapping[Any, ZFStats], *, pooled: bool = False):
                 "median_ratio": r50,
                 "ratio_q25": r25,
                 "ratio_q75": r75,
-                "pct_over": 100.0 * float((rv > 1).float().mean()) if rv.numel() else math.nan,
+                "pct_over": 100.0 * float((rv > 1 + tol).float().mean()) if rv.numel() else math.nan,
+                "pct_under": 100.0 * float((rv < 1 - tol).float().mean()) if rv.numel() else math.nan,
+                "pct_within": 100.0 * float(((rv >= 1 - tol) & (rv <= 1 + tol)).float().mean())
+                if rv.numel() else math.nan,
+                "tol": float(tol),
+                "norm_z_cv": float(s.norm_z.double().std() / s.norm_z.double().mean())
+                if s.norm_z.numel() > 1 and float(s.norm_z.double().mean()) > 0 else math.nan,
                 "median_nmse": n50,
                 "nmse_q25": n25,
                 "nmse_q75": n75,
@@ -958,3 +992,58 @@ def zf_stats_sae(sae: Any, z: Tensor, *, batch_size: int = 4096) -> ZFStats:
         if was_training and hasattr(sae, "train"):
             sae.train()
     return ZFStats(*[torch.cat([p[i].cpu() for p in parts]) for i in range(len(ZFStats._fields) - 1)], h=parts[0].h)
+
+
+@torch.no_grad()
+def zf_stats_model_space(sae: Any, x: Tensor, *, batch_size: int = 4096) -> ZFStats:
+    """ZF statistics in the **model's own activation space** (unnormalised ``x [N, d]``).
+
+    Why: with per-token standardisation (``input_norm="token"``) every token's decoder-space
+    input has the same norm (‖z‖ = sqrt(d−1) ≈ constant), so the decoder-space ZF plot is one
+    vertical stripe and says nothing about how the code norm follows the input norm. Going back to
+    model space spreads the tokens along the x-axis by their real norms.
+
+    The map back is affine per token: x = σ_t·x_n + μ_t·1 ("token"), x = x_n / s ("global"),
+    x = x_n ("none"). So x̂ = Σ_i (σ_t a_i) d_i + σ_t b_dec + μ_t 1, and f̃ gets the codes σ_t·a
+    on the same atoms plus two bias atoms: b_dec (coefficient σ_t) and the unit vector 1/√d
+    (coefficient μ_t √d); for "global" the codes and b_dec are divided by s. εLBO keeps h = the
+    SAE's width. The ratio ‖f̃‖/‖x‖ of a token is therefore the decoder-space ratio up to the
+    mean atom; what changes is that ‖x‖ now varies across tokens.
+
+    saelib SAEs only (they expose ``cfg.input_norm`` and ``normalize``); other SAEs: use
+    :func:`zf_stats_sae`, whose decoder space is already the model space when they do not normalise.
+    """
+    cfg = getattr(sae, "cfg", None)
+    mode = getattr(cfg, "input_norm", None)
+    if mode not in ("token", "global", "none"):
+        raise TypeError(f"zf_stats_model_space needs a saelib SAE (cfg.input_norm in token/global/none), got "
+                        f"{type(sae).__name__} with input_norm={mode!r}; use zf_stats_sae instead")
+    W, b = sae_decoder(sae)
+    if x.ndim != 2 or x.shape[1] != W.shape[1]:
+        raise ValueError(f"x must be [N, d] with d={W.shape[1]} (the SAE's d_in), got {tuple(x.shape)}")
+    h, d = W.shape
+    ones = torch.full((1, d), 1.0 / math.sqrt(d), device=W.device)
+    W_aug = torch.cat([W, b[None], ones], dim=0)
+    was_training = getattr(sae, "training", False)
+    sae.eval()
+    try:
+        parts: list[ZFStats] = []
+        for c0 in range(0, x.shape[0], batch_size):
+            xc = x[c0 : c0 + batch_size].to(device=W.device, dtype=sae.W_dec.dtype)
+            acts = sae.encode(xc).float()
+            n = xc.shape[0]
+            if mode == "token":
+                _, (mu, sd) = sae.normalize(xc)
+                scale, mean_coef = sd.float(), mu.float() * math.sqrt(d)
+            elif mode == "global":
+                scale = torch.full((n, 1), 1.0 / float(sae.input_scale), device=W.device)
+                mean_coef = torch.zeros(n, 1, device=W.device)
+            else:
+                scale, mean_coef = torch.ones(n, 1, device=W.device), torch.zeros(n, 1, device=W.device)
+            a_aug = torch.cat([acts * scale, scale, mean_coef], dim=1)
+            st = zf_stats(xc.float(), a_aug, W_aug, None, h=h)
+            parts.append(st._replace(l0=(acts != 0).sum(dim=1).float()))  # the two bias atoms are not latents
+    finally:
+        if was_training:
+            sae.train()
+    return ZFStats(*[torch.cat([p[i].cpu() for p in parts]) for i in range(len(ZFStats._fields) - 1)], h=h)

@@ -1,5 +1,10 @@
 """Evaluate any SAE on held-out tokens: reconstruction, sparsity, spliced-in CE/KL and ZF statistics.
 
+CE and KL come in two conventions (``convention=`` of :func:`evaluate_sae`): ours ("saelib":
+BOS never spliced or ablated, CE/KL over the predictions from positions 1..S−2) and SAELens' /
+SAEBench's ("saelens": every position spliced or ablated, CE over positions 0..S−2, KL over
+every position). Say which one a table uses; they differ for the same SAE.
+
 Every non-BOS token of every evaluation row counts (not one token per sequence as in the
 paper's ZF notebook), and everything is accumulated batch by batch so memory stays bounded by
 one batch of logits.
@@ -56,6 +61,10 @@ __all__ = [
     "evaluate_saes",
     "format_table",
     "mdl_table",
+    "massive_tokens",
+    "massive_summary",
+    "MassiveTokens",
+    "CONVENTIONS",
     "mean_activation",
     "mean_ci",
     "paper_best_runs",
@@ -328,6 +337,7 @@ class _Accumulator:
         self.zf_parts: list[dict[str, np.ndarray]] = []
         self.ce: dict[str, float] = {}
         self.n_pred = 0
+        self.n_kl = 0
         self.kl_parts: list[np.ndarray] = []
         self.ce_delta_parts: list[np.ndarray] = []
 
@@ -366,6 +376,7 @@ class _Accumulator:
         """ce[name], kl[name]: per-prediction tensors [m] for clean / sae / zero_abl / mean_abl."""
         m = int(ce["clean"].numel())
         self.n_pred += m
+        self.n_kl += int(kl["sae"].numel())
         for key, value in ce.items():
             self.ce[f"ce_{key}"] = self.ce.get(f"ce_{key}", 0.0) + float(value.double().sum())
         for key, value in kl.items():
@@ -412,7 +423,7 @@ class _Accumulator:
         kl_arr = ce_delta = None
         if self.n_pred:
             for key, total in self.ce.items():
-                metrics[key] = total / self.n_pred
+                metrics[key] = total / (self.n_kl if key.startswith("kl_") else self.n_pred)
             clean, sae_ce = metrics["ce_clean"], metrics["ce_sae"]
             for abl in ("zero", "mean"):
                 ab = metrics.get(f"ce_{abl}_abl")
@@ -547,6 +558,7 @@ def evaluate_sae(
     dense_threshold: float = 0.1,
     name: str | None = None,
     progress: bool = True,
+    convention: str = "saelib",
 ) -> EvalResult:
     """Evaluate ``sae`` at ``hook`` of ``model`` on held-out ``tokens`` (every non-BOS token).
 
@@ -574,11 +586,25 @@ def evaluate_sae(
         dense_threshold: fraction of tokens above which a latent counts as dense.
         name: label stored in the result.
         progress: tqdm bar over batches.
+        convention: which positions the CE/KL evaluation intervenes on and scores.
+
+            * ``"saelib"`` (default): with ``exclude_bos`` the BOS position is never spliced or
+              ablated, CE and KL are over the predictions made from positions 1..S−2 (the
+              predictions an intervention can change and that have a target).
+            * ``"saelens"``: SAELens' ``get_recons_loss`` (also SAEBench's): the SAE
+              reconstruction, zero- and mean-ablation replace **every** position including BOS;
+              CE is over the predictions from positions 0..S−2 (every position with a target)
+              and KL over **all** positions 0..S−1 (the last one included). Zero-ablating BOS
+              hurts the model much more, so CE recovered is higher under this convention.
+
+            Reconstruction metrics (NMSE, FVU, L0, ZF) use the non-BOS tokens (``exclude_bos``)
+            under both conventions.
     """
     label = name or type(sae).__name__
     out = evaluate_saes({label: sae}, model, tokens, hook=hook, batch_size=batch_size,
                         exclude_bos=exclude_bos, ce=ce, zf=zf, mean_act=mean_act,
-                        dense_threshold=dense_threshold, copies_per_pass=4, progress=progress)
+                        dense_threshold=dense_threshold, copies_per_pass=4, progress=progress,
+                        convention=convention)
     return out[label]
 
 
@@ -596,6 +622,7 @@ def evaluate_saes(
     dense_threshold: float = 0.1,
     copies_per_pass: int = 4,
     progress: bool = True,
+    convention: str = "saelib",
 ) -> dict[str, EvalResult]:
     """Evaluate several SAEs of the **same hook** on the same tokens, sharing the LM work.
 
@@ -609,6 +636,8 @@ def evaluate_saes(
         raise ValueError("evaluate_saes needs at least one SAE: pass {name: sae}.")
     if copies_per_pass < 1:
         raise ValueError(f"copies_per_pass must be >= 1, got {copies_per_pass}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     saes = {n: _as_sae(s) for n, s in saes.items()}
     hooks = {n: hook or sae_hook_name(s) for n, s in saes.items()}
     if any(h is None for h in hooks.values()):
@@ -641,7 +670,7 @@ def evaluate_saes(
                       desc=f"eval {len(saes)} SAE(s) at {the_hook}"):
             toks = tokens[i : i + batch_size].to(device)
             if ce:
-                _ce_batch(model, saes, toks, the_hook, mean_act, start, accs, copies_per_pass)
+                _ce_batch(model, saes, toks, the_hook, mean_act, start, accs, copies_per_pass, convention)
             else:
                 z = _harvest_batch(model, toks, the_hook, exclude_bos)
                 for n, s in saes.items():
@@ -650,6 +679,10 @@ def evaluate_saes(
                     accs[n].add(s, z.to(acts.device), acts, x_hat)
     return {n: accs[n].result(n, the_hook, _d_in(s), _d_sae(s), _sae_info(s, the_hook))
             for n, s in saes.items()}
+
+
+CONVENTIONS = ("saelib", "saelens")
+"""Evaluation conventions of :func:`evaluate_saes` (which positions CE/KL intervene on and score)."""
 
 
 def _check_width(z: torch.Tensor, d_in: int, hook: str) -> None:
@@ -663,11 +696,17 @@ def _check_width(z: torch.Tensor, d_in: int, hook: str) -> None:
 @torch.no_grad()
 def _ce_batch(model: Any, saes: Mapping[str, Any], toks: torch.Tensor, hook: str,
               mean_act: torch.Tensor, start: int, accs: Mapping[str, _Accumulator],
-              copies_per_pass: int) -> None:
-    """All copies (clean, zero_abl, mean_abl, one per SAE) of one batch; CE and KL per copy."""
+              copies_per_pass: int, convention: str = "saelib") -> None:
+    """All copies (clean, zero_abl, mean_abl, one per SAE) of one batch; CE and KL per copy.
+
+    ``start``: first position of the reconstruction metrics. ``convention`` (see
+    :func:`evaluate_sae`): "saelib" intervenes on and scores positions from ``start``; "saelens"
+    intervenes on every position, scores CE from position 0 and KL on every position."""
     b, s = toks.shape
     copies = ["clean", "zero_abl", "mean_abl"] + [("sae", n) for n in saes]
-    targets = toks[:, start + 1 :]  # predictions from positions start..s-2
+    lens = convention == "saelens"
+    ip = 0 if lens else start  # first intervened position
+    targets = toks[:, ip + 1 :]  # predictions from positions ip..s-2
     logp_clean: torch.Tensor | None = None
     ce_shared: dict[str, torch.Tensor] = {}
     kl_shared: dict[str, torch.Tensor] = {}
@@ -677,29 +716,34 @@ def _ce_batch(model: Any, saes: Mapping[str, Any], toks: torch.Tensor, hook: str
         chunk = copies[c0 : c0 + copies_per_pass]
 
         def splice(act: torch.Tensor, hook: Any = None, chunk=chunk) -> torch.Tensor:
-            z = act[:b, start:].reshape(-1, act.shape[-1])
+            z = act[:b, ip:].reshape(-1, act.shape[-1])
             out = act.clone()
             for j, kind in enumerate(chunk):
                 rows = slice(j * b, (j + 1) * b)
                 if kind == "clean":
                     continue
                 if kind == "zero_abl":
-                    out[rows, start:] = 0.0
+                    out[rows, ip:] = 0.0
                 elif kind == "mean_abl":
-                    out[rows, start:] = mean_act.to(device=act.device, dtype=act.dtype)
+                    out[rows, ip:] = mean_act.to(device=act.device, dtype=act.dtype)
                 else:
                     sae = saes[kind[1]]
                     _check_width(act, _d_in(sae), str(getattr(hook, "name", hook)))
                     acts, x_hat = _encode_decode(sae, z)
-                    accs[kind[1]].add(sae, z.to(acts.device), acts, x_hat)
-                    out[rows, start:] = x_hat.to(act.dtype).reshape(b, s - start, -1)
+                    # reconstruction metrics on positions start.. only (BOS stays out of them)
+                    keep = slice(None) if start == ip else (
+                        torch.arange(z.shape[0], device=z.device) % (s - ip) >= start - ip)
+                    accs[kind[1]].add(sae, z[keep].to(acts.device), acts[keep], x_hat[keep])
+                    out[rows, ip:] = x_hat.to(act.dtype).reshape(b, s - ip, -1)
             return out
 
         logits = model.run_with_hooks(toks.repeat(len(chunk), 1), fwd_hooks=[(hook, splice)],
                                       return_type="logits")
         for j, kind in enumerate(chunk):
-            logp = torch.log_softmax(logits[j * b : (j + 1) * b, start:-1].float(), dim=-1)
-            ce_tok = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).reshape(-1).cpu()
+            # saelib: positions ip..s-2 for CE and KL; saelens: ip..s-1 (KL includes the last position)
+            logp = torch.log_softmax(logits[j * b : (j + 1) * b, ip:(None if lens else -1)].float(), dim=-1)
+            logp_ce = logp[:, :-1] if lens else logp
+            ce_tok = -logp_ce.gather(-1, targets.unsqueeze(-1)).squeeze(-1).reshape(-1).cpu()
             if kind == "clean":
                 logp_clean = logp
                 ce_shared["clean"] = ce_tok
@@ -904,12 +948,28 @@ def format_table(table: pd.DataFrame, *, fmt: str = "markdown", mark: str = "bes
 
 
 def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_mean",
-              bits_per_float: float = 7.0, best_only: bool = True) -> pd.DataFrame:
+              bits_per_float: float = 7.0, best_only: bool = True, tolerance: Any = None,
+              rel_band: float = 0.10) -> pd.DataFrame:
     """The paper's MDL table: layer, method, tolerance (= NMSE), L0, description length in bits.
 
     ``DL = L0 · (B + log2 D)`` (Ayonrinde et al. 2024) via ``saelib.afa.mdl_bits``, with
-    ``B = bits_per_float`` and ``D = d_sae``. With ``best_only`` (the paper's choice) only the
-    minimum-NMSE run of each (layer, method) is kept.
+    ``B = bits_per_float`` and ``D = d_sae``.
+
+    Description lengths compare only at a common reconstruction tolerance (MDL asks for the
+    shortest code *that reconstructs to a given error*). Two modes:
+
+    * ``tolerance=None`` (the paper's table): with ``best_only`` the minimum-NMSE run of each
+      (layer, method). In the paper these runs sit at nearly the same NMSE (1.6–2.0e-4), so the
+      comparison is at matched tolerance there; on other grids it need not be.
+    * ``tolerance="matched"`` or a number: per layer a common tolerance τ (``"matched"``: the
+      largest of the methods' minimum NMSEs, the tightest error every method reaches); each
+      method contributes its **lowest-L0 run with NMSE ≤ τ**. Grids are discrete, so a method's
+      chosen run can sit well below τ (its DL is then an over-estimate); a layer's ``comparable``
+      column is True only when every chosen run's NMSE is within ``rel_band`` (relative) of τ, and
+      ``best`` (the minimum DL) is marked only in comparable layers.
+
+    Returned columns: layer, method, tolerance (NMSE) (the run's own NMSE), L0, MDL (bits), best,
+    and with a tolerance also tau, comparable.
     """
     from saelib.afa import mdl_bits
 
@@ -917,8 +977,22 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
     missing = need - set(frame.columns)
     if missing:
         raise ValueError(f"mdl_table needs columns {sorted(missing)}; got {sorted(frame.columns)}.")
+    if rel_band < 0:
+        raise ValueError(f"rel_band must be >= 0, got {rel_band}")
     df = frame
-    if best_only:
+    tau_of: dict[Any, float] = {}
+    if tolerance is not None:
+        if not (tolerance == "matched" or (isinstance(tolerance, (int, float)) and tolerance > 0)):
+            raise ValueError(f"tolerance must be None, 'matched' or a positive NMSE, got {tolerance!r}")
+        picks = []
+        for layer, g in df.groupby("layer"):
+            tau = float(g.groupby("activation")[metric].min().max()) if tolerance == "matched" else float(tolerance)
+            tau_of[layer] = tau
+            ok = g[g[metric] <= tau * (1 + 1e-12)]
+            if len(ok):
+                picks.append(ok.loc[ok.groupby("activation")[l0].idxmin()])
+        df = pd.concat(picks) if picks else df.iloc[:0]
+    elif best_only:
         df = df.loc[df.groupby(["layer", "activation"])[metric].idxmin()]
     rows = []
     for _, r in df.iterrows():
@@ -932,8 +1006,17 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
             "L0": float(r[l0]),
             "MDL (bits)": float(mdl_bits(float(r[l0]), bits_per_value=bits_per_float, dict_size=int(r["d_sae"]))),
         })
-    out = pd.DataFrame(rows).sort_values(["layer", "method"]).reset_index(drop=True)
+    out = pd.DataFrame(rows, columns=["layer", "method", "tolerance (NMSE)", "L0", "MDL (bits)"])
+    out = out.sort_values(["layer", "method"]).reset_index(drop=True)
     out["best"] = out.groupby("layer")["MDL (bits)"].transform("min") == out["MDL (bits)"]
+    if tolerance is not None:
+        out["tau"] = out["layer"].map(tau_of)
+        within = out["tolerance (NMSE)"] >= out["tau"] / (1 + rel_band)
+        methods = frame.groupby("layer")["activation"].nunique()
+        comp = within.groupby(out["layer"]).transform("all") & (
+            out.groupby("layer")["method"].transform("count") == out["layer"].map(methods))
+        out["comparable"] = comp
+        out["best"] = out["best"] & out["comparable"]
     return out
 
 
@@ -941,56 +1024,90 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
 # The paper's published numbers (for side-by-side tables; never used as targets)
 # --------------------------------------------------------------------------------------------
 
-# gpt2-small-res-jb (h = 24576), 1000 last-token samples per layer from pile-10k OpenWebText2;
-# layer = 1-based (layer L = blocks.{L-1}.hook_resid_pre). Per-layer medians recomputed from the
-# authors' exported CSV (visualization/output_csv); εLBO in absolute units.
-_PAPER_GPT2_ZF = [
-    # layer, med ‖z‖, med ‖f̃‖, med ratio, % over, med NMSE, med εLBO (x1e-5)
-    (1, 4.6, 4.3, 0.972, 3.6, 0.0010, 0.24),
-    (2, 49.7, 48.7, 0.978, 26.9, 0.0121, 0.24),
-    (3, 56.2, 52.7, 0.933, 6.9, 0.0167, 0.61),
-    (4, 60.4, 54.0, 0.898, 1.8, 0.0289, 0.98),
-    (5, 65.8, 56.4, 0.865, 0.6, 0.0430, 1.36),
-    (6, 70.9, 58.7, 0.841, 0.1, 0.0545, 1.69),
-    (7, 78.0, 62.5, 0.816, 0.2, 0.0663, 2.05),
-    (8, 86.9, 68.7, 0.801, 0.3, 0.0774, 2.27),
-    (9, 100.1, 78.6, 0.788, 0.6, 0.0840, 2.49),
-    (10, 118.9, 93.1, 0.789, 1.9, 0.0915, 2.47),
-    (11, 150.4, 120.6, 0.809, 4.9, 0.1050, 2.15),
-    (12, 216.7, 190.3, 0.884, 10.3, 0.0818, 1.17),
-]
+# --------------------------------------------------------------------------------------------
+# Massive-activation tokens
+# --------------------------------------------------------------------------------------------
+
+
+class MassiveTokens(NamedTuple):
+    """Tokens whose residual norm is many times the median (attention-sink / "massive activation"
+    tokens, typically the first token after BOS and some delimiters)."""
+
+    mask: np.ndarray
+    """[N] bool: ‖z_t‖ > factor · median ‖z‖."""
+    norms: np.ndarray
+    """[N] ‖z_t‖."""
+    median_norm: float
+    threshold: float
+    n_tokens: int
+    n_massive: int
+    var_share: float
+    """Share of the total variance Σ_t ‖z_t − z̄‖² (z̄ over all tokens) carried by the massive
+    tokens: FVU over all tokens weighs each token by exactly this term, so a share near 1 means
+    FVU (and MSE) mostly measure these few tokens."""
+    position_counts: dict
+    """{position in the row: number of massive tokens there} (empty without ``positions``)."""
+
+
+def massive_tokens(z: torch.Tensor, *, factor: float = 5.0, positions: Any = None) -> MassiveTokens:
+    """Find the massive-norm tokens of activations ``z [N, d]`` (``positions [N]``: optional
+    position of each token in its row, for the position histogram).
+
+    A token is "massive" when ‖z_t‖ > ``factor`` × median ‖z‖. The default 5 sits far above the
+    bulk of a residual stream's norm distribution (whose spread is a few tens of percent) and far
+    below the 10–20× of attention-sink tokens; the share of variance they carry is what matters.
+    """
+    if factor <= 1 or not math.isfinite(factor):
+        raise ValueError(f"factor must be a finite number > 1, got {factor}")
+    z = torch.as_tensor(z)
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise ValueError(f"z must be [N, d] with N > 0, got shape {tuple(z.shape)}")
+    zd = z.double()
+    norms = zd.norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError("z has non-finite entries; massive_tokens needs finite activations")
+    med = float(norms.median())
+    thr = factor * med
+    mask = (norms > thr).cpu().numpy()
+    dev2 = (zd - zd.mean(0)).pow(2).sum(1)
+    total = float(dev2.sum())
+    share = float(dev2[torch.as_tensor(mask)].sum()) / total if total > 0 else float("nan")
+    counts: dict = {}
+    if positions is not None:
+        pos = np.asarray(positions)
+        if pos.shape != (z.shape[0],):
+            raise ValueError(f"positions must have one entry per token ({z.shape[0]}), got shape {pos.shape}")
+        vals, cnt = np.unique(pos[mask], return_counts=True)
+        counts = {int(v): int(c) for v, c in zip(vals, cnt)}
+    return MassiveTokens(mask, norms.float().cpu().numpy(), med, thr, int(z.shape[0]), int(mask.sum()), share, counts)
+
+
+def massive_summary(acts: Mapping[str, torch.Tensor], *, factor: float = 5.0, positions: Any = None) -> pd.DataFrame:
+    """One row per hook of :func:`massive_tokens`: tokens, massive tokens, their share of the
+    variance, median and max norm, and the positions where they occur."""
+    rows = []
+    for h, z in acts.items():
+        m = massive_tokens(z, factor=factor, positions=positions)
+        rows.append({"hook": h, "tokens": m.n_tokens, "massive": m.n_massive,
+                     "massive_pct": 100.0 * m.n_massive / m.n_tokens, "var_share": m.var_share,
+                     "median_norm": m.median_norm, "max_norm": float(m.norms.max()),
+                     "positions": ", ".join(f"{p}: {c}" for p, c in sorted(m.position_counts.items(),
+                                                                           key=lambda t: -t[1])[:4])})
+    return pd.DataFrame(rows).set_index("hook")
+
+
+# The numbers and their sources live in saelib.paper.
 
 
 def paper_zf_medians() -> pd.DataFrame:
-    """The paper's per-layer ZF medians for gpt2-small-res-jb, indexed by 1-based layer.
+    """The paper's per-layer ZF medians (moved to :func:`saelib.paper.zf_medians`, which names the source)."""
+    from saelib.paper import zf_medians
 
-    Columns follow ``saelib.afa.zf_summary``: median_norm_z, median_norm_f, median_ratio,
-    pct_over, median_nmse, median_eps_lbo.
-    """
-    df = pd.DataFrame(_PAPER_GPT2_ZF, columns=["layer", "median_norm_z", "median_norm_f", "median_ratio",
-                                               "pct_over", "median_nmse", "median_eps_lbo"])
-    df["median_eps_lbo"] = df["median_eps_lbo"] * 1e-5
-    return df.set_index("layer")
-
-
-# The paper's GPT-2 small training results (h = 12288, last logged training batch, one seed).
-_PAPER_GPT2_TRAINING = [
-    # layer, activation, k, λ_AFA, L0, NMSE (the minimum-NMSE run of each method, §4.5 MDL table)
-    (6, "batchtopk", 1024, None, 1024.0, 1.65076e-4),
-    (6, "topafa", None, 1 / 32, 2037.3, 1.64111e-4),
-    (6, "topk", 1024, None, 1023.5, 1.73874e-4),
-    (7, "batchtopk", 8192, None, 2957.2, 1.81183e-4),
-    (7, "topafa", None, 1 / 64, 1930.1, 1.95328e-4),
-    (7, "topk", 8192, None, 2957.2, 1.81183e-4),
-    (8, "batchtopk", 1024, None, 1024.0, 1.87346e-4),
-    (8, "topafa", None, 1 / 24, 2195.8, 1.65902e-4),
-    (8, "topk", 1024, None, 1023.3, 1.76545e-4),
-]
+    return zf_medians()
 
 
 def paper_best_runs() -> pd.DataFrame:
-    """The paper's best run per (layer, method) on GPT-2 small (d = 768, h = 12288), with the
-    columns :func:`comparison_table` and :func:`mdl_table` expect."""
-    df = pd.DataFrame(_PAPER_GPT2_TRAINING, columns=["layer", "activation", "k", "afa_coeff", "l0_mean", "nmse_mean"])
-    df["d_sae"] = 12288
-    return df
+    """The paper's best runs (moved to :func:`saelib.paper.best_runs`, which names the source)."""
+    from saelib.paper import best_runs
+
+    return best_runs()

@@ -72,6 +72,8 @@ __all__ = [
     "max_cos_comparison",
     "max_cos_table",
     "random_unit_vectors",
+    "random_rows",
+    "fve_control",
     "matched_gaussian_vectors",
     "split_children",
     "shared_meta_ratio",
@@ -750,6 +752,30 @@ def matched_gaussian_vectors(n: int, W: torch.Tensor, seed: int = 0) -> torch.Te
     return F.normalize(mu + torch.randn(n, W.shape[1], generator=g) @ L.T, dim=1)
 
 
+def random_rows(W: torch.Tensor, kind: str = "isotropic", seed: int = 0) -> torch.Tensor:
+    """Random unit rows with the shape of ``W`` for an FVE or cosine control.
+
+    ``"isotropic"``: uniform on the sphere. ``"matched"``: Gaussian with the mean and covariance
+    of ``W``'s (unit-normalised) rows, then normalised (:func:`matched_gaussian_vectors`). Decoder
+    rows are anisotropic; a meta-SAE explains more of anisotropic random rows than of isotropic
+    ones, so only the excess over the *matched* control measures composition beyond the rows'
+    second-order statistics.
+    """
+    if kind == "isotropic":
+        return random_unit_vectors(W.shape[0], W.shape[1], seed)
+    if kind == "matched":
+        return matched_gaussian_vectors(W.shape[0], W, seed)
+    raise ValueError(f"kind must be 'isotropic' or 'matched', got {kind!r}")
+
+
+def fve_control(W: torch.Tensor, cfg: "MetaSAEConfig | None" = None, *, kind: str = "matched", seed: int = 0,
+                mode: str = "batch", **overrides: Any) -> FVEResult:
+    """FVE of the same meta-SAE recipe trained on random rows (:func:`random_rows`) of ``W``'s shape."""
+    R = random_rows(W, kind, seed)
+    m = train_meta_sae(R, cfg, **overrides)
+    return fve(m, R, mode)
+
+
 class MaxCosStats(NamedTuple):
     """Max-cosine distributions of one comparison set (e.g. meta-latents vs SAE of width w)."""
 
@@ -834,22 +860,85 @@ class SplitRecovery(NamedTuple):
     ci_high: float
     parent_meta_coverage: float  # mean fraction of children in which the parent's
     # closest meta-latent is active (nan without parent directions)
+    # cosine-matched baseline (nan when no decoder rows were given): random non-sibling pairs drawn
+    # to follow the child pairs' own decoder-cosine distribution, so that "children are similar
+    # directions" alone cannot produce the ratio
+    mean_child_cos: float = float("nan")  # mean decoder cosine of the child pairs
+    p_matched: float = float("nan")  # share rate of the cosine-matched random pairs
+    ratio_matched: float = float("nan")  # p_children / p_matched
+    ci_matched_low: float = float("nan")
+    ci_matched_high: float = float("nan")
+    matched_coverage: float = float("nan")  # share of child pairs whose cosine bin had random pairs
+    seed: int = 0  # seed of the random pairs (differs between parent sets)
 
 
 def _pair_shares(code_sets: list[set[int]], pairs: np.ndarray) -> np.ndarray:
     return np.array([bool(code_sets[a] & code_sets[b]) for a, b in pairs], dtype=bool)
 
 
+def _matched_pairs(W: torch.Tensor, child_cos: np.ndarray, siblings: set[tuple[int, int]],
+                   rng: np.random.Generator, *, n_bins: int = 10, per_bin: int = 2000,
+                   n_anchors: int = 2048, pool: np.ndarray | None = None):
+    """Random latent pairs whose decoder cosines follow ``child_cos``'s distribution.
+
+    Bins: quantiles of the child-pair cosines. Candidates: every pair (anchor, j) with the anchor
+    one of ``n_anchors`` random latents of ``pool``, j any other latent of the pool, not a sibling
+    pair, cosine inside the child range. Up to ``per_bin`` candidates are drawn per bin.
+    Returns (pairs [n, 2], bin of each pair, bin edges, child-pair share per bin).
+    """
+    X = F.normalize(W.detach().float().cpu(), dim=1)
+    pool = np.arange(X.shape[0]) if pool is None else np.asarray(pool)
+    edges = np.unique(np.quantile(child_cos, np.linspace(0, 1, n_bins + 1)))
+    if len(edges) < 2:
+        edges = np.array([child_cos.min() - 1e-6, child_cos.max() + 1e-6])
+    edges[0], edges[-1] = edges[0] - 1e-9, edges[-1] + 1e-9
+    child_bin = np.clip(np.searchsorted(edges, child_cos, side="right") - 1, 0, len(edges) - 2)
+    w = np.bincount(child_bin, minlength=len(edges) - 1) / len(child_cos)
+    anchors = rng.choice(pool, min(n_anchors, len(pool)), replace=False)
+    Xp = X[torch.as_tensor(pool)]
+    cand_a, cand_b, cand_c = [], [], []
+    for s0 in range(0, len(anchors), 512):
+        A = anchors[s0:s0 + 512]
+        C = (X[torch.as_tensor(A)] @ Xp.T).numpy()
+        ia, jb = np.nonzero((C > edges[0]) & (C < edges[-1]))
+        a, b = A[ia], pool[jb]
+        keep = a != b
+        cand_a.append(a[keep]), cand_b.append(b[keep]), cand_c.append(C[ia, jb][keep])
+    a, b, c = (np.concatenate(v) if v else np.zeros(0) for v in (cand_a, cand_b, cand_c))
+    if siblings and len(a):
+        sib = np.array([(min(x, y), max(x, y)) in siblings for x, y in zip(a.tolist(), b.tolist())], dtype=bool)
+        a, b, c = a[~sib], b[~sib], c[~sib]
+    cb = np.clip(np.searchsorted(edges, c, side="right") - 1, 0, len(edges) - 2)
+    out_pairs, out_bins = [], []
+    for k in range(len(edges) - 1):
+        idx = np.nonzero(cb == k)[0]
+        if len(idx) > per_bin:
+            idx = rng.choice(idx, per_bin, replace=False)
+        out_pairs.append(np.stack([a[idx], b[idx]], 1).astype(int))
+        out_bins.append(np.full(len(idx), k))
+    return np.concatenate(out_pairs), np.concatenate(out_bins), edges, w
+
+
 def shared_meta_ratio(codes: MetaCodes, groups: dict[int, list[int]] | list[list[int]], *,
                       n_random_pairs: int = 20000, n_boot: int = 1000, seed: int = 0,
                       ci: float = 0.95, pool: Sequence[int] | None = None,
-                      parent_meta: dict[int, int] | None = None) -> SplitRecovery:
+                      parent_meta: dict[int, int] | None = None, W: torch.Tensor | None = None,
+                      n_bins: int = 10) -> SplitRecovery:
     """Share rate of >= 1 active meta-latent within groups vs random latent pairs.
 
     ``groups``: latent groups (e.g. children of one parent). Random pairs are drawn from ``pool``
     (default: all latents). The CI resamples groups (pairs in one group are not independent) and
     random pairs. ``parent_meta``: group key -> a meta-latent; reports how often it is active in
     the group's members.
+
+    ``W`` (the decoder rows the codes were computed from) adds the **cosine-matched baseline**.
+    Children are chosen by their cosine to a parent, so they are similar directions, and a
+    meta-SAE's codes are a function of direction: similar rows share meta-latents whatever the
+    meta-SAE has learned about composition. The matched baseline draws random non-sibling pairs
+    whose decoder cosines follow the child pairs' distribution (``n_bins`` quantile bins,
+    reweighted to the children's bin shares); ``ratio_matched`` is the excess sharing beyond
+    what direction similarity alone gives. Pass different ``seed`` values for different parent
+    sets so their random baselines are independent draws.
     """
     items = list(groups.items()) if isinstance(groups, dict) else list(enumerate(groups))
     items = [(k, list(v)) for k, v in items if len(v) >= 2]
@@ -887,9 +976,51 @@ def shared_meta_ratio(codes: MetaCodes, groups: dict[int, list[int]] | list[list
         cov = [np.mean([parent_meta[k] in code_sets[c] for c in members])
                for k, members in items if k in parent_meta]
         coverage = float(np.mean(cov)) if cov else float("nan")
+    extra: dict[str, float] = {}
+    if W is not None:
+        if W.shape[0] != codes.n_latents:
+            raise ValueError(f"W has {W.shape[0]} rows but the codes are for {codes.n_latents} latents: pass the "
+                             "decoder the meta-codes were computed from")
+        Xn = F.normalize(W.detach().float().cpu(), dim=1)
+        child_pairs, child_group, siblings = [], [], set()
+        for g, (_, members) in enumerate(items):
+            ms = np.array(members)
+            ia, ib = np.triu_indices(len(ms), k=1)
+            for x, y in zip(ms[ia].tolist(), ms[ib].tolist()):
+                child_pairs.append((x, y)), child_group.append(g), siblings.add((min(x, y), max(x, y)))
+        cp = np.array(child_pairs)
+        child_cos = (Xn[torch.as_tensor(cp[:, 0])] * Xn[torch.as_tensor(cp[:, 1])]).sum(1).numpy()
+        child_share = _pair_shares(code_sets, cp).astype(float)
+        child_group = np.array(child_group)
+        pairs, bins, edges, w = _matched_pairs(W, child_cos, siblings, rng, n_bins=n_bins, pool=pool_arr)
+        shares = _pair_shares(code_sets, pairs).astype(float) if len(pairs) else np.zeros(0)
+        nb = len(edges) - 1
+        child_bin = np.clip(np.searchsorted(edges, child_cos, side="right") - 1, 0, nb - 1)
+
+        def matched_rate(sh: np.ndarray, bn: np.ndarray, cb: np.ndarray) -> tuple[float, float]:
+            wts = np.bincount(cb, minlength=nb).astype(float)
+            pb = np.array([sh[bn == k].mean() if (bn == k).any() else np.nan for k in range(nb)])
+            covered = ~np.isnan(pb) & (wts > 0)
+            if not covered.any():
+                return float("nan"), 0.0
+            return float((wts[covered] * pb[covered]).sum() / wts[covered].sum()), float(wts[covered].sum() / wts.sum())
+
+        p_m, cover = matched_rate(shares, bins, child_bin)
+        boot = []
+        for _ in range(n_boot):
+            gi = rng.integers(0, len(items), len(items))
+            sel = np.concatenate([np.nonzero(child_group == g)[0] for g in gi])
+            ri = rng.integers(0, len(shares), len(shares)) if len(shares) else np.zeros(0, dtype=int)
+            pm, _ = matched_rate(shares[ri], bins[ri], child_bin[sel])
+            pc = child_share[sel].mean()
+            boot.append(pc / pm if pm > 0 else np.inf)
+        mlo, mhi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2]) if boot else (np.nan, np.nan)
+        extra = {"mean_child_cos": float(child_cos.mean()), "p_matched": p_m,
+                 "ratio_matched": float(p_child / p_m) if p_m > 0 else float("inf") if p_m == 0 else float("nan"),
+                 "ci_matched_low": float(mlo), "ci_matched_high": float(mhi), "matched_coverage": cover}
     return SplitRecovery(len(items), int(per_group[:, 1].sum()), float(p_child), float(p_rand),
                          float(p_child / p_rand) if p_rand > 0 else float("inf"),
-                         float(lo), float(hi), coverage)
+                         float(lo), float(hi), coverage, seed=int(seed), **extra)
 
 
 def split_recovery(meta: MetaSAE, codes: MetaCodes, W_large: torch.Tensor, W_small: torch.Tensor,
@@ -897,7 +1028,10 @@ def split_recovery(meta: MetaSAE, codes: MetaCodes, W_large: torch.Tensor, W_sma
     """Split recovery of a meta-SAE trained on ``W_large`` against parents in ``W_small``.
 
     Children of a parent: latents of ``W_large`` with cos > ``theta`` to it. Also reports how often
-    the meta-latent closest to the parent's direction is active in its children.
+    the meta-latent closest to the parent's direction is active in its children, and (by default)
+    the cosine-matched random baseline of :func:`shared_meta_ratio` (children are similar
+    directions by construction, so only the excess over direction-matched pairs measures what the
+    meta-SAE adds).
     """
     groups = split_children(W_large, W_small, theta)
     if not groups:
@@ -908,6 +1042,7 @@ def split_recovery(meta: MetaSAE, codes: MetaCodes, W_large: torch.Tensor, W_sma
     parents = torch.tensor(list(groups))
     closest = max_cos(W_small[parents].float().cpu(), meta.W_dec.detach().float().cpu())[1]
     parent_meta = dict(zip(parents.tolist(), closest.tolist()))
+    kwargs.setdefault("W", W_large)
     return shared_meta_ratio(codes, groups, parent_meta=parent_meta, **kwargs)
 
 

@@ -471,15 +471,27 @@ def _competing_dse(S: SAEParts, L: SAEParts, x: Tensor, pre_S: Tensor, acts_S: T
     return dse
 
 
+INSERTION_MODES = ("rule", "threshold")
+
+
 @torch.no_grad()
 def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *, chunk_tokens: int = 1024,
-                        device: str | None = None, progress: bool = False) -> InsertionResult:
+                        device: str | None = None, progress: bool = False, mode: str = "rule") -> InsertionResult:
     """Exact ΔMSE (per element) of inserting each latent of ``large`` into ``small``, all at once.
 
     The inserted latent keeps its own encoder row and folded bias (so its own input centring) and
-    adds its decoder row; no second decoder bias. ReLU/threshold: closed form. TopK/top-AFA:
-    the latent competes in S's selection (see :func:`_competing_dse`).
+    adds its decoder row; no second decoder bias.
+
+    ``mode="rule"`` (default): the latent enters under S's own rule. ReLU/threshold: closed form.
+    TopK/top-AFA: the latent competes in S's selection (see :func:`_competing_dse`), so entering
+    usually pushes S latents out, and ΔMSE is then positive for most latents whatever they encode.
+    ``mode="threshold"``: the **non-competing** insertion for every rule: S's code is kept fixed
+    and the latent adds a_j(x)·d_j with a_j its activation in L (L's own selection); closed form
+    ΔSE = a_j²‖d_j‖² − 2a_j r·d_j. This is the ReLU measure applied to every architecture, so
+    it compares across architectures; for ReLU and BatchTopK (inference threshold) both modes agree.
     """
+    if mode not in INSERTION_MODES:
+        raise ValueError(f"mode must be one of {INSERTION_MODES}, got {mode!r}")
     S, L = _as_parts(small, device), _as_parts(large, device)
     _check_pair(S, L)
     dev = S.W_dec.device
@@ -501,7 +513,7 @@ def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *,
         pre_L = parts_pre_acts(L, xc)
         acts_L = _select(L, pre_L, xc)
         P = r @ L.W_dec.T  # [T, m_L]  r·d_j
-        if S.rule in _COMPETING:
+        if S.rule in _COMPETING and mode == "rule":
             d = _competing_dse(S, L, xc, pre_S, acts_S, pre_L, r, P)
         else:
             d = acts_L * acts_L * dn2_L - 2 * acts_L * P
@@ -1291,6 +1303,11 @@ class PairAnalysis(NamedTuple):
     """Fraction of swap families whose swap alone lowers the MSE."""
     bias_gap: float
     """‖b_dec^S − b_dec^L‖."""
+    insertion_threshold: InsertionResult | None = None
+    """The non-competing (threshold) insertion on the same tokens (``mode="threshold"``); for
+    ReLU / BatchTopK it is the same object as ``insertion``."""
+    cls_threshold: Classification | None = None
+    """Classification by the sign of the threshold-insertion ΔMSE."""
 
 
 def analyze_pair(small: Any, large: Any, x: Tensor, *, cfg: StitchConfig | None = None, curves: bool = True,
@@ -1304,6 +1321,11 @@ def analyze_pair(small: Any, large: Any, x: Tensor, *, cfg: StitchConfig | None 
     ins = insertion_delta_mse(small, large, x, chunk_tokens=cfg.chunk_tokens, device=device, progress=progress)
     match = decoder_cosine(small, large, theta_min=theta_min, block=cfg.cos_block, device=device)
     cls = classify_latents(ins.delta_mse, ins.freq_large, match.max_cos, theta_grid=cfg.theta_grid)
+    if competing:
+        ins_t = insertion_delta_mse(small, large, x, chunk_tokens=cfg.chunk_tokens, device=device, mode="threshold")
+        cls_t = classify_latents(ins_t.delta_mse, ins_t.freq_large, match.max_cos, theta_grid=cfg.theta_grid)
+    else:
+        ins_t, cls_t = ins, cls
     fam = build_families(match, theta=cfg.theta, alive_small=ins.freq_small > 0, alive_large=ins.freq_large > 0)
     od = op_delta_mse(small, large, fam, x, chunk_tokens=cfg.chunk_tokens, device=device)
     op_comp = np.nonzero(fam.kind != "small_only")[0]
@@ -1316,7 +1338,7 @@ def analyze_pair(small: Any, large: Any, x: Tensor, *, cfg: StitchConfig | None 
         cm = interpolation_curve(small, large, fam, od, x, monotone=True, **kw)
         ca = interpolation_curve(small, large, fam, od, x, monotone=False, **kw)
     S, L = sae_parts(small), sae_parts(large)
-    return PairAnalysis(ins, match, cls, fam, od, cm, ca, swap_imp, float((S.b_dec - L.b_dec).norm()))
+    return PairAnalysis(ins, match, cls, fam, od, cm, ca, swap_imp, float((S.b_dec - L.b_dec).norm()), ins_t, cls_t)
 
 
 def log_interp(n: np.ndarray | float, n_ref: Sequence[float], y_ref: Sequence[float]) -> np.ndarray:

@@ -1240,54 +1240,8 @@ def _ensure_sweep(configs, batches, cfg: TrainConfig, eval_batches, data_tag, ca
 
 # --------------------------------------------------------------------------------------------
 # the paper's numbers (for comparison tables; never used as targets)
-# --------------------------------------------------------------------------------------------
-# Lee et al. 2025, E3: GPT-2 small, blocks.{6,7,8}.hook_resid_pre, d_sae 12288, 20,001 steps x 4096
-# tokens, input_norm "token"; last-training-batch L0 and "Normalized MSE" (the l2_loss) from the
-# wandb exports in the authors' repository. (method, knob) -> ((L6 L0, NMSE), (L7 ...), (L8 ...)).
-_PAPER_E3 = {
-    ("topk", 32): ((32.0, 0.0649), (32.0, 0.0743), (32.0, 0.0824)),
-    ("topk", 64): ((63.9, 0.0513), (63.9, 0.0587), (63.8, 0.0653)),
-    ("topk", 128): ((127.8, 0.0392), (127.8, 0.0448), (127.8, 0.0498)),
-    ("topk", 256): ((256.0, 0.0264), (255.7, 0.0293), (256.0, 0.0322)),
-    ("topk", 512): ((512.0, 0.00885), (512.0, 0.00973), (512.0, 0.00953)),
-    ("topk", 1024): ((1023.5, 0.000174), (1023.4, 0.000187), (1023.3, 0.000177)),
-    ("topk", 2048): ((2044.2, 0.000185), (2045.2, 0.000218), (2044.5, 0.000193)),
-    ("topk", 4096): ((2971.2, 0.000182), (2976.3, 0.000209), (2960.6, 0.000227)),
-    ("topk", 8192): ((2950.1, 0.000213), (2957.2, 0.000181), (2952.2, 0.000198)),
-    ("batchtopk", 32): ((32.0, 0.0628), (32.0, 0.0726), (32.0, 0.0807)),
-    ("batchtopk", 64): ((64.0, 0.0495), (64.0, 0.0572), (64.0, 0.0636)),
-    ("batchtopk", 128): ((128.0, 0.0369), (128.0, 0.0427), (128.0, 0.0480)),
-    ("batchtopk", 256): ((256.0, 0.0237), (256.0, 0.0270), (256.0, 0.0301)),
-    ("batchtopk", 512): ((512.0, 0.00803), (512.0, 0.00948), (512.0, 0.00967)),
-    ("batchtopk", 1024): ((1024.0, 0.000165), (1024.0, 0.000193), (1024.0, 0.000187)),
-    ("batchtopk", 2048): ((2048.0, 0.000208), (2048.0, 0.000186), (2048.0, 0.000209)),
-    ("batchtopk", 4096): ((2969.2, 0.000183), (2974.4, 0.000202), (2950.4, 0.000216)),
-    ("batchtopk", 8192): ((2950.1, 0.000213), (2957.2, 0.000181), (2952.2, 0.000198)),
-    ("topafa", 1 / 128): ((315.2, 0.132), (1534.5, 0.00477), (1579.2, 0.00335)),
-    ("topafa", 1 / 64): ((1109.9, 0.0291), (1930.1, 0.000195), (1973.3, 0.000184)),
-    ("topafa", 1 / 32): ((2037.3, 0.000164), (2066.9, 0.000233), (2103.8, 0.000208)),
-    ("topafa", 1 / 24): ((2132.4, 0.000214), (2180.4, 0.000249), (2195.8, 0.000166)),
-    ("topafa", 1 / 16): ((2343.7, 0.000185), (2383.8, 0.000266), (2418.9, 0.000171)),
-}
-
-
 def paper_gpt2_results():
-    """The paper's E3 table (GPT-2 small, layers 6/7/8) as a DataFrame: one row per run with
-    columns ``activation, k, afa_coeff, layer, l0, nmse``. These are the *paper's* numbers
-    (last training batch of 4096 tokens, single seed), for side-by-side tables only."""
-    import pandas as pd
+    """The paper's E3 table (moved to :func:`saelib.paper.e3_results`, which names the source)."""
+    from saelib.paper import e3_results
 
-    rows = []
-    for (act, knob), per_layer in _PAPER_E3.items():
-        for layer, (l0, nmse) in zip((6, 7, 8), per_layer):
-            rows.append(
-                {
-                    "activation": act,
-                    "k": knob if act != "topafa" else None,
-                    "afa_coeff": knob if act == "topafa" else None,
-                    "layer": layer,
-                    "l0": l0,
-                    "nmse": nmse,
-                }
-            )
-    return pd.DataFrame(rows)
+    return e3_results()

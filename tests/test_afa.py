@@ -322,3 +322,59 @@ def test_plots_return_figures():
     import matplotlib.pyplot as plt
 
     plt.close("all")
+
+
+def test_zf_tolerance_band_and_activation_class():
+    from saelib.afa import ZFStats, activation_class, zf_summary
+
+    ratio = torch.tensor([0.90, 0.97, 1.0, 1.001, 1.03, 1.2, float("nan")])
+    n = ratio.numel()
+    one = torch.ones(n)
+    st = ZFStats(norm_z=one, norm_f=ratio, norm_z_hat=one, ratio=ratio, ratio_hat=ratio, nmse=one, eps_lbo=one,
+                 eps_lbo_hat=one, eps_lbo_recon=one, l0=one, k_eff=one, coherence=one, h=8)
+    assert list(activation_class(ratio, 0.05)) == ["under", "within", "within", "within", "within", "over", "nan"]
+    strict = zf_summary(st).iloc[0]
+    assert strict["pct_over"] == pytest.approx(100 * 3 / 6)  # the paper's strict > 1: 1.001 counts as over
+    band = zf_summary(st, tol=0.05).iloc[0]
+    assert band["pct_over"] == pytest.approx(100 / 6) and band["pct_under"] == pytest.approx(100 / 6)
+    assert band["pct_within"] == pytest.approx(400 / 6) and band["tol"] == 0.05
+    assert band["norm_z_cv"] == pytest.approx(0.0)  # every ‖z‖ equal: the degenerate stripe
+    with pytest.raises(ValueError, match="tol"):
+        zf_summary(st, tol=-0.1)
+
+
+@pytest.mark.parametrize("norm", ["token", "global", "none"])
+def test_zf_in_model_space(norm):
+    """Model-space ZF: ‖x̂‖ matches the SAE's own reconstruction and ‖z‖ varies across tokens,
+    while the decoder-space ‖z‖ of a per-token standardised SAE is one constant."""
+    from saelib.afa import zf_stats_model_space, zf_stats_sae
+    from saelib.sae import SAE, SAEConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 16, generator=g) * (0.5 + 5 * torch.rand(64, 1, generator=g)) + 0.4
+    sae = SAE(SAEConfig(d_in=16, d_sae=48, activation="topk", k=4, input_norm=norm, seed=1))
+    if norm == "global":
+        sae.fit_input_norm(x)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.3)
+        st = zf_stats_model_space(sae, x)
+        x_hat = sae.reconstruct(x)
+    torch.testing.assert_close(st.norm_z_hat, x_hat.norm(dim=1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(st.norm_z, x.norm(dim=1))
+    assert (st.l0 == (sae.encode(x) != 0).sum(1)).all()
+    dec = zf_stats_sae(sae, x)
+    if norm == "token":
+        assert float(dec.norm_z.std() / dec.norm_z.mean()) < 1e-4  # the stripe
+    assert float(st.norm_z.std() / st.norm_z.mean()) > 0.3
+    # every ratio is finite (no zero-norm token)
+    assert torch.isfinite(st.ratio).all()
+
+
+def test_zf_model_space_rejects_foreign_saes():
+    from saelib.afa import zf_stats_model_space
+
+    class Foreign(torch.nn.Module):
+        W_dec = torch.zeros(4, 3)
+
+    with pytest.raises(TypeError, match="zf_stats_sae"):
+        zf_stats_model_space(Foreign(), torch.zeros(2, 3))

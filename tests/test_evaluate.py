@@ -252,6 +252,11 @@ def test_saelens_sae_gives_the_same_metrics(tmp_path):
     theirs = evaluate_sae(lens, model, toks, hook=HOOK, progress=False)
     for key in ("nmse_mean", "l0_mean", "ce_sae", "kl_sae", "zf_ratio_median"):
         assert theirs.metrics[key] == pytest.approx(ours.metrics[key], rel=1e-4, abs=1e-6), key
+    # the same in SAELens' own CE/KL convention (BOS spliced and zero-ablated, KL at every position)
+    ours_l = evaluate_sae(sae, model, toks, progress=False, convention="saelens")
+    theirs_l = evaluate_sae(lens, model, toks, hook=HOOK, progress=False, convention="saelens")
+    for key in ("ce_sae", "ce_zero_abl", "ce_recovered_zero", "kl_sae"):
+        assert theirs_l.metrics[key] == pytest.approx(ours_l.metrics[key], rel=1e-4, abs=1e-6), key
 
 
 def test_centered_input_wrapper_matches_centering_by_hand():
@@ -295,3 +300,111 @@ def test_evaluation_plots_return_figures():
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
     assert "3 dead" not in figs[3].axes[0].get_legend().get_texts()[0].get_text()
     assert "1 dead" in figs[3].axes[0].get_legend().get_texts()[0].get_text()
+
+
+def _saelens_reference(model, sae, toks):
+    """SAELens' get_recons_loss, written out: the reconstruction (or zeros) replaces every position
+    including BOS; CE over every position with a target, KL over every position (the last included)."""
+    from saelib.evaluate import _encode_decode
+
+    def run(fn=None):
+        hooks = [] if fn is None else [(HOOK, lambda act, hook=None: fn(act))]
+        with torch.no_grad():
+            return model.run_with_hooks(toks, fwd_hooks=hooks, return_type="logits").float()
+
+    def recon(act):
+        _, x_hat = _encode_decode(sae, act.reshape(-1, act.shape[-1]))
+        return x_hat.reshape(act.shape).to(act.dtype)
+
+    clean, spliced, zero = run(), run(recon), run(lambda a: torch.zeros_like(a))
+
+    def ce(logits):
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        return float(-lp.gather(-1, toks[:, 1:, None]).mean())
+
+    def kl(logits):
+        p = torch.log_softmax(clean, -1)
+        return float((p.exp() * (p - torch.log_softmax(logits, -1))).sum(-1).mean())
+
+    c, s_, z = ce(clean), ce(spliced), ce(zero)
+    return {"ce_clean": c, "ce_sae": s_, "ce_zero_abl": z, "ce_recovered_zero": (z - s_) / (z - c),
+            "kl_sae": kl(spliced), "kl_zero_abl": kl(zero)}
+
+
+def test_both_ce_conventions_agree_with_independent_splices():
+    """saelib convention (BOS kept, KL without the last position) and SAELens/SAEBench's (BOS
+    spliced and zero-ablated, KL over every position), each against a hand-written splice."""
+    model = _model()
+    toks = _tokens(model, rows=3, seq=9)
+    sae = SAE(SAEConfig(d_in=model.cfg.d_model, d_sae=96, activation="topk", k=6, hook_name=HOOK, seed=2))
+    lens = evaluate_sae(sae, model, toks, batch_size=2, zf=False, progress=False, convention="saelens")
+    ref = _saelens_reference(model, sae, toks)
+    for key, v in ref.items():  # a ratio of differences amplifies float32 rounding: looser there
+        assert lens.metrics[key] == pytest.approx(v, rel=3e-4 if "recovered" in key else 1e-5, abs=1e-6), key
+    assert lens.kl.shape == (3 * 9,)  # every position, the last included
+    ours = evaluate_sae(sae, model, toks, batch_size=2, zf=False, progress=False)
+    assert ours.kl.shape == (3 * 7,)  # positions 1..7: BOS and the last position left out
+    # hand splice in our convention: positions 1.. replaced, CE/KL from positions 1..S-2
+    from saelib.evaluate import _encode_decode
+
+    def keep_bos(act, hook=None):
+        out = act.clone()
+        _, x_hat = _encode_decode(sae, act[:, 1:].reshape(-1, act.shape[-1]))
+        out[:, 1:] = x_hat.reshape(act[:, 1:].shape).to(act.dtype)
+        return out
+
+    with torch.no_grad():
+        clean = torch.log_softmax(model(toks).float(), -1)[:, 1:-1]
+        spl = torch.log_softmax(model.run_with_hooks(toks, fwd_hooks=[(HOOK, keep_bos)]).float(), -1)[:, 1:-1]
+    assert ours.metrics["ce_sae"] == pytest.approx(float(-spl.gather(-1, toks[:, 2:, None]).mean()), rel=1e-5)
+    assert ours.metrics["kl_sae"] == pytest.approx(float((clean.exp() * (clean - spl)).sum(-1).mean()), rel=1e-4,
+                                                   abs=1e-7)
+    # the two conventions really differ, and reconstruction metrics are the same non-BOS tokens
+    assert lens.metrics["ce_zero_abl"] != pytest.approx(ours.metrics["ce_zero_abl"], rel=1e-3)
+    assert lens.metrics["nmse_mean"] == pytest.approx(ours.metrics["nmse_mean"], rel=1e-6)
+    assert lens.n_tokens == ours.n_tokens == 3 * 8
+    with pytest.raises(ValueError, match="convention"):
+        evaluate_sae(sae, model, toks, progress=False, convention="sae-bench")
+
+
+def test_massive_tokens_and_their_variance_share():
+    from saelib.evaluate import massive_summary, massive_tokens
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1000, 16, generator=g) * 3
+    z[::100] *= 40  # 10 massive tokens at position 1 of 10 rows of 100
+    pos = np.arange(1000) % 100 + 1
+    m = massive_tokens(z, factor=5, positions=pos)
+    assert m.n_massive == 10 and m.mask[::100].all() and m.position_counts == {1: 10}
+    dev2 = (z.double() - z.double().mean(0)).pow(2).sum(1)
+    assert m.var_share == pytest.approx(float(dev2[::100].sum() / dev2.sum()), rel=1e-9)
+    assert m.var_share > 0.9  # 1% of the tokens carry nearly all the variance
+    tab = massive_summary({"h": z}, factor=5, positions=pos)
+    assert tab.loc["h", "massive"] == 10 and tab.loc["h", "positions"] == "1: 10"
+    with pytest.raises(ValueError, match="factor"):
+        massive_tokens(z, factor=1)
+    with pytest.raises(ValueError, match="non-finite"):
+        massive_tokens(torch.full((3, 2), float("nan")))
+
+
+def test_mdl_at_matched_tolerance():
+    import pandas as pd
+
+    frame = pd.DataFrame([
+        # layer, activation, k, λ, L0, NMSE
+        (1, "topk", 8, None, 8.0, 0.09), (1, "topk", 32, None, 32.0, 0.02),
+        (1, "topafa", None, 0.25, 20.0, 0.085), (1, "topafa", None, 0.5, 60.0, 0.05),
+    ], columns=["layer", "activation", "k", "afa_coeff", "l0_mean", "nmse_mean"]).assign(d_sae=128)
+    best = mdl_table(frame)  # the paper's rule: minimum-NMSE run of each method
+    assert set(best["tolerance (NMSE)"]) == {0.02, 0.05}
+    m = mdl_table(frame, tolerance="matched")
+    # τ = max of the methods' minimum NMSEs = 0.05; TopK's lowest-L0 run with NMSE <= 0.05 is k=32
+    assert (m["tau"] == 0.05).all()
+    assert dict(zip(m["method"].str.split(" ").str[0], m["L0"])) == {"Top-k": 32.0, "Top-AFA": 60.0}
+    assert not m["comparable"].any() and not m["best"].any()  # 0.02 is far below τ: not comparable
+    m2 = mdl_table(frame, tolerance=0.09)
+    assert dict(zip(m2["method"].str.split(" ").str[0], m2["L0"])) == {"Top-k": 8.0, "Top-AFA": 20.0}
+    assert m2["comparable"].all() and m2["best"].sum() == 1
+    assert m2.loc[m2["best"], "method"].item().startswith("Top-k")
+    with pytest.raises(ValueError, match="tolerance"):
+        mdl_table(frame, tolerance="loose")

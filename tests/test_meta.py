@@ -188,3 +188,64 @@ def test_top_activating_contexts_tiny_model():
     text = M.latent_view(0, codes_row, contexts=ctx[0], latent_logits=top)
     assert "meta     2" in text or "meta 2" in text.replace("  ", " ")
     assert "<table>" in M.latent_view_html(0, codes_row, contexts=ctx[0])
+
+
+def _direction_codes(rows: torch.Tensor, anchors: torch.Tensor) -> M.MetaCodes:
+    """Codes that are a pure function of direction: each row 'contains' its two nearest anchors."""
+    top = (F.normalize(rows, dim=1) @ anchors.T).topk(2, dim=1).indices
+    n = rows.shape[0]
+    return M.MetaCodes(torch.arange(n).repeat_interleave(2), top.reshape(-1), torch.ones(2 * n), n,
+                       anchors.shape[0], "threshold")
+
+
+def test_split_recovery_matched_baseline_removes_the_direction_tautology():
+    """Children are chosen by cosine, so codes that only encode direction already make them share
+    meta-latents: the isotropic ratio is large, the cosine-matched ratio is about 1."""
+    g = torch.Generator().manual_seed(5)
+    d = 32
+    parents = F.normalize(torch.randn(60, d, generator=g), dim=1)
+    # 4 children per parent (cos ~ 0.8 to it) and 1500 unrelated latents
+    kids = F.normalize(parents.repeat_interleave(4, 0) + 0.7 * torch.randn(240, d, generator=g) / d ** 0.5,
+                       dim=1)
+    # decoys: 150 non-parent centres with 3 near copies each (similar pairs that are not siblings)
+    centres = F.normalize(torch.randn(150, d, generator=g), dim=1)
+    decoys = F.normalize(centres.repeat_interleave(3, 0) + 0.7 * torch.randn(450, d, generator=g) / d ** 0.5, dim=1)
+    W = torch.cat([kids, decoys, F.normalize(torch.randn(1000, d, generator=g), dim=1)])
+    anchors = F.normalize(torch.randn(40, d, generator=g), dim=1)
+    codes = _direction_codes(W, anchors)
+    groups = M.split_children(W, parents, 0.7)
+    assert len(groups) > 20
+    rec = M.shared_meta_ratio(codes, groups, W=W, n_boot=100, seed=1)
+    assert rec.ratio > 3, rec  # the tautology: similar directions share codes
+    assert 0.6 < rec.ratio_matched < 1.5, rec  # nothing beyond direction
+    assert rec.matched_coverage > 0.9 and rec.mean_child_cos > 0.4
+    # planted shared component beyond direction: siblings also share a private meta-latent
+    extra_rows, extra_cols = [], []
+    for p, kids_p in groups.items():
+        for c in kids_p:
+            extra_rows.append(c), extra_cols.append(40 + p)
+    codes2 = M.MetaCodes(torch.cat([codes.rows, torch.tensor(extra_rows)]), torch.cat([codes.cols, torch.tensor(extra_cols)]),
+                         torch.ones(codes.rows.numel() + len(extra_rows)), codes.n_latents, 40 + 60, "threshold")
+    rec2 = M.shared_meta_ratio(codes2, groups, W=W, n_boot=100, seed=1)
+    assert rec2.ratio_matched > 1.5 and rec2.ci_matched_low > 1.0, rec2
+    # independent seeds give different random baselines
+    rec3 = M.shared_meta_ratio(codes, groups, W=W, n_boot=10, seed=2)
+    assert rec3.p_random != rec.p_random and rec3.seed == 2
+    with pytest.raises(ValueError, match="rows"):
+        M.shared_meta_ratio(codes, groups, W=W[:-1], n_boot=10)
+
+
+def test_random_rows_matched_control_is_anisotropic():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(48, 48, generator=g)
+    W = F.normalize(torch.randn(800, 48, generator=g) * torch.linspace(3, 0.05, 48) @ basis, dim=1)
+    iso, mat = M.random_rows(W, "isotropic", seed=1), M.random_rows(W, "matched", seed=1)
+    assert iso.shape == mat.shape == W.shape
+    top = lambda X: torch.linalg.svdvals(X - X.mean(0))[0] ** 2 / (X - X.mean(0)).pow(2).sum()  # noqa: E731
+    assert top(mat) > 2 * top(iso)  # the matched rows share the decoder's dominant directions
+    assert abs(float(top(mat) - top(W))) < 0.25 * float(top(W))
+    with pytest.raises(ValueError, match="isotropic"):
+        M.random_rows(W, "other")
+    r_iso = M.fve_control(W, kind="isotropic", d_meta=24, k=3, max_steps=60, min_steps=60, progress=False)
+    r_mat = M.fve_control(W, kind="matched", d_meta=24, k=3, max_steps=60, min_steps=60, progress=False)
+    assert r_mat.fve > r_iso.fve + 0.05, (r_mat, r_iso)

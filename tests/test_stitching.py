@@ -266,3 +266,37 @@ def test_width_family_retrains_when_its_recipe_changes(tmp_path):
     st.ensure_width_family(tmp_path, lr=3e-3, **kw)  # another learning rate: every member retrained
     assert weights.stat().st_mtime_ns != mtime and weights.read_bytes() != first
     assert json.loads((fam.path / "family.json").read_text())["lr"] == 3e-3
+
+
+@pytest.mark.parametrize("act,k", ARCHS)
+def test_threshold_insertion_keeps_S_fixed(act, k):
+    """mode="threshold": S's code stays as it is and latent j adds a_j^L d_j; checked against an
+    explicit reconstruction, and equal to the rule mode where latents do not compete."""
+    S, L = random_sae(32, act, 1, k=k), random_sae(48, act, 2, k=k)
+    x = data(120)
+    res = st.insertion_delta_mse(S, L, x, chunk_tokens=40, mode="threshold")
+    pS, pL = st.sae_parts(S), st.sae_parts(L)
+    xs = st.parts_decode(pS, st.parts_encode(pS, x))
+    aL = st.parts_encode(pL, x)
+    base = ((x - xs) ** 2).mean()
+    ref = torch.stack([((x - xs - aL[:, j:j + 1] * pL.W_dec[j]) ** 2).mean() - base for j in range(48)])
+    torch.testing.assert_close(res.delta_mse.float(), ref, atol=1e-5 * float(ref.abs().max()) + 1e-8, rtol=1e-3)
+    rule = st.insertion_delta_mse(S, L, x, chunk_tokens=40)
+    if act in ("relu", "batchtopk"):
+        torch.testing.assert_close(res.delta_mse, rule.delta_mse)
+    else:  # competing rules: entering pushes S latents out, so the rule ΔMSE differs
+        assert not torch.allclose(res.delta_mse, rule.delta_mse)
+    with pytest.raises(ValueError, match="mode"):
+        st.insertion_delta_mse(S, L, x, mode="other")
+
+
+def test_analyze_pair_reports_both_measures_on_the_same_tokens():
+    S, L = random_sae(16, "topk", 1, k=3), random_sae(32, "topk", 2, k=3)
+    cfg = st.StitchConfig(competing_tokens=64, n_points=4, competing_points=4)
+    r = st.analyze_pair(S, L, data(200), cfg=cfg, curves=True)
+    assert r.insertion.n_tokens == r.insertion_threshold.n_tokens == 64
+    assert r.cls_threshold is not None and r.cls_threshold.n_alive > 0
+    # the stitched path starts at S's MSE on the very tokens the pair was analysed on
+    assert r.curve_monotone.mse[0] == pytest.approx(r.insertion.mse_small, rel=1e-5)
+    R = st.analyze_pair(random_sae(16, "relu", 1), random_sae(32, "relu", 2), data(100), cfg=cfg, curves=False)
+    assert R.insertion_threshold is R.insertion
