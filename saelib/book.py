@@ -27,7 +27,7 @@ import yaml
 
 from saelib.io import atomic_write_text
 
-PROFILES = ("ci", "embedded", "gpt2")
+PROFILES = ("ci", "embedded", "gpt2", "smoke", "gpu")
 
 # `myst build --site` asks the network for the book theme's metadata. Offline, a stub theme is
 # placed where mystmd caches downloaded themes, and removed afterwards so that an online
