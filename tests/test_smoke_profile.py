@@ -203,3 +203,59 @@ def test_gpu_shrink_touches_only_size_knobs():
 @pytest.mark.parametrize("stem", list(GPU_SHRINK))
 def test_gpu_profile_runs_shrunk_on_cpu(stem, gpu_runs):
     execute(stem, gpu_shrunk(stem, gpu_runs), ROOT / "_build" / "gpu-smoke")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stand-ins themselves (fast)
+
+
+def test_standin_release_is_written_by_sae_lens_and_loads_like_a_local_release(tmp_path):
+    import torch
+    from sae_lens import SAE as LensSAE
+
+    from saelib import interop
+
+    folder = interop.write_standin_release("gpt2-small-res-jb-feature-splitting", tmp_path / "fs")
+    ids = interop.release_sae_ids(folder)
+    assert sorted(ids, key=lambda i: int(i.rsplit("_", 1)[1])) == [f"blocks.8.hook_resid_pre_{64 * 2 ** n}" for n in range(8)]
+    lens = interop.load_release_sae(folder, "blocks.8.hook_resid_pre_128")
+    assert isinstance(lens, LensSAE) and (lens.cfg.d_in, lens.cfg.d_sae) == (64, 128)
+    assert interop.expects_centred_input(folder)
+    x = torch.randn(32, 64)
+    ours = interop.from_saelens(lens)
+    assert torch.allclose(ours.decode(ours.encode(x)), lens.decode(lens.encode(x)), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no SAE 'blocks.8.hook_resid_pre_96'"):
+        interop.load_release_sae(folder, "blocks.8.hook_resid_pre_96")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        interop.release_dir(str(tmp_path / "missing" / "release"))
+    with pytest.raises(ValueError, match="no stand-in layout"):
+        interop.write_standin_release("gpt2-small-res-nope", tmp_path / "x")
+
+
+def test_released_family_from_a_local_folder(tmp_path):
+    from saelib import interop
+    from saelib.stitching import ensure_width_family
+
+    folder = interop.write_standin_release("gpt2-small-res-jb-feature-splitting", tmp_path / "fs")
+    fam = ensure_width_family(tmp_path / "runs", release=str(folder), multipliers=[1, 4])
+    assert fam.hook == "blocks.8.hook_resid_pre" and fam.widths == (64, 256)
+    assert [s.cfg.d_sae for s in fam.chain("relu")] == [64, 256]
+    with pytest.raises(ValueError, match="multipliers"):
+        ensure_width_family(tmp_path / "runs", release=str(folder), multipliers=[3])
+    layers = interop.write_standin_release("gpt2-small-res-jb", tmp_path / "jb")
+    with pytest.raises(ValueError, match="not a width family"):
+        ensure_width_family(tmp_path / "runs", release=str(layers), multipliers=[1])
+
+
+def test_openwebtext_standin_is_a_stream_corpus(monkeypatch):
+    from saelib import data
+
+    assert data.prepare_standin_corpus().exists()
+    tok = __import__("saelib.models", fromlist=["_embedded_tokenizer"])._embedded_tokenizer(None)
+    with pytest.raises(ValueError, match="is a stream: pass n_tokens"):
+        data.token_rows(tok, "openwebtext-standin", cache_dir=None)
+    rows = data.token_rows(tok, "openwebtext-standin", n_tokens=4 * 32, seq_len=32, cache_dir=None, progress=False)
+    assert rows.shape == (4, 32) and (rows[:, 0] == tok.bos_token_id).all()
+    # offline flags do not matter: the stand-in is local
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert next(iter(data.load_texts("openwebtext-standin", split="heldout")))
