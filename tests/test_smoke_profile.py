@@ -259,3 +259,13 @@ def test_openwebtext_standin_is_a_stream_corpus(monkeypatch):
     # offline flags do not matter: the stand-in is local
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert next(iter(data.load_texts("openwebtext-standin", split="heldout")))
+
+
+def test_inline_width_family_settings_are_checked():
+    from saelib.stitching import width_family_preset
+
+    fam = load(GPU, "05_stitching")["family_preset"]
+    assert width_family_preset(fam) == fam
+    with pytest.raises(ValueError, match=r"\['n_token'\] are not ensure_width_family arguments"):
+        width_family_preset({"n_token": 4096})
+    assert width_family_preset("ci") == width_family_preset("ci")  # named presets still work
