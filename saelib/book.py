@@ -42,7 +42,7 @@ import yaml
 
 from saelib.io import atomic_write_text, load_yaml
 
-PROFILES = ("ci", "embedded", "gpt2")
+PROFILES = ("ci", "embedded", "gpt2", "smoke", "gpu")
 
 # `myst build --site` asks the network for the book theme's metadata. Offline, a stub theme is
 # placed where mystmd caches downloaded themes, inside the generated project folder.

@@ -4,8 +4,9 @@ Two entry points:
 
 * :func:`load_texts` iterates over the documents of a corpus: ``"embedded"`` (the English corpus
   built from registry packages by ``scripts/prepare_corpus.py``, see ``data/README.md``),
-  ``"openwebtext"`` (Hugging Face ``datasets`` streaming, needs the hub) or a local
-  ``.txt`` / ``.jsonl`` / ``.parquet`` file.
+  ``"openwebtext"`` (Hugging Face ``datasets`` streaming, needs the hub),
+  ``"openwebtext-standin"`` (a small local stand-in for it, read through the same streaming
+  path; see :func:`prepare_standin_corpus`) or a local ``.txt`` / ``.jsonl`` / ``.parquet`` file.
 * :func:`token_rows` turns a corpus split into a ``LongTensor[n_rows, seq_len]``: documents are
   tokenised, concatenated with EOS after every document, cut into chunks of ``seq_len - 1``
   tokens, and every row gets BOS at position 0. Rows are cached on disk (unshuffled, keyed by
@@ -43,6 +44,7 @@ __all__ = [
     "document_split",
     "iter_token_rows",
     "load_texts",
+    "prepare_standin_corpus",
     "resolve_tokenizer",
     "token_rows",
     "tokenizer_fingerprint",
@@ -51,8 +53,15 @@ __all__ = [
 HELDOUT_FRACTION = 0.05
 """Fraction of documents (by text hash) in the ``"heldout"`` split."""
 SPLITS = ("train", "heldout", "all")
-NAMED_CORPORA = ("embedded", "openwebtext")
+NAMED_CORPORA = ("embedded", "openwebtext", "openwebtext-standin")
+STREAM_CORPORA = ("openwebtext", "openwebtext-standin")
+"""Corpora read as a stream (``datasets`` streaming): ``token_rows`` needs ``n_tokens`` and reads
+only as many documents as it needs."""
 OPENWEBTEXT = "Skylion007/openwebtext"
+STANDIN_DOCS = 400
+"""Documents in the OpenWebText stand-in."""
+STANDIN_MAX_CHARS = 12_000
+"""Each stand-in document is cut to at most this many characters (web pages are short)."""
 _HASH_RANGE = 1 << 64
 
 
@@ -107,23 +116,68 @@ def _check_online() -> None:
         )
 
 
-def _openwebtext_docs() -> Iterator[str]:
+def standin_corpus_path() -> Path:
+    """Path of the OpenWebText stand-in, ``data/corpus/openwebtext-standin.parquet``."""
+    return data_dir() / "corpus" / "openwebtext-standin.parquet"
+
+
+def prepare_standin_corpus(*, force: bool = False) -> Path:
+    """Build (once) the small local stand-in for OpenWebText and return its path.
+
+    The stand-in lets the ``openwebtext`` code path (``datasets`` streaming, stream-keyed token
+    caches, ``n_tokens``-limited reads) run offline in tests and in the ``smoke`` profile. It holds
+    :data:`STANDIN_DOCS` documents of the embedded corpus (every k-th one, so every source is
+    represented), each cut to :data:`STANDIN_MAX_CHARS` characters at a paragraph break, in an
+    order set by a hash of the text (OpenWebText's rows come in no topical order), as a parquet
+    file with a ``"text"`` column like the hub dataset. It is deterministic: the same embedded
+    corpus gives the same file. It is *not* web text; only the code path is OpenWebText's.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    target = standin_corpus_path()
+    if target.exists() and not force:
+        return target
+    docs = list(_jsonl_docs(corpus_path("embedded")))
+    if not docs:
+        raise ValueError(f"{corpus_path('embedded')} holds no documents; rebuild it with `python scripts/prepare_corpus.py --force`.")
+    step = max(1, len(docs) // STANDIN_DOCS)
+    picked = []
+    for text in docs[::step][:STANDIN_DOCS]:
+        if len(text) > STANDIN_MAX_CHARS:
+            cut = text.rfind("\n", 0, STANDIN_MAX_CHARS)
+            text = text[: cut if cut > STANDIN_MAX_CHARS // 2 else STANDIN_MAX_CHARS]
+        picked.append(text)
+    picked.sort(key=lambda t: hashlib.blake2b(t.encode("utf-8"), digest_size=8, person=b"owt-stand").digest())
+    with atomic_path(target, suffix=".parquet.tmp") as tmp:
+        pq.write_table(pa.table({"text": picked}), tmp)
+    return target
+
+
+def _stream_docs(kind: str) -> Iterator[str]:
+    """Documents of a stream corpus through ``datasets`` streaming (the hub, or the local stand-in)."""
     import datasets
 
-    # The hub repo long held a loading script, which datasets >= 4 refuses to run; the
-    # auto-converted parquet branch serves the same rows.
-    attempts = ({}, {"revision": "refs/convert/parquet"},
-                {"name": "plain_text", "revision": "refs/convert/parquet"})
+    if kind == "openwebtext-standin":
+        source = str(prepare_standin_corpus())
+        # The same call and row format as the hub's auto-converted parquet branch.
+        attempts = (("parquet", {"data_files": source}),)
+    else:
+        source = OPENWEBTEXT
+        # The hub repo long held a loading script, which datasets >= 4 refuses to run; the
+        # auto-converted parquet branch serves the same rows.
+        attempts = ((OPENWEBTEXT, {}), (OPENWEBTEXT, {"revision": "refs/convert/parquet"}),
+                    (OPENWEBTEXT, {"name": "plain_text", "revision": "refs/convert/parquet"}))
     errors = []
-    for kwargs in attempts:
+    for path, kwargs in attempts:
         try:
-            stream = datasets.load_dataset(OPENWEBTEXT, split="train", streaming=True, **kwargs)
+            stream = datasets.load_dataset(path, split="train", streaming=True, **kwargs)
             break
         except Exception as e:  # noqa: BLE001 - hub/network/format errors all mean "try next"
             errors.append(f"{kwargs or 'default'}: {type(e).__name__}: {e}")
     else:
         raise RuntimeError(
-            f"Could not stream {OPENWEBTEXT} from the Hugging Face hub ({'; '.join(errors)}). "
+            f"Could not stream {source} ({'; '.join(errors)}). "
             "Without hub access use corpus='embedded' or a local .txt/.jsonl/.parquet file."
         )
     try:
@@ -131,7 +185,7 @@ def _openwebtext_docs() -> Iterator[str]:
             yield row["text"]
     except (OSError, ConnectionError) as e:  # connection lost mid-stream
         raise RuntimeError(
-            f"Streaming {OPENWEBTEXT} failed ({type(e).__name__}: {e}). "
+            f"Streaming {source} failed ({type(e).__name__}: {e}). "
             "Without hub access use corpus='embedded' or a local .txt/.jsonl/.parquet file."
         ) from e
 
@@ -184,7 +238,7 @@ def _parquet_docs(path: Path) -> Iterator[str]:
 
 
 def _corpus_source(corpus: str | os.PathLike) -> tuple[str, Path | None]:
-    """(kind, path): kind is "embedded", "openwebtext", "txt", "jsonl" or "parquet"."""
+    """(kind, path): kind is a named corpus, "txt", "jsonl" or "parquet"."""
     if isinstance(corpus, str) and corpus in NAMED_CORPORA:
         return (corpus, corpus_path(corpus) if corpus == "embedded" else None)
     path = Path(corpus)
@@ -204,7 +258,8 @@ def load_texts(corpus: str | os.PathLike = "embedded", *, split: str = "train") 
     """Iterate over the documents of ``corpus`` that belong to ``split``.
 
     Args:
-        corpus: ``"embedded"``, ``"openwebtext"`` (online only) or a path to a ``.txt``
+        corpus: ``"embedded"``, ``"openwebtext"`` (online only), ``"openwebtext-standin"`` (its
+            local stand-in, same streaming path) or a path to a ``.txt``
             (documents separated by blank lines), ``.jsonl`` (one JSON object per line with a
             ``"text"`` field) or ``.parquet`` (a ``"text"`` column) file.
         split: ``"train"``, ``"heldout"`` (about :data:`HELDOUT_FRACTION` of the documents,
@@ -213,9 +268,10 @@ def load_texts(corpus: str | os.PathLike = "embedded", *, split: str = "train") 
     # Validate eagerly (bad names, missing files, offline hub) so errors surface at the call.
     _check_split(split)
     kind, path = _corpus_source(corpus)
-    if kind == "openwebtext":
-        _check_online()
-        docs = _openwebtext_docs()
+    if kind in STREAM_CORPORA:
+        if kind == "openwebtext":
+            _check_online()
+        docs = _stream_docs(kind)
     else:
         reader = {"embedded": _jsonl_docs, "jsonl": _jsonl_docs, "txt": _txt_docs, "parquet": _parquet_docs}
         docs = reader[kind](path)
@@ -230,6 +286,8 @@ def corpus_checksum(corpus: str | os.PathLike = "embedded") -> str:
     kind, path = _corpus_source(corpus)
     if kind == "openwebtext":
         return "openwebtext"
+    if kind == "openwebtext-standin":
+        path = prepare_standin_corpus()
     if kind == "embedded":
         manifest = path.with_name(path.name.replace(".jsonl", ".manifest.json"))
         if manifest.exists():
@@ -355,7 +413,7 @@ def iter_token_rows(
 
     Rows are built exactly as in :func:`token_rows` (EOS after every document, BOS then
     ``seq_len - 1`` stream tokens per row) but come in corpus order, unshuffled; the trailing
-    partial row is dropped. Suited to ``"openwebtext"`` (itself in random order).
+    partial row is dropped. Suited to ``"openwebtext"`` (itself in random order) and its stand-in.
     """
     _check_seq_len(seq_len)
     tok, bos, eos = resolve_tokenizer(model_or_tokenizer)
@@ -439,7 +497,7 @@ def token_rows(
         split: ``"train"``, ``"heldout"`` or ``"all"``.
         n_tokens: total tokens wanted, BOS included: returns ``ceil(n_tokens / seq_len)`` rows,
             the first ones of the seeded order (so a larger ``n_tokens`` extends a smaller one).
-            ``None`` returns every row (not allowed for ``"openwebtext"``).
+            ``None`` returns every row (not allowed for the streamed ``"openwebtext"`` and its stand-in).
         seq_len: row length, BOS included.
         seed: seed of the row order.
         cache_dir: folder of the on-disk row cache; ``"default"`` is ``data/tokens``, ``None``
@@ -456,12 +514,12 @@ def token_rows(
     tok, bos, eos = resolve_tokenizer(model_or_tokenizer)
     kind, path = _corpus_source(corpus)
     n_wanted = None if n_tokens is None else -(-n_tokens // seq_len)
-    if kind == "openwebtext" and n_wanted is None:
-        raise ValueError("corpus='openwebtext' is a stream: pass n_tokens, or use iter_token_rows().")
+    if kind in STREAM_CORPORA and n_wanted is None:
+        raise ValueError(f"corpus={kind!r} is a stream: pass n_tokens, or use iter_token_rows().")
 
     tag = kind if kind in NAMED_CORPORA else re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)[:40]
     key = f"{tag}-{corpus_checksum(corpus)[:12]}-L{seq_len}-{split}"
-    if kind == "openwebtext":
+    if kind in STREAM_CORPORA:
         key += f"-n{n_wanted}"  # a stream has no end: the cache holds exactly what was read
     cache = None
     if cache_dir is not None:
@@ -482,7 +540,7 @@ def token_rows(
             warnings.warn(f"The token cache {cache} is unreadable ({e}); rebuilding it.", stacklevel=2)
             rows = None
     if rows is None:
-        max_rows = n_wanted if kind == "openwebtext" else None
+        max_rows = n_wanted if kind in STREAM_CORPORA else None
         rows, n_stream = _build_rows(tok, bos, eos, corpus, split, seq_len, max_rows, progress)
         if cache is not None and len(rows):
             try:

