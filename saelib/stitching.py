@@ -1203,26 +1203,32 @@ WIDTH_FAMILY_PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(architectures={"relu": (1, 2, 4, 8), "topk": (1, 2, 4), "batchtopk": (1, 2, 4),
                                     "topafa": (1, 2, 4)},
                      n_tokens=65_536, train_tokens=262_144, batch_size=512, lr=2e-3, l1_coeff=3e-3),
+    # the papers' ratios on one GPU (profiles/gpu): ReLU at d·2^n, n = 0..6 (Bloom's GPT-2 family is
+    # 768·2^n), the other rules at d·{1..16}; 81,924,096 tokens per SAE (20,001 steps of 4096)
+    # cycling a 4.19 M-token cache; lr 4e-4 and batch 4096 are Bloom's, l1_coeff 3e-3 is ours
+    "gpu": dict(architectures={"relu": (1, 2, 4, 8, 16, 32, 64), "topk": (1, 2, 4, 8, 16),
+                               "batchtopk": (1, 2, 4, 8, 16), "topafa": (1, 2, 4, 8, 16)},
+                n_tokens=4_194_304, train_tokens=81_924_096, batch_size=4096, lr=4e-4, l1_coeff=3e-3, k=32),
 }
 """Named width-family settings shared by the stitching and meta-SAE chapters (the same preset
 gives the same folder and configs, so the family is trained once)."""
 
 
-def width_family_preset(name: str | Mapping[str, Any]) -> dict[str, Any]:
-    """Keyword arguments of :func:`ensure_width_family` for a named preset ("ci", "embedded"), or
-    a mapping of them given inline (the ``gpu`` profile's family; keys are checked)."""
-    if isinstance(name, Mapping):
+def width_family_preset(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`ensure_width_family` for a named preset ("ci", "embedded",
+    "gpu"), with ``overrides`` (a mapping of the same arguments, checked) laid over it."""
+    if name not in WIDTH_FAMILY_PRESETS:
+        raise ValueError(f"unknown width-family preset {name!r}; choose one of {sorted(WIDTH_FAMILY_PRESETS)}")
+    overrides = dict(overrides or {})
+    if overrides:
         import inspect
 
         allowed = set(inspect.signature(ensure_width_family).parameters) - {
             "runs_dir", "model_name", "corpus", "layer", "seed", "name", "device", "progress", "model", "release"}
-        bad = sorted(set(name) - allowed)
+        bad = sorted(set(overrides) - allowed)
         if bad:
             raise ValueError(f"width-family settings {bad} are not ensure_width_family arguments; allowed: {sorted(allowed)}")
-        return dict(name)
-    if name not in WIDTH_FAMILY_PRESETS:
-        raise ValueError(f"unknown width-family preset {name!r}; choose one of {sorted(WIDTH_FAMILY_PRESETS)}")
-    return dict(WIDTH_FAMILY_PRESETS[name])
+    return {**WIDTH_FAMILY_PRESETS[name], **overrides}
 
 
 def _read_json(path: Path) -> Any:

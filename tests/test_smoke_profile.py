@@ -6,7 +6,7 @@
   profile takes, say) fails its test, and the partly executed notebook is kept under
   ``_build/smoke/`` for reading.
 * The `gpu` profile's chapters 3-6 run on CPU with only their size knobs shrunk (``GPU_SHRINK``),
-  so its code path (streamed activations over many passes, an inline width family, the paper's
+  so its code path (streamed activations over many passes, the gpu width family, the paper's
   meta-SAE ratio) is exercised without a GPU.
 * Key checks keep the profiles from drifting: every key `gpt2` sets is set by `smoke`, with a value
   of the same kind, and branch-selecting values that match.
@@ -131,10 +131,13 @@ def test_gpu_profile_is_complete_and_at_the_papers_scale():
     assert math.ceil(ch3["train_tokens"] / rows_tokens) >= 13
     # width family: the paper's widths d·2^n (ReLU up to 64·d) and meta-SAE ratio 2304/49152 = 3/64
     assert ch5["family_preset"] == ch6["family_preset"], "chapters 5 and 6 must share one family"
-    relu = ch5["family_preset"]["architectures"]["relu"]
+    from saelib.stitching import width_family_preset
+
+    fam = width_family_preset(ch5["family_preset"])
+    relu = list(fam["architectures"]["relu"])
     assert relu == [1, 2, 4, 8, 16, 32, 64]
     assert ch6["meta_d_meta"] * 64 == 3 * 576 * max(relu) and ch6["meta_k"] == 4
-    assert ch5["family_preset"]["train_tokens"] >= 80_000_000
+    assert fam["train_tokens"] >= 80_000_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,9 +185,7 @@ def gpu_runs(tmp_path_factory):
 def gpu_shrunk(stem: str, runs: Path) -> dict:
     params = {**book.profile_parameters("gpu", stem), **GPU_SHRINK[stem], "runs_dir": str(runs)}
     if "family_preset" in params:
-        fam = {**params["family_preset"], **GPU_FAMILY_SHRINK}
-        fam["architectures"] = GPU_FAMILY_MULTIPLIERS
-        params["family_preset"] = fam
+        params["family_overrides"] = {**GPU_FAMILY_SHRINK, "architectures": GPU_FAMILY_MULTIPLIERS}
         if "meta_d_meta" in params:  # the paper's ratio, at the shrunk widest width
             params["meta_d_meta"] = params["meta_d_meta"] * max(GPU_FAMILY_MULTIPLIERS["relu"]) // 64
     return params
@@ -261,11 +262,12 @@ def test_openwebtext_standin_is_a_stream_corpus(monkeypatch):
     assert next(iter(data.load_texts("openwebtext-standin", split="heldout")))
 
 
-def test_inline_width_family_settings_are_checked():
+def test_width_family_overrides_are_checked():
     from saelib.stitching import width_family_preset
 
-    fam = load(GPU, "05_stitching")["family_preset"]
-    assert width_family_preset(fam) == fam
+    assert width_family_preset("gpu", {"n_tokens": 2048})["n_tokens"] == 2048
+    assert width_family_preset("gpu")["n_tokens"] == 4_194_304  # the preset itself is untouched
     with pytest.raises(ValueError, match=r"\['n_token'\] are not ensure_width_family arguments"):
-        width_family_preset({"n_token": 4096})
-    assert width_family_preset("ci") == width_family_preset("ci")  # named presets still work
+        width_family_preset("ci", {"n_token": 4096})
+    with pytest.raises(ValueError, match="unknown width-family preset"):
+        width_family_preset("nope")
