@@ -47,6 +47,7 @@ uninterrupted run (tested). The learning-rate schedule is a pure function of the
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import itertools
@@ -140,6 +141,14 @@ class TrainConfig:
     """Torch device for the SAEs; None = "cuda" when available, else "cpu"."""
     seed: int = 0
     """Seed for torch/numpy/python RNGs at the start of training (SAE init uses ``SAEConfig.seed``)."""
+    batchtopk_threshold: str = "final"
+    """How BatchTopK's inference threshold θ is set. "final": after training, θ is the mean over
+    the last ``threshold_batches`` training batches of the smallest activation the batch rule
+    keeps, with the final weights (:meth:`SAE.calibrate_threshold`). "ema": keep the training
+    EMA (SAELens' ``topk_threshold_lr`` rule, started at the first batch's value), which lags
+    behind the weights and, in a few hundred steps, still remembers its start."""
+    threshold_batches: int = 8
+    """Training batches (the last ones) that the "final" BatchTopK threshold averages over."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_zero: bool = False) -> None:
@@ -157,6 +166,9 @@ class TrainConfig:
         positive_int("checkpoint_every", allow_zero=True)
         positive_int("warmup_steps", allow_zero=True)
         positive_int("decay_steps", allow_zero=True)
+        positive_int("threshold_batches")
+        if self.batchtopk_threshold not in ("final", "ema"):
+            raise ValueError(f"TrainConfig.batchtopk_threshold must be 'final' or 'ema', got {self.batchtopk_threshold!r}")
         if self.n_tokens < self.batch_size:
             raise ValueError(
                 f"TrainConfig.n_tokens ({self.n_tokens}) is smaller than batch_size ({self.batch_size}): "
@@ -392,6 +404,15 @@ def _fit_global_norms(runs: list[_Run], batch: Mapping[str, Tensor], device: tor
     for r in runs:
         if r.sae.cfg.input_norm == "global" and float(r.sae.input_scale) == 1.0:
             r.sae.fit_input_norm(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
+
+
+@torch.no_grad()
+def _init_b_decs(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
+    """SAEConfig.b_dec_init on the first batch, for SAEs whose b_dec is still all zero (a
+    passed-in, already trained SAE keeps its bias)."""
+    for r in runs:
+        if getattr(r.sae.cfg, "b_dec_init", "zeros") != "zeros" and not bool(r.sae.b_dec.any()):
+            r.sae.init_b_dec(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
 
 
 def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
@@ -656,6 +677,10 @@ def train_saes(
 
     n_steps = cfg.n_steps
     it: Iterator = iter(batches)
+    # the last training batches of each BatchTopK hook, for the final inference threshold
+    calib_hooks = sorted({r.hook for r in runs if r.sae.cfg.activation == "batchtopk"}) \
+        if cfg.batchtopk_threshold == "final" else []
+    recent: collections.deque = collections.deque(maxlen=cfg.threshold_batches)
     if step:  # replay the stream up to where the checkpoint left it
         skipped = 0
         while skipped < step:
@@ -668,6 +693,8 @@ def train_saes(
                 ) from None
             if _check_batch(b, runs, cfg):
                 skipped += 1
+                if calib_hooks:
+                    recent.append({h: b[h] for h in calib_hooks})
 
     wb = _lazy_wandb(cfg, [r.name for r in runs])
     pbar = None
@@ -693,6 +720,9 @@ def train_saes(
                 continue  # drop a short trailing batch
             if step == 0:
                 _fit_global_norms(runs, batch, device)
+                _init_b_decs(runs, batch, device)
+            if calib_hooks:
+                recent.append({h: batch[h] for h in calib_hooks})
             lr = cfg.lr_at(step)
             for r in runs:
                 x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype, non_blocking=True)
@@ -725,6 +755,11 @@ def train_saes(
         _log_all(runs, cfg, out_dir, step, tokens, cfg.lr_at(max(step - 1, 0)),
                  tok_window / max(time.perf_counter() - t_window, 1e-9), wb, None)
 
+    if calib_hooks and recent:
+        with torch.no_grad():
+            for r in runs:
+                if r.sae.cfg.activation == "batchtopk":
+                    r.sae.calibrate_threshold([b[r.hook].to(device=device, dtype=r.sae.W_dec.dtype) for b in recent])
     result = {r.name: r.sae.eval() for r in runs}
     if out_dir is not None:
         for r in runs:
