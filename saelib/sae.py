@@ -54,8 +54,15 @@ The decoder-row constraint is maintained by the trainer: after ``backward()`` ca
 
 Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
 
-* BatchTopK has an inference threshold θ (EMA of the smallest kept activation, as the BatchTopK
-  paper and SAELens); the paper's code applies the batch rule at evaluation too.
+* BatchTopK has an inference threshold θ; the paper's code applies the batch rule at evaluation
+  too. During training θ follows an EMA of the smallest kept activation (SAELens'
+  ``topk_threshold_lr``; dictionary_learning uses an EMA too, from step 1000); after training
+  the trainer re-estimates it with the final weights over the last training batches
+  (:meth:`SAE.calibrate_threshold`, ``TrainConfig.batchtopk_threshold="final"``), because in a
+  few hundred steps the EMA still lags the weights and remembers the first batch.
+* ``b_dec_init`` (default "zeros", the paper) can start b_dec at the first batch's mean
+  (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` is the
+  top-AFA variant that keeps the shortest prefix reaching the target (paper: nearest prefix).
 * The aux residual is detached by default (Gao et al.); ``aux_detach_residual=False`` restores
   the paper's behaviour. Dead latents are counted in tokens, not batches (same default:
   5 × 4096 tokens), with one comparison (``>=``) for both the loss and the count.

@@ -216,3 +216,48 @@ def test_first_crossing_keeps_at_least_the_nearest_prefix():
     with torch.no_grad():
         assert (sae.encode(x) > 0).sum() >= (sae_near.encode(x) > 0).sum()
         assert torch.isfinite(sae(x).loss)
+
+
+# ------------------------------------------------------------------ ablation helpers
+def test_l0_correlates_matches_scipy_spearman_with_ties():
+    import numpy as np
+
+    from saelib.ablations import l0_correlates
+
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    l0 = rng.integers(0, 6, 500)  # many ties, as a per-token L0 has
+    cov = {"mono": np.exp(l0 + 0.0), "noisy": l0 + rng.normal(0, 2, 500), "indep": rng.normal(size=500)}
+    res = l0_correlates(l0, cov).set_index("covariate")
+    assert res.loc["mono", "spearman"] == pytest.approx(1.0)
+    for k in cov:
+        assert res.loc[k, "spearman"] == pytest.approx(scipy_stats.spearmanr(l0, cov[k]).statistic, abs=1e-12)
+    assert res.loc["indep", "ci_low"] < 0 < res.loc["indep", "ci_high"]
+    with pytest.raises(ValueError, match="one value per token"):
+        l0_correlates(l0, {"bad": np.zeros(3)})
+
+
+def test_factor_effects_recovers_a_planted_main_effect():
+    import itertools
+
+    import pandas as pd
+
+    from saelib.ablations import factor_effects
+
+    rows = []
+    for a, b, s in itertools.product(["x", "y"], ["u", "v"], [0, 1, 2]):
+        rows.append({"A": a, "B": b, "seed": s, "m": 1.0 + 0.5 * (a == "y") + 0.1 * s})
+    eff = factor_effects(pd.DataFrame(rows), {"A": ("x", "y"), "B": ("u", "v")}, ["m"]).set_index("factor")
+    assert eff.loc["A", "diff"] == pytest.approx(0.5) and eff.loc["A", "se"] == pytest.approx(0.0)
+    assert eff.loc["B", "diff"] == pytest.approx(0.0) and eff.loc["A", "n"] == 6
+
+
+def test_design_configs_cover_the_factorial():
+    from saelib.ablations import b_dec_init_configs, topafa_design_configs
+
+    cfgs = topafa_design_configs(8, 16, HOOK, [0, 1], afa_coeff=0.1)
+    assert len(cfgs) == 16 and len(set(cfgs)) == 16
+    assert {(c.afa_target, c.input_norm, c.afa_rule) for c in cfgs.values()} == {
+        (t, n, r) for t in ("paper", "consistent") for n in ("token", "global") for r in ("nearest", "first_crossing")}
+    b = b_dec_init_configs(8, 16, HOOK, [0], {"topk": {"activation": "topk", "k": 2}})
+    assert sorted(c.b_dec_init for c in b.values()) == ["geometric_median", "mean", "zeros"]

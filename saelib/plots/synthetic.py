@@ -64,9 +64,10 @@ def plot_synthetic_grid(summary: Any, *, metrics: Sequence[tuple[str, str, bool]
     return fig
 
 
-def plot_oracle_l0(diag: Any, trained: Any) -> plt.Figure:
+def plot_oracle_l0(diag: Any, trained: Any, truth: Any = None) -> plt.Figure:
     """Top-AFA's L0 / true L0: the rule applied to the true dictionary ("oracle") against the
-    trained top-AFA SAEs, per (superposition, true L0); dots = seeds."""
+    trained top-AFA SAEs, per (superposition, true L0); dots = seeds. ``truth``: runs started at
+    the true dictionary (rule names without the "+truth" suffix), drawn as open circles."""
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
     keys = sorted({(float(s), float(l)) for s, l in zip(diag["superposition"], diag["l0"])})
     pos = {k: i for i, k in enumerate(keys)}
@@ -78,6 +79,11 @@ def plot_oracle_l0(diag: Any, trained: Any) -> plt.Figure:
         xt = np.array([pos[(float(s), float(l))] for s, l in zip(t["superposition"], t["l0"])])
         c, _, lab = _style(rule)
         ax.scatter(xt + off, t["l0_ratio"], color=c, s=14, label=f"trained: {lab}")
+        if truth is not None and (truth["rule"] == rule).any():
+            u = truth[truth["rule"] == rule]
+            xu = np.array([pos[(float(s), float(l))] for s, l in zip(u["superposition"], u["l0"])])
+            ax.scatter(xu + off + 0.05, u["l0_ratio"], facecolors="none", edgecolors=c, s=22,
+                       label=f"trained from the truth: {lab}")
     ax.axhline(1.0, color="k", lw=0.8, alpha=0.6)
     ax.set_yscale("log")
     ax.set_xticks(range(len(keys)))
