@@ -28,11 +28,12 @@ Metrics (``recovery``, ``afa_diagnostics``):
   decoder (pre-activations relu(x Wᵀ), unit decoder norms, target ‖x‖). It separates what
   the norm-matching rule does from what training does: with a perfect dictionary, how many
   latents does the rule keep compared with the true L0?
+* ``random_decoder_recovery``: the recovery score of a random Gaussian decoder with one row per
+  true feature (the floor a trained SAE has to beat).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -184,6 +185,7 @@ def afa_diagnostics(data: SyntheticData, n: int = 4096, seed: int = 12345) -> di
     oracle_l0 = sel.sum(-1).float()
     positive = (pre > 0).sum(-1).float()
     q = torch.quantile(ratio.double(), torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64))
+    rand = torch.randn(h, data.spec.d, generator=torch.Generator().manual_seed(seed))
     return {
         "eps_max": float(eps.max),
         "eps_mean": float(eps.mean),
@@ -195,6 +197,7 @@ def afa_diagnostics(data: SyntheticData, n: int = 4096, seed: int = 12345) -> di
         "ratio_p95": float(q[2]),
         "oracle_afa_l0": float(oracle_l0.mean()),
         "positive_matched_filter": float(positive.mean()),
+        "random_decoder_recovery": recovery(data.W, rand)["recovery"],
     }
 
 
