@@ -54,8 +54,15 @@ The decoder-row constraint is maintained by the trainer: after ``backward()`` ca
 
 Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
 
-* BatchTopK has an inference threshold θ (EMA of the smallest kept activation, as the BatchTopK
-  paper and SAELens); the paper's code applies the batch rule at evaluation too.
+* BatchTopK has an inference threshold θ; the paper's code applies the batch rule at evaluation
+  too. During training θ follows an EMA of the smallest kept activation (SAELens'
+  ``topk_threshold_lr``; dictionary_learning uses an EMA too, from step 1000); after training
+  the trainer re-estimates it with the final weights over the last training batches
+  (:meth:`SAE.calibrate_threshold`, ``TrainConfig.batchtopk_threshold="final"``), because in a
+  few hundred steps the EMA still lags the weights and remembers the first batch.
+* ``b_dec_init`` (default "zeros", the paper) can start b_dec at the first batch's mean
+  (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` is the
+  top-AFA variant that keeps the shortest prefix reaching the target (paper: nearest prefix).
 * The aux residual is detached by default (Gao et al.); ``aux_detach_residual=False`` restores
   the paper's behaviour. Dead latents are counted in tokens, not batches (same default:
   5 × 4096 tokens), with one comparison (``>=``) for both the loss and the count.
@@ -83,7 +90,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.io import atomic_path, atomic_write_text, file_sha256
-from saelib.topafa import topafa_select
+from saelib.topafa import topafa_select, topafa_select_first_crossing
 
 __all__ = [
     "ACTIVATIONS",
@@ -91,12 +98,15 @@ __all__ = [
     "SAE",
     "SAEOutput",
     "load_sae",
+    "geometric_median",
 ]
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "topafa", "jumprelu")
 INPUT_NORMS = ("none", "global", "token")
 AFA_TARGETS = ("paper", "consistent")
 INIT_FAN_IN = ("paper", "d_in")
+B_DEC_INITS = ("zeros", "mean", "geometric_median")
+AFA_RULES = ("nearest", "first_crossing")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKEN_NORM_EPS = 1e-5  # the paper's x / (std + 1e-5)
 CFG_FILE = "cfg.json"
@@ -152,6 +162,15 @@ class SAEConfig:
     uses the true fan-in d_in."""
     seed: int = 49
     """Seed of the initialisation (the paper uses 49)."""
+    b_dec_init: str = "zeros"
+    """Initial decoder bias: "zeros" (the top-AFA paper's and Bussmann et al.'s code), "mean"
+    (the mean of the first training batch, in the normalised space; EleutherAI's sparsify) or
+    "geometric_median" (Weiszfeld iterations on the first batch; saprmarks/dictionary_learning).
+    Applied by :meth:`SAE.init_b_dec`, which the trainer calls on its first batch."""
+    afa_rule: str = "nearest"
+    """top-AFA only: "nearest" keeps the prefix whose cumulative norm is nearest to the target
+    (the paper's code); "first_crossing" keeps the shortest prefix whose cumulative norm reaches
+    the target (the "basic" variant of the paper's step-by-step notebook, unused there)."""
     dtype: str = "float32"
     """Parameter dtype: "float32" (the paper), "float64", "bfloat16" or "float16"."""
     hook_name: str = "blocks.0.hook_resid_pre"
@@ -201,6 +220,10 @@ class SAEConfig:
             raise ValueError(f"Unknown init_fan_in {self.init_fan_in!r}; choose one of {INIT_FAN_IN}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"Unknown dtype {self.dtype!r}; choose one of {tuple(_DTYPES)}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"Unknown b_dec_init {self.b_dec_init!r}; choose one of {B_DEC_INITS}")
+        if self.afa_rule not in AFA_RULES:
+            raise ValueError(f"Unknown afa_rule {self.afa_rule!r}; choose one of {AFA_RULES}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -355,6 +378,49 @@ class SAE(nn.Module):
         """[d_sae] row norms of W_dec (detached)."""
         return self.W_dec.detach().norm(dim=-1)
 
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor) -> Tensor:
+        """Set b_dec from a sample x [N, d_in] (model space) as ``cfg.b_dec_init`` says, in the
+        normalised space the SAE works in: "zeros" leaves it at 0, "mean" takes the mean of the
+        normalised x, "geometric_median" the point minimising the sum of Euclidean distances
+        to them (:func:`geometric_median`). Returns the new b_dec."""
+        mode = self.cfg.b_dec_init
+        if mode == "zeros":
+            return self.b_dec.detach()
+        x = self._check_input(x)
+        x_n, _ = self.normalize(self._flatten(x)[0])
+        if x_n.shape[0] == 0:
+            raise ValueError("init_b_dec got an empty sample; pass at least one token")
+        b = x_n.double().mean(0) if mode == "mean" else geometric_median(x_n.double())
+        self.b_dec.copy_(b.to(self.dtype))
+        return self.b_dec.detach()
+
+    @torch.no_grad()
+    def calibrate_threshold(self, batches: list[Tensor]) -> float:
+        """BatchTopK: set the inference threshold θ to the mean, over ``batches`` (model-space
+        [B, d_in] tensors, each a training batch), of the smallest activation the batch rule
+        keeps, computed with the *current* weights. This is the quantity the training EMA
+        tracks (SAELens, dictionary_learning), but without its lag behind the weights and
+        without the first batch's value it starts from. Returns θ."""
+        if self.cfg.activation != "batchtopk":
+            raise ValueError(f"calibrate_threshold is for batchtopk SAEs, this one is {self.cfg.activation!r}")
+        if not batches:
+            raise ValueError("calibrate_threshold needs at least one batch")
+        mins = []
+        for x in batches:
+            x_n, _ = self.normalize(self._flatten(self._check_input(x))[0])
+            pre = self._pre_acts_n(x_n).flatten()
+            kk = min(self.cfg.k * x_n.shape[0], pre.numel())
+            kept = pre.topk(kk, sorted=False).values
+            kept = kept[kept > 0]
+            if kept.numel():
+                mins.append(kept.min().double())
+        if not mins:
+            raise ValueError("calibrate_threshold: no positive activation in any batch (a dead SAE?)")
+        theta = float(torch.stack(mins).mean())
+        self.threshold.fill_(theta)
+        return theta
+
     # ------------------------------------------------------------------ encode/decode
     def _pre_acts_n(self, x_n: Tensor) -> Tensor:
         pre = (x_n - self.b_dec) @ self.W_enc
@@ -399,6 +465,8 @@ class SAE(nn.Module):
                     mask[idx] = True
                     return mask.view_as(pre)
                 return pre > self.threshold
+            if act == "topafa" and self.cfg.afa_rule == "first_crossing":
+                return topafa_select_first_crossing(pre, self.decoder_norms(), self._target_n(x_n))
             if act == "topafa":
                 mask = topafa_select(pre, self.decoder_norms(), self._target_n(x_n), k_start=self._afa_k_hint,
                                      key_buffer=key_buffer)
@@ -774,6 +842,25 @@ def _non_finite(tensors: dict[str, Tensor]) -> list[str]:
 def load_sae(path: str | os.PathLike, **kw) -> SAE:
     """Alias of :meth:`SAE.load`."""
     return SAE.load(path, **kw)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, *, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """Geometric median of ``points`` [N, d] (argmin_m sum_i ||p_i - m||) by Weiszfeld's
+    iteration from the mean, m <- sum_i w_i p_i / sum_i w_i with w_i = 1 / ||p_i - m||
+    (distances floored at 1e-12·scale so a point that coincides with m does not divide by 0).
+    Stops when m moves less than ``tol`` times the data scale."""
+    m = points.mean(0)
+    scale = float(points.std(0).norm()) if points.shape[0] > 1 else 1.0
+    scale = scale if scale > 0 else 1.0
+    for _ in range(max_iter):
+        w = 1.0 / (points - m).norm(dim=-1).clamp_min(1e-12 * scale)
+        m_new = (w[:, None] * points).sum(0) / w.sum()
+        done = float((m_new - m).norm()) < tol * scale
+        m = m_new
+        if done:
+            break
+    return m
 
 
 def _safe_sqrt(sq: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["topafa_select", "topafa_select_reference"]
+__all__ = ["topafa_select", "topafa_select_reference", "topafa_select_first_crossing"]
 
 _SENTINEL = 1e8  # the paper's code: cum[..., -1] = 1e8
 _CHUNK_ELEMS = 1 << 22  # rows per full-sort chunk = this / h (memory bound, not speed)
@@ -112,6 +112,29 @@ def topafa_select_reference(pre_acts: Tensor, dec_norms: Tensor, target_norm: Te
     key = _keys(pre_acts, dec_norms)
     vals, idx = torch.sort(key, dim=-1, descending=True, stable=True)
     j = _nearest_prefix(_cum_norms(vals), target_norm, full=True)
+    keep_sorted = torch.arange(h, device=pre_acts.device)[None, :] <= j[:, None]
+    mask = torch.zeros_like(keep_sorted).scatter_(1, idx, keep_sorted)
+    return mask & (pre_acts > 0)
+
+
+@torch.no_grad()
+def topafa_select_first_crossing(pre_acts: Tensor, dec_norms: Tensor, target_norm: Tensor) -> Tensor:
+    """The "first crossing" variant of top-AFA: keep the *shortest* prefix of the same ranking
+    whose cumulative norm reaches the target, k = min{j : sqrt(cum_j) >= target} (every
+    positive latent when the total energy stays below the target). The paper's step-by-step
+    notebook shows this rule as the "basic" alternative; its trained SAEs use the nearest
+    prefix (:func:`topafa_select_reference`). Where both differ, first crossing keeps one
+    latent more: it never stops short of the target. Full sort (used for ablations only).
+
+    Returns BoolTensor [N, h], True where the latent is kept and positive."""
+    _check(pre_acts, dec_norms, target_norm)
+    n, h = pre_acts.shape
+    key = _keys(pre_acts, dec_norms)
+    vals, idx = torch.sort(key, dim=-1, descending=True, stable=True)
+    cum = _cum_norms(vals).sqrt_()
+    reached = cum >= target_norm.double()[:, None]
+    # first index reaching the target; rows that never reach it keep everything (h - 1)
+    j = torch.where(reached.any(-1), reached.float().argmax(-1), torch.full_like(reached[:, 0], h - 1, dtype=torch.long))
     keep_sorted = torch.arange(h, device=pre_acts.device)[None, :] <= j[:, None]
     mask = torch.zeros_like(keep_sorted).scatter_(1, idx, keep_sorted)
     return mask & (pre_acts > 0)

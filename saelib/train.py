@@ -57,6 +57,7 @@ are never checkpointed, saved or returned, and metrics are never written as ``nu
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import hashlib
@@ -153,6 +154,14 @@ class TrainConfig:
     """Torch device for the SAEs; None = "cuda" when available, else "cpu"."""
     seed: int = 0
     """Seed for torch/numpy/python RNGs at the start of training (SAE init uses ``SAEConfig.seed``)."""
+    batchtopk_threshold: str = "final"
+    """How BatchTopK's inference threshold θ is set. "final": after training, θ is the mean over
+    the last ``threshold_batches`` training batches of the smallest activation the batch rule
+    keeps, with the final weights (:meth:`SAE.calibrate_threshold`). "ema": keep the training
+    EMA (SAELens' ``topk_threshold_lr`` rule, started at the first batch's value), which lags
+    behind the weights and, in a few hundred steps, still remembers its start."""
+    threshold_batches: int = 8
+    """Training batches (the last ones) that the "final" BatchTopK threshold averages over."""
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_zero: bool = False) -> None:
@@ -170,6 +179,9 @@ class TrainConfig:
         positive_int("checkpoint_every", allow_zero=True)
         positive_int("warmup_steps", allow_zero=True)
         positive_int("decay_steps", allow_zero=True)
+        positive_int("threshold_batches")
+        if self.batchtopk_threshold not in ("final", "ema"):
+            raise ValueError(f"TrainConfig.batchtopk_threshold must be 'final' or 'ema', got {self.batchtopk_threshold!r}")
         if self.n_tokens < self.batch_size:
             raise ValueError(
                 f"TrainConfig.n_tokens ({self.n_tokens}) is smaller than batch_size ({self.batch_size}): "
@@ -416,6 +428,15 @@ def _fit_global_norms(runs: list[_Run], batch: Mapping[str, Tensor], device: tor
     for r in runs:
         if r.sae.cfg.input_norm == "global" and float(r.sae.input_scale) == 1.0:
             r.sae.fit_input_norm(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
+
+
+@torch.no_grad()
+def _init_b_decs(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
+    """SAEConfig.b_dec_init on the first batch, for SAEs whose b_dec is still all zero (a
+    passed-in, already trained SAE keeps its bias)."""
+    for r in runs:
+        if getattr(r.sae.cfg, "b_dec_init", "zeros") != "zeros" and not bool(r.sae.b_dec.any()):
+            r.sae.init_b_dec(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
 
 
 def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
@@ -793,6 +814,10 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
     n_steps = cfg.n_steps
     hooks = [r.hook for r in runs]
     it: Iterator = iter(batches)
+    # the last training batches of each BatchTopK hook, for the final inference threshold
+    calib_hooks = sorted({r.hook for r in runs if r.sae.cfg.activation == "batchtopk"}) \
+        if cfg.batchtopk_threshold == "final" else []
+    recent: collections.deque = collections.deque(maxlen=cfg.threshold_batches)
     if step:  # replay the stream up to where the checkpoint left it
         skipped = 0
         while skipped < step:
@@ -812,6 +837,8 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
                             "batch iterable as the interrupted run, or start over with TrainConfig(resume=False)"
                         )
                 skipped += 1
+                if calib_hooks:
+                    recent.append({h: b[h] for h in calib_hooks})
 
     if out_dir is not None:  # written only once the checkpoint and the stream are known to belong to this run
         atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
@@ -849,6 +876,9 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
                 _fit_global_norms(runs, batch, device)
                 if ckpt_path is not None:
                     stream["first"] = _batch_fingerprint(batch, hooks)
+                _init_b_decs(runs, batch, device)
+            if calib_hooks:
+                recent.append({h: batch[h] for h in calib_hooks})
             lr = cfg.lr_at(step)
             for r in runs:
                 x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype, non_blocking=True)
@@ -892,6 +922,11 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
         _log_all(runs, cfg, out_dir, step, tokens, cfg.lr_at(max(step - 1, 0)),
                  tok_window / max(time.perf_counter() - t_window, 1e-9), wb, None)
 
+    if calib_hooks and recent:
+        with torch.no_grad():
+            for r in runs:
+                if r.sae.cfg.activation == "batchtopk":
+                    r.sae.calibrate_threshold([b[r.hook].to(device=device, dtype=r.sae.W_dec.dtype) for b in recent])
     result = {r.name: r.sae.eval() for r in runs}
     if out_dir is not None:
         for r in runs:
