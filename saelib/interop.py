@@ -219,7 +219,7 @@ def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = Non
     saved = meta_get("saelib_cfg")
     if isinstance(saved, dict) and saelib_arch == activation:
         keep = {"afa_coeff", "afa_target", "l1_coeff", "aux_k", "aux_coeff", "aux_detach_residual",
-                "dead_after_tokens", "threshold_lr", "init_fan_in", "seed"}
+                "dead_after_tokens", "threshold_lr", "init_fan_in", "seed", "b_dec_init", "afa_rule"}
         extra = {k2: v for k2, v in saved.items() if k2 in keep}
     cfg = SAEConfig(
         d_in=int(lcfg.d_in), d_sae=int(lcfg.d_sae), activation=activation, k=k, input_norm=input_norm,
