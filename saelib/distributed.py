@@ -73,7 +73,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
     current device), else "gloo". Without torchrun's variables this is a one-process run."""
     if dist.is_available() and dist.is_initialized():
         return world()
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1 and "RANK" not in os.environ:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # not launched by torchrun
         return 0, 1
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -134,6 +134,8 @@ class DistributedActivationStore(ActivationStore):
             sizes = [len(c) * self.per_row for c in group]
             mine = super()._capture_chunks([group[rank]]) if rank < len(group) else iter(())
             acts = next(mine, None)
+            if acts is not None and not hasattr(self, "_widths"):
+                self._widths = {h: a.shape[-1] for h, a in acts.items()}
             out: list[dict[str, Tensor]] = [{} for _ in group]
             for h in self.hooks:
                 d = acts[h].shape[-1] if acts is not None else self._width(h)
@@ -147,12 +149,11 @@ class DistributedActivationStore(ActivationStore):
             yield from out
 
     def _width(self, hook: str) -> int:
-        """d of ``hook`` on a rank that runs no chunk this round (the last, short round)."""
+        """d of ``hook`` on a rank that runs no chunk this round (the last, short round): known
+        from an earlier round, else from a one-row forward pass."""
         if not hasattr(self, "_widths"):
-            self._widths = {}
-        if hook not in self._widths:
             acts = next(super()._capture_chunks([torch.arange(1)]))
-            self._widths.update({h: a.shape[-1] for h, a in acts.items()})
+            self._widths = {h: a.shape[-1] for h, a in acts.items()}
         return self._widths[hook]
 
 
