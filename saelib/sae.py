@@ -65,7 +65,9 @@ Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``)
   quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents, per-token
   standardisation available as ``input_norm="token"`` (the default is "none": model space).
 * Training steps with few active latents use a sparse path (exact same maths, tested against the
-  dense one): the encoder backward and the decoder only touch the selected latents.
+  dense one): the encoder backward and the decoder only touch the selected latents. The aux
+  loss touches only the dead latents (gathered encoder columns and decoder rows): its cost
+  grows with their number, not with d_sae (tested against the plain-autograd reference).
 """
 from __future__ import annotations
 
@@ -604,8 +606,8 @@ class SAE(nn.Module):
         proportional to the number of dead latents D (not to d_sae).
 
         The ReLU pre-activations of every latent exist already (``pre``, no grad), so the dead
-        ones are a column gather [N, D]. With kk >= D/8 the decode and its backward are three
-        dense [N, D] x [D, d_in] products over the gathered encoder columns and decoder rows
+        ones are a column gather [N, D]. With kk >= D/8 the decode is one dense [N, D] x [D, d_in]
+        product and its backward three more of that size, over the gathered encoder columns and decoder rows
         (BLAS is ~10x faster per FLOP than a gather-sum); with fewer kept per token the kept
         entries go through the sparse ``embedding_bag`` decode. Same maths as the reference
         (``sparse_kernels=False``), summed in another order: equal to float32 rounding."""
