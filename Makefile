@@ -11,7 +11,7 @@ export MPLBACKEND ?= Agg
 # MPLBACKEND=Agg reaches the chapters' kernels too; saelib.plots.savefig displays every figure
 # as an image output itself, so figures appear in the executed pages whatever the backend.
 
-.PHONY: setup book run site pdf test test-unit bench lab clean-runs help
+.PHONY: setup book run site pdf test test-unit bench bench-peers gpu-check lab clean-runs help
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,7 +41,15 @@ test-unit: setup  ## unit tests only (no chapters)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 bench: setup  ## every benchmark at its default size (slow on CPU)
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/*.py; do [ $$b = benchmarks/peers.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-peers: setup  ## install the peer SAE libraries into .bench-peers (not dependencies) and run benchmarks/peers.py
+	$(PY) -m pip install --target .bench-peers --no-deps eai-sparsify==1.3.3 dictionary-learning==0.1.0 \
+		natsort==8.4.0 schedulefree==1.4.1
+	$(PY) benchmarks/peers.py $(ARGS)
+
+gpu-check: setup  ## on a CUDA machine: the --device cuda benchmarks and one chapter at reduced gpu size
+	bash benchmarks/gpu_check.sh
 
 lab: setup  ## open the chapters in JupyterLab (the .md sources; executed copies in _build/book/*/executed)
 	$(VENV)/bin/jupyter lab notebooks/

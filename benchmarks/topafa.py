@@ -34,12 +34,19 @@ def paper_code_path(pre, dec_norms, target):
 CLOCK = time.perf_counter
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, *args, repeats: int, **kw):
     out = fn(*args, **kw)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         t0 = CLOCK()
         out = fn(*args, **kw)
+        _sync()
         best = min(best, CLOCK() - t0)
     return out, best
 
@@ -53,10 +60,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats (best of)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads; 1 → process CPU time is measured")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: wall time, synchronised")
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is visible")
     global CLOCK
     torch.set_num_threads(args.threads)
-    if args.threads == 1:  # CPU time: robust to other processes on a shared machine
+    if args.threads == 1 and args.device == "cpu":  # CPU time: robust to other processes on a shared machine
         CLOCK = time.process_time
     g = torch.Generator().manual_seed(args.seed)
     W = torch.nn.init.kaiming_uniform_(torch.empty(args.d_in, args.d_sae), generator=g)
@@ -65,8 +75,9 @@ def main() -> None:
     x = x / (x.std(-1, keepdim=True) + 1e-5)
     target = x.norm(dim=-1)
     dec_norms = 1 + 0.01 * torch.randn(args.d_sae, generator=g)  # rows drift off unit norm between steps
-    print(f"top-AFA selection, N={args.n} d_in={args.d_in} d_sae={args.d_sae}, threads={torch.get_num_threads()} "
-          f"({'CPU' if args.threads == 1 else 'wall'} time, best of {args.repeats})")
+    W, x, target, dec_norms = (t.to(args.device) for t in (W, x, target, dec_norms))
+    print(f"top-AFA selection, N={args.n} d_in={args.d_in} d_sae={args.d_sae}, device {args.device}, "
+          f"threads={torch.get_num_threads()} ({'CPU' if CLOCK is time.process_time else 'wall'} time, best of {args.repeats})")
     print(f"{'scale':>6} {'mean L0':>8} {'max L0':>7} {'reference ms':>13} {'paper-code ms':>14} {'fast ms':>8} "
           f"{'fast/ref x':>10} {'fast/paper x':>12}")
     for s in [float(v) for v in args.scales.split(",")]:

@@ -35,6 +35,10 @@ def _tokens(model, rows: int, seq_len: int, seed: int) -> torch.Tensor:
         return toks
 
 
+def z_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def reference_pattern(model, tokens: torch.Tensor, sae_dir: str, hook: str) -> dict[str, np.ndarray]:
     """One sequence at a time; SAE re-loaded from disk per sequence; full run_with_cache."""
@@ -43,12 +47,12 @@ def reference_pattern(model, tokens: torch.Tensor, sae_dir: str, hook: str) -> d
 
     parts = []
     for i in range(tokens.shape[0]):
-        sae = SAE.load(sae_dir)
+        sae = SAE.load(sae_dir, device=z_device(model))
         _, cache = model.run_with_cache(tokens[i : i + 1])
         z = cache[hook][0, 1:]  # every non-BOS token (the notebook keeps only the last)
         parts.append(zf_stats_sae(sae, z))
         del cache
-    return {k: torch.cat([getattr(p, k) for p in parts]).numpy() for k in ("norm_z", "norm_f", "eps_lbo")}
+    return {k: torch.cat([getattr(p, k) for p in parts]).cpu().numpy() for k in ("norm_z", "norm_f", "eps_lbo")}
 
 
 def batched_pattern(model, tokens: torch.Tensor, sae, hook: str, batch_size: int):
@@ -70,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave the default)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,12 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     from saelib.models import hook_name, load_model
     from saelib.sae import SAE, SAEConfig
 
-    model = load_model(args.model, device="cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    model = load_model(args.model, device=args.device)
     layer = min(6, int(model.cfg.n_layers) - 1) if args.layer is None else args.layer
     hook = hook_name(layer)
     d = int(model.cfg.d_model)
     sae = SAE(SAEConfig(d_in=d, d_sae=args.expansion * d, activation="topk", k=args.k, hook_name=hook,
-                        seed=args.seed)).eval()
+                        seed=args.seed)).eval().to(args.device)
     tokens = _tokens(model, args.rows, args.seq_len, args.seed)
     n_tok = tokens.shape[0] * (tokens.shape[1] - 1)
     print(f"model={args.model} hook={hook} d={d} h={sae.cfg.d_sae} rows={tokens.shape[0]} "
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sae_dir = os.path.join(tmp, "sae")
         sae.save(sae_dir)
-        sae = SAE.load(sae_dir).eval()
+        sae = SAE.load(sae_dir, device=args.device).eval()
         batched_pattern(model, tokens[:2], sae, hook, args.batch_size)  # warm-up both paths once
         reference_pattern(model, tokens[:1], sae_dir, hook)
 

@@ -281,7 +281,14 @@ class ActivationStore:
     A mixing buffer of ``buffer_tokens`` activations per hook is filled from the model, shuffled,
     and half of it is served in batches of ``batch_size``; the other half stays to mix with the
     next fill, so consecutive batches mix tokens from many sequences (not one document at a
-    time). One pass over ``tokens``; iterating again starts over with the same order.
+    time). ``epochs`` passes over ``tokens`` (rows in the given order the first time, in a
+    seeded permutation in every later pass); iterating again starts over with the same order.
+    This is the source for runs whose activations would not fit on disk (the paper's 80 M tokens
+    x 576 dims is 184 GB per layer in float32).
+
+    The model runs on chunks of ``model_batch_size`` rows; :meth:`_capture_chunks` is the one
+    place that runs them (``saelib.distributed.DistributedActivationStore`` spreads the chunks
+    of each fill over ranks and gathers them, so every rank serves the same stream).
 
     Args:
         model: a ``TransformerBridge``.
@@ -293,6 +300,7 @@ class ActivationStore:
         model_batch_size: rows per forward pass.
         exclude_bos: drop position 0 of every row.
         seed: shuffling seed (the whole stream is deterministic given it).
+        epochs: passes over the token rows.
         device: where the buffer and batches live (default: the model's device).
         dtype: activation dtype.
     """
@@ -308,6 +316,7 @@ class ActivationStore:
         model_batch_size: int = 32,
         exclude_bos: bool = True,
         seed: int = 0,
+        epochs: int = 1,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         progress: bool = False,
@@ -333,6 +342,9 @@ class ActivationStore:
                 f"the buffer ({self.buffer_tokens // 2} tokens): lower model_batch_size or raise buffer_tokens."
             )
         self.seed = seed
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1 (passes over the token rows), got {epochs!r}")
+        self.epochs = epochs
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.dtype = dtype
         self.progress = progress
@@ -345,8 +357,22 @@ class ActivationStore:
         return self.tokens.shape[0] * self.per_row
 
     def __len__(self) -> int:
-        """Batches per pass (a last partial batch is dropped)."""
-        return self.n_tokens // self.batch_size
+        """Batches served over all epochs (a last partial batch is dropped)."""
+        return self.epochs * self.n_tokens // self.batch_size
+
+    def _row_order(self) -> Tensor:
+        """Row indices of the whole stream: epoch 0 in order, later epochs permuted (seeded)."""
+        n = self.tokens.shape[0]
+        parts = [torch.arange(n)]
+        for e in range(1, self.epochs):
+            parts.append(torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e)))
+        return torch.cat(parts)
+
+    def _capture_chunks(self, chunks: list[Tensor]) -> Iterator[dict[str, Tensor]]:
+        """Activations ``{hook: [rows * per_row, d]}`` of each chunk of token rows, in order:
+        one forward pass per chunk."""
+        for rows in chunks:
+            yield _forward_capture(self.model, self.tokens[rows], self.hooks, self.exclude_bos)
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         self.n_tokens_seen = 0
@@ -354,26 +380,28 @@ class ActivationStore:
         cap, bs = self.buffer_tokens, self.batch_size
         buf: dict[str, Tensor] = {}
         n_buf = 0
-        n_rows = self.tokens.shape[0]
+        order = self._row_order()
+        n_rows = order.shape[0]
         next_row = 0
-        bar = _progress(self.n_tokens, "activations", self.progress)
+        bar = _progress(n_rows * self.per_row, "activations", self.progress)
         try:
             while True:
                 # Refill up to capacity (whole forward batches only).
+                chunks, n_new = [], 0
                 while next_row < n_rows:
                     rows = min(self.model_batch_size, n_rows - next_row)
-                    if n_buf + rows * self.per_row > cap:
+                    if n_buf + n_new + rows * self.per_row > cap:
                         break
-                    acts = _forward_capture(
-                        self.model, self.tokens[next_row : next_row + rows], self.hooks, self.exclude_bos
-                    )
+                    chunks.append(order[next_row : next_row + rows])
+                    n_new += rows * self.per_row
+                    next_row += rows
+                for acts in self._capture_chunks(chunks):
                     for h, a in acts.items():
                         if h not in buf:
                             buf[h] = torch.empty(cap, a.shape[-1], dtype=self.dtype, device=self.device)
                         buf[h][n_buf : n_buf + a.shape[0]] = a
-                    n_buf += rows * self.per_row
-                    next_row += rows
-                    bar.update(rows * self.per_row)
+                    n_buf += a.shape[0]
+                    bar.update(a.shape[0])
                 if n_buf < bs:
                     return
                 perm = torch.randperm(n_buf, generator=gen).to(self.device)
