@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export HF_HUB_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
 
-.PHONY: setup book run site test test-unit bench lab clean-runs help
+.PHONY: setup book run site test test-unit bench lab clean-runs help mutation
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,9 +30,14 @@ test: setup  ## the test suite: unit tests and every chapter under nbval on the 
 	$(PY) -m saelib.book prepare --profile ci --out _build/ci-notebooks
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests _build/ci-notebooks \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=900
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests/chapter_results.py
 
 test-unit: setup  ## unit tests only (no chapters)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+MUTATION_ARGS ?= --sample 36
+mutation: setup  ## mutation testing of the core, not in CI (~40 min on 2 cores): _build/mutation/report.md
+	OMP_NUM_THREADS=1 $(PY) scripts/mutation.py $(MUTATION_ARGS)
 
 bench: setup  ## every benchmark at its default size (slow on CPU)
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
