@@ -79,6 +79,10 @@ def test_orthonormal_dictionary_preserves_norm():
     torch.testing.assert_close(s.norm_f, s.norm_z, atol=1e-5, rtol=0)
     assert float(s.eps_lbo.max()) < 1e-6
     assert afa.epsilon(Q).max < 1e-6
+    i, j = afa.epsilon(Q).argmax
+    assert 0 <= i < j < 32  # a pair i < j
+    eye = afa.epsilon(torch.eye(6))  # exactly orthogonal: every pair ties at 0, the first pair is reported
+    assert eye.max == 0.0 and eye.argmax == (0, 1)
     assert afa.welch_bound(32, 32) == 0.0
 
 
