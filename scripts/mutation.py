@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_CHECKED = True  # False with --skip-baseline (stated in the report)
+MAX_RSS_BYTES = 4 * 2**30  # a test run above this is a runaway allocation: the mutant counts as killed
 REF = "tests/test_references.py"
 
 # scope name -> (module, functions or Class.method names, pytest arguments)
@@ -345,10 +346,19 @@ def _run_tests(work: Path, args: list[str], timeout: float) -> tuple[str, float,
             traceback.print_exc()
             os._exit(99)
     deadline = t0 + timeout
+    page = os.sysconf("SC_PAGE_SIZE")
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
+        try:  # a mutant that allocates without bound must not take the machine down
+            rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            rss = 0
+        if rss > MAX_RSS_BYTES:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "memory", time.perf_counter() - t0, f"memory > {MAX_RSS_BYTES / 2**30:.0f} GiB"
         if time.perf_counter() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -440,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 timeout=a.timeout_factor * baseline[m.scope] + 10)
             finally:
                 path.write_text(orig)
-            m.status = {"passed": "survived", "failed": "killed", "timeout": "killed"}[status]
+            m.status = {"passed": "survived", "failed": "killed", "timeout": "killed", "memory": "killed"}[status]
             m.detail = "timeout" if status == "timeout" else tail
             m.seconds = secs
             print(f"[{i + 1}/{len(mutants)}] {m.status:8s} {secs:5.1f}s {m.id} {m.description}", flush=True)

@@ -210,23 +210,25 @@ def test_trainer_dead_metric_boundary(tmp_path):
     with torch.no_grad():
         sae.W_enc.zero_()
         sae.W_enc[:, 0] = 1.0  # only latent 0 ever fires: 5 latents dead
-    x = torch.rand(16, 4) + 0.5
-    batches = ({"h": x[i * 4:(i + 1) * 4]} for i in range(4))
-    tc = TrainConfig(batch_size=4, n_tokens=16, lr=1e-9, log_every=2, dead_window_tokens=8,
+    x = torch.rand(20, 4) + 0.5  # batches of 5 tokens (not d_in = 4: tokens, not widths, are counted)
+    batches = ({"h": x[i * 5:(i + 1) * 5]} for i in range(4))
+    tc = TrainConfig(batch_size=5, n_tokens=20, lr=1e-9, log_every=2, dead_window_tokens=10,
                      progress=False, out_dir=tmp_path)
     train_saes({"s": sae}, batches, tc)
     recs = load_metrics(tmp_path, as_frame=False)["s"]
     assert [r["step"] for r in recs] == [2, 4]
-    assert recs[0]["dead"] == 5 and recs[1]["dead"] == 5  # 8 tokens seen = the window: counted
-    tc2 = TrainConfig(batch_size=4, n_tokens=16, lr=1e-9, log_every=2, dead_window_tokens=9,
+    assert recs[0]["dead"] == 5 and recs[1]["dead"] == 5  # 10 tokens seen = the window: counted
+    # every token has L0 = k = 1: the per-token L0 histogram puts all quantiles at 1
+    assert [recs[1][k] for k in ("l0_p10", "l0_p50", "l0_p90", "l0_max")] == [1, 1, 1, 1]
+    tc2 = TrainConfig(batch_size=5, n_tokens=20, lr=1e-9, log_every=2, dead_window_tokens=11,
                       progress=False, out_dir=tmp_path / "b")
     sae2 = SAE(cfg)
     with torch.no_grad():
         sae2.W_enc.zero_()
         sae2.W_enc[:, 0] = 1.0
-    train_saes({"s": sae2}, ({"h": x[i * 4:(i + 1) * 4]} for i in range(4)), tc2)
+    train_saes({"s": sae2}, ({"h": x[i * 5:(i + 1) * 5]} for i in range(4)), tc2)
     recs2 = load_metrics(tmp_path / "b", as_frame=False)["s"]
-    assert recs2[0]["dead"] is None and recs2[1]["dead"] == 5  # 8 < 9 tokens: not yet counted
+    assert recs2[0]["dead"] is None and recs2[1]["dead"] == 5  # 10 < 11 tokens: not yet counted
 
 
 # ============================================================================ BatchTopK threshold
@@ -530,6 +532,9 @@ def test_meta_fve_hand_formula():
     assert abs((1 - err / (X ** 2).sum()) - (1 - err / centred)) > 0.1  # the uncentred version differs
     assert res.l0 == pytest.approx((codes > 0).sum(1).mean(), rel=1e-6)
     assert res.dead_fraction == pytest.approx(((codes > 0).sum(0) == 0).mean())
+    assert res.mode == "threshold" and res.threshold == 0.05  # the meta-SAE's own threshold
+    assert M.fve(meta, rows, "threshold", threshold=0.2).threshold == 0.2
+    assert M.fve(meta, rows, "batch").threshold is None
 
 
 # ============================================================================ schedule
@@ -591,6 +596,8 @@ def test_tensor_batches_seed_changes_order_and_epochs_are_permutations():
         assert first != second  # and a fresh one
     plain = [b[:, 0].long().tolist() for b in tensor_batches(x, 8, shuffle=False)]
     assert sum(plain, []) == list(range(40))
+    ones = [b[:, 0].long().tolist() for b in tensor_batches(x, 1, seed=3)]  # batch size 1 is valid
+    assert len(ones) == 40 and sorted(sum(ones, [])) == list(range(40))
 
 
 def test_iter_batches_seed_changes_batches(tmp_path):
@@ -616,3 +623,40 @@ def test_iter_batches_seed_changes_batches(tmp_path):
     assert s0 == ids(0)
     assert s0 != s1
     assert sorted(sum(s0, [])) == sorted(sum(s1, [])) == list(range(32))
+
+
+# ============================================================================ stitching bookkeeping
+
+
+def test_insertion_result_reports_both_saes_by_hand():
+    """mse_small/large and l0_small/large of insertion_delta_mse, against encode/decode by hand."""
+    from saelib.stitching import insertion_delta_mse
+
+    g = torch.Generator().manual_seed(2)
+    small = SAE(SAEConfig(d_in=6, d_sae=8, activation="relu", seed=1))
+    large = SAE(SAEConfig(d_in=6, d_sae=16, activation="relu", seed=2))
+    with torch.no_grad():
+        for s in (small, large):
+            s.b_enc.copy_(0.1 * torch.randn(s.cfg.d_sae, generator=g))
+            s.b_dec.copy_(0.2 * torch.randn(6, generator=g))
+    x = torch.randn(50, 6, generator=g)
+    res = insertion_delta_mse(small, large, x, chunk_tokens=16)
+    for sae, mse, l0 in ((small, res.mse_small, res.l0_small), (large, res.mse_large, res.l0_large)):
+        with torch.no_grad():
+            a = sae.encode(x)
+            err = ((x - (a @ sae.W_dec + sae.b_dec)) ** 2).double()
+        assert mse == pytest.approx(float(err.sum() / (50 * 6)), rel=1e-5)
+        assert l0 == pytest.approx(float((a > 0).sum()) / 50, rel=1e-9)
+    assert res.n_tokens == 50 and 0 < res.l0_small < res.l0_large
+
+
+# ============================================================================ error paths in scope
+
+
+def test_epsilon_and_f_tilde_flags_and_shape_errors():
+    W = torch.randn(5, 3)
+    assert afa.epsilon(W).exact is True and afa.epsilon(W, exact=False, n_pairs=10).exact is False
+    with pytest.raises(ValueError, match="acts must be"):
+        afa.f_tilde(torch.zeros(2, 4), W)  # 2-D but 4 latents for a 5-row decoder
+    with pytest.raises(ValueError, match="acts must be"):
+        afa.f_tilde(torch.zeros(5), W)  # 1-D
