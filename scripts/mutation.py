@@ -46,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_CHECKED = True  # False with --skip-baseline (stated in the report)
+NOTES: dict[str, str] = (json.loads((ROOT / "scripts" / "mutation_notes.json").read_text())
+                         if (ROOT / "scripts" / "mutation_notes.json").exists() else {})
 MAX_RSS_BYTES = 4 * 2**30  # a test run above this is a runaway allocation: the mutant counts as killed
 REF = "tests/test_references.py"
 
@@ -70,13 +72,15 @@ SCOPES: dict[str, tuple[str, list[str], list[str]]] = {
              "zf_stats", "_coherence"],
             [REF + "::test_zf_stats_with_bias_hand_computed", REF + "::test_coherence_is_the_weighted_mean_cosine_brute_force",
              REF + "::test_welch_bound_is_met_by_the_simplex", REF + "::test_welch_bound_hand_values",
-             REF + "::test_eps_lbo_uses_h_minus_one", "tests/test_afa.py", "-k", "not saelens and not plots"]),
+             REF + "::test_eps_lbo_uses_h_minus_one", REF + "::test_epsilon_and_f_tilde_flags_and_shape_errors",
+             "tests/test_afa.py", "-k", "not saelens and not plots"]),
     "evaluate": ("saelib/evaluate.py",
                  ["_Accumulator.add", "_Accumulator.add_ce", "_Accumulator.result", "_ce_batch"],
                  [REF + "::test_reconstruction_metrics_hand_computed", REF + "::test_ce_recovered_and_kl_score_brute_force",
                   "tests/test_evaluate.py", "-k", "not plots and not saelens and not llama and not welch_ttest"]),
     "stitching": ("saelib/stitching.py", ["insertion_delta_mse"],
-                  ["tests/test_stitching.py", "-k", "not width_family_retrains"]),
+                  [REF + "::test_insertion_result_reports_both_saes_by_hand", "tests/test_stitching.py",
+                   "-k", "not width_family_retrains"]),
     "meta": ("saelib/meta.py", ["fve", "reconstruct"],
              [REF + "::test_meta_fve_hand_formula", "tests/test_meta.py", "-k", "fve or decompos or meta_fve"]),
     "train": ("saelib/train.py",
@@ -90,7 +94,8 @@ SCOPES: dict[str, tuple[str, list[str], list[str]]] = {
                      "-k", "not llama and not disk_full and not corrupted and not rejects"]),
     "data": ("saelib/data.py", ["iter_token_rows", "_build_rows"],
              ["tests/test_data.py::test_rows_are_exactly_the_stream", "tests/test_data.py::test_seed_determinism_and_prefix",
-              "tests/test_data.py::test_iter_token_rows_matches_token_rows"]),
+              "tests/test_data.py::test_iter_token_rows_matches_token_rows",
+              "tests/test_data.py::test_cache_is_written_atomically_and_reused"]),
 }
 
 # (id, scope, description, old text, new text): each old text must occur exactly once
@@ -387,7 +392,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, default=0,
                     help="run a seeded random sample of this many generated mutants per scope (0 = all)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    ap.add_argument("--report-only", action="store_true", help="rewrite report.md from --out/results.json")
+    ap.add_argument("--ids", default="", help="comma-separated mutant ids: run only these (e.g. a previous run's survivors)")
     a = ap.parse_args(argv)
+    global BASELINE_CHECKED
+    if a.report_only:
+        doc = json.loads((Path(a.out) / "results.json").read_text())
+        ms = [Mutant(**m) for m in doc["mutants"]]
+        BASELINE_CHECKED = doc.get("baseline_checked", True)
+        _write_report(Path(a.out), ms, doc["baseline_s"], doc["wall_s"], partial=doc["partial"],
+                      population=doc.get("population", {}))
+        print(Path(a.out) / "report.md")
+        return 0
     scopes = [s for s in (a.only.split(",") if a.only else SCOPES) if s]
     for s in scopes:
         if s not in SCOPES:
@@ -406,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     # still covers every scope)
     for i in range(max((len(g) for g in per_scope), default=0)):
         mutants += [g[i] for g in per_scope if i < len(g)]
+    if a.ids:
+        want = set(a.ids.split(","))
+        mutants = [m for m in mutants if m.id in want]
+        missing = want - {m.id for m in mutants}
+        if missing:
+            raise SystemExit(f"unknown mutant ids {sorted(missing)} (same --sample/--seed as the run that listed them?)")
     if a.list:
         for m in mutants:
             print(f"{m.id:45s} {SCOPES[m.scope][0]}:{m.line}  {m.description}")
@@ -432,7 +454,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for s in scopes:
             if a.skip_baseline:
-                global BASELINE_CHECKED
                 BASELINE_CHECKED = False
                 baseline[s] = (a.timeout - 10) / a.timeout_factor
                 continue
@@ -497,15 +518,20 @@ def _write_report(out: Path, mutants: list[Mutant], baseline: dict[str, float], 
         "",
         "## Surviving mutants",
         "",
-        "| mutant | module:line | change |",
-        "|---|---|---|",
-        *[f"| {m.id} | `{SCOPES[m.scope][0]}:{m.line}` | {m.description.replace('|', '/')} |"
+        "Each with why it is harmless (equivalent, or display only) or which test kills it now "
+        "(notes from `scripts/mutation_notes.json`).",
+        "",
+        "| mutant | module:line | change | note |",
+        "|---|---|---|---|",
+        *[f"| {m.id} | `{SCOPES[m.scope][0]}:{m.line}` | {m.description.replace('|', '/')} | "
+          f"{NOTES.get(m.id, 'not yet analysed').replace('|', '/')} |"
           for m in done if m.status == "survived"],
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(
         {"baseline_s": baseline, "wall_s": wall, "partial": partial, "population": population,
+         "baseline_checked": BASELINE_CHECKED,
          "mutants": [{k: v for k, v in asdict(m).items() if k not in ("old", "new")} for m in mutants]}, indent=1))
 
 
