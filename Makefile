@@ -11,7 +11,7 @@ export MPLBACKEND ?= Agg
 # MPLBACKEND=Agg reaches the chapters' kernels too; saelib.plots.savefig displays every figure
 # as an image output itself, so figures appear in the executed pages whatever the backend.
 
-.PHONY: setup book run site pdf test test-unit bench bench-peers gpu-check lab clean-runs help
+.PHONY: setup book run site pdf test test-unit bench bench-peers gpu-check lab clean-runs help mutation
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,10 +35,14 @@ pdf:  ## the executed book as one PDF, printed by headless Chromium (PROFILE=emb
 
 test: setup  ## every chapter on the ci profile (fails on any cell error), then the whole test suite
 	$(PY) -m saelib.book run --profile ci
-	SAELIB_REQUIRE_BOOK=ci $(VENV)/bin/pytest -q -p no:cacheprovider tests
+	SAELIB_REQUIRE_BOOK=ci $(VENV)/bin/pytest -q -p no:cacheprovider tests tests/chapter_results.py
 
 test-unit: setup  ## unit tests only (no chapters)
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+MUTATION_ARGS ?= --sample 36
+mutation: setup  ## mutation testing of the core, not in CI (~40 min on 2 cores): _build/mutation/report.md
+	OMP_NUM_THREADS=1 $(PY) scripts/mutation.py $(MUTATION_ARGS)
 
 bench: setup  ## every benchmark at its default size (slow on CPU)
 	for b in benchmarks/*.py; do [ $$b = benchmarks/peers.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done

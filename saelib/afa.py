@@ -598,14 +598,15 @@ def zf_stats(
         eps_lbo_recon=_div((z2 - zh2).abs()),
         l0=l0,
         k_eff=safe(norm_f1.square(), norm_f2),
-        coherence=_coherence(zh2, norm_f2.double(), norm_f1.double()),
+        coherence=_coherence(zh2, norm_f2.double(), norm_f1.double(), l0 + (1.0 if bn > 0 else 0.0)),
         h=int(h),
     )
 
 
-def _coherence(zh2: Tensor, f2: Tensor, f1: Tensor) -> Tensor:
+def _coherence(zh2: Tensor, f2: Tensor, f1: Tensor, n_atoms: Tensor) -> Tensor:
     cross = f1.square() - f2  # Σ_{i≠j} |f̃_i f̃_j|
-    ok = cross > 1e-9 * f2.clamp_min(1e-30)
+    # one active atom: no pairs (float32 rounding of ‖f̃‖₁² − ‖f̃‖₂² must not pass for cross terms)
+    ok = (n_atoms.to(f2.device) >= 2) & (cross > 1e-9 * f2.clamp_min(1e-30))
     return torch.where(ok, (zh2 - f2) / cross.clamp_min(1e-300), torch.full_like(f2, math.nan)).float()
 
 

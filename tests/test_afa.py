@@ -79,6 +79,10 @@ def test_orthonormal_dictionary_preserves_norm():
     torch.testing.assert_close(s.norm_f, s.norm_z, atol=1e-5, rtol=0)
     assert float(s.eps_lbo.max()) < 1e-6
     assert afa.epsilon(Q).max < 1e-6
+    i, j = afa.epsilon(Q).argmax
+    assert 0 <= i < j < 32  # a pair i < j
+    eye = afa.epsilon(torch.eye(6))  # exactly orthogonal: every pair ties at 0, the first pair is reported
+    assert eye.max == 0.0 and eye.argmax == (0, 1)
     assert afa.welch_bound(32, 32) == 0.0
 
 
@@ -197,9 +201,17 @@ def test_zf_stats_decomposition_and_summary():
         s.eps_lbo, ((s.norm_z**2 - s.norm_f**2).abs() / (95 * s.norm_f**2)), rtol=1e-4, atol=1e-9
     )
     assert torch.all(s.eps_lbo <= s.eps_lbo_hat + s.eps_lbo_recon + 1e-7)  # triangle inequality
-    # exact geometry identity: ||f̃||/||ẑ|| = 1/sqrt(1 + ρ(k_eff − 1))
-    ok = ~torch.isnan(s.coherence)
-    torch.testing.assert_close(s.ratio_hat[ok], 1 / torch.sqrt(1 + s.coherence[ok] * (s.k_eff[ok] - 1)), atol=1e-5, rtol=0)
+    # geometry: ρ is the f̃-weighted mean cosine of co-active atoms, computed here pair by pair
+    # from the unit atoms (not from the norms zf_stats uses), and ‖f̃‖/‖ẑ‖ = 1/sqrt(1 + ρ(k_eff − 1))
+    ft, atoms = afa.f_tilde(acts, W, b).double(), afa.f_tilde_atoms(W, b).double()
+    for t in range(0, 64, 9):
+        on = (ft[t] != 0).nonzero().squeeze(1).tolist()
+        num = sum(float(ft[t, i] * ft[t, j] * (atoms[i] @ atoms[j])) for i in on for j in on if i != j)
+        den = sum(float(ft[t, i] * ft[t, j]) for i in on for j in on if i != j)
+        k_eff = float(ft[t].sum()) ** 2 / float(ft[t].square().sum())
+        assert float(s.coherence[t]) == pytest.approx(num / den, rel=1e-4)
+        assert float(s.k_eff[t]) == pytest.approx(k_eff, rel=1e-5)
+        assert float(s.ratio_hat[t]) == pytest.approx(1 / math.sqrt(1 + num / den * (k_eff - 1)), rel=1e-4)
     assert torch.all(s.k_eff <= s.l0 + 1 + 1e-4)
     # passing z_hat explicitly gives the same answer
     s2 = afa.zf_stats(z, acts, W, b, z_hat=z_hat, chunk=10)
@@ -305,22 +317,61 @@ def test_simulator_mean_cos_matches_dictionary():
     assert sim.k_eff.shape == (1, 50) and torch.all(sim.k_eff <= 5 + 1e-4)
 
 
-def test_plots_return_figures():
+def test_plots_draw_the_data():
     plots = pytest.importorskip("saelib.plots.afa")
+    import matplotlib.collections as mc
+    import matplotlib.pyplot as plt
+    import numpy as np
+
     W, b, acts = _random_sae(seed=6)
     z = acts @ W + b
     st = {"L1": afa.zf_stats(z, acts, W, b), "L2": afa.zf_stats(z * 1.1, acts, W, b)}
     fig = plots.zf_plot(st, h=48, band_d=16, cones={"tight": (0.5, 2.0)})
-    assert fig.axes and fig.axes[0].get_xlabel()
+    ax = fig.axes[0]
+    # one scatter per layer holding exactly that layer's (‖z‖, ‖f̃‖) points
+    pts = [c for c in ax.collections if isinstance(c, mc.PathCollection)]
+    assert [c.get_label() for c in pts] == ["L1", "L2"]
+    for c, key in zip(pts, ["L1", "L2"]):
+        np.testing.assert_allclose(c.get_offsets(), np.stack([st[key].norm_z, st[key].norm_f], 1), rtol=1e-6)
+    # three shaded worst-case cones, labelled with ε(h−1) and ε = ε(h−1)/(h−1)
+    cones = [c for c in ax.collections if isinstance(c, mc.PolyCollection)]
+    assert sorted(c.get_label() for c in cones) == sorted(
+        [f"ε(h−1)={e:g} (ε={e / 47:.1e})" for e in (0.25, 0.5, 1.0)])
+    # lines through the origin: slope = y/x at the right end
+    slopes = {}
+    for ln in ax.get_lines():
+        x, y = ln.get_data()
+        slopes.setdefault(ln.get_label(), []).append(float(y[-1] / x[-1]))
+    band = afa.concentration_band(16)
+    assert slopes["y = x"] == pytest.approx([1.0])
+    assert slopes["tight"] == pytest.approx([0.5])  # the upper (2.0) line carries no label
+    lab = next(k for k in slopes if k.startswith("random-dictionary band d=16"))
+    assert slopes[lab] == pytest.approx([band.slope_lower])
+    assert sorted(v for vals in slopes.values() for v in vals) == pytest.approx(
+        sorted([1.0, 0.5, 2.0, band.slope_lower, band.slope_upper]))
+    top = max(max(float(s.norm_z.max()), float(s.norm_f.max())) for s in st.values())
+    assert ax.get_xlim() == pytest.approx((0, 1.05 * top)) and ax.get_ylim() == pytest.approx((0, 1.05 * top))
+    assert "z" in ax.get_xlabel() and "f" in ax.get_ylabel()
     fig2 = plots.zf_plot({"a": (st["L1"].norm_z, st["L1"].norm_f)}, log=True, cone_eps_h=())
-    assert fig2.axes[0].get_xscale() == "log"
-    fig3 = plots.half_violin({k: v.nmse for k, v in st.items()}, {k: v.eps_lbo for k, v in st.items()})
-    labels = [t.get_text() for t in fig3.axes[0].get_xticklabels()]
-    assert any("best MSE" in t for t in labels) and any("worst εLBO" in t for t in labels)
+    ax2 = fig2.axes[0]
+    assert ax2.get_xscale() == "log" and ax2.get_yscale() == "log"
+    assert not [c for c in ax2.collections if isinstance(c, mc.PolyCollection)]  # no cones asked for
+    assert len([c for c in ax2.collections if isinstance(c, mc.PathCollection)][0].get_offsets()) == 64
+    # half violins: the median dots sit at each group's median (εLBO in units of 1e-5)
+    fig3 = plots.half_violin({k: v.nmse for k, v in st.items()}, {k: v.eps_lbo for k, v in st.items()},
+                             clip_quantile=None)
+    left, right = fig3.axes[0], fig3.axes[1]
+    med_l = [float(ln.get_ydata()[0]) for ln in left.get_lines()]
+    med_r = [float(ln.get_ydata()[0]) for ln in right.get_lines()]
+    assert med_l == pytest.approx([float(np.median(st[k].nmse.numpy())) for k in ("L1", "L2")], rel=1e-6)
+    assert med_r == pytest.approx([float(np.median(st[k].eps_lbo.numpy())) / 1e-5 for k in ("L1", "L2")], rel=1e-6)
+    labels = [t.get_text() for t in left.get_xticklabels()]
+    worst_mse = int(np.argmax(med_l))
+    assert "worst MSE" in labels[worst_mse] and "best MSE" in labels[1 - worst_mse]
+    assert any("worst εLBO" in t for t in labels)
+    assert "1e-05" in right.get_ylabel() and left.get_ylabel() == "Normalized MSE"
     with pytest.raises(ValueError, match="same layer keys"):
         plots.half_violin({"a": [1.0]}, {"b": [1.0]})
-    import matplotlib.pyplot as plt
-
     plt.close("all")
 
 

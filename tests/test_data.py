@@ -231,13 +231,17 @@ def test_too_short_corpus_error(tmp_path):
 
 
 def test_cache_is_written_atomically_and_reused(corpus, tmp_path, monkeypatch):
-    path, _ = corpus
+    path, docs = corpus
     tok = CharTokenizer()
     cache = tmp_path / "tokens"
     kw = dict(split="train", seq_len=16, cache_dir=cache, progress=False)
     first = token_rows(tok, path, seed=1, **kw)
     files = sorted(p.name for p in cache.rglob("*") if p.is_file())
     assert len(files) == 2 and files[0].endswith("-L16-train.json") and files[1].endswith(".npy")
+    meta = json.loads(next(cache.rglob("*-L16-train.json")).read_text())
+    train_stream = stream_of(tok, [d for d in docs if document_split(d) == "train"])
+    assert meta["n_stream_tokens"] == len(train_stream)  # every document's tokens plus its EOS
+    assert meta["n_rows"] == len(train_stream) // 15
     assert not list(cache.rglob("*.tmp"))
 
     def boom(*a, **k):

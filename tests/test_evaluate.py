@@ -279,27 +279,60 @@ def test_centered_input_wrapper_matches_centering_by_hand():
     np.testing.assert_allclose(r.zf["norm_z"], ref_r.zf["norm_z"], rtol=1e-6)
 
 
-def test_evaluation_plots_return_figures():
+def test_evaluation_plots_draw_the_data():
     import matplotlib
 
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import pandas as pd
 
     from saelib.evaluate import paper_zf_medians
     from saelib.plots import evaluation as P
 
-    frame = pd.DataFrame({"activation": ["topk", "topk", "topafa", "topafa"], "l0_mean": [8, 32, 20, 40],
-                          "nmse_mean": [0.5, 0.3, 0.4, 0.2], "ci": [0.01] * 4, "match": ["a", "b", "a", "b"]})
-    figs = [
-        P.pareto_plot(frame, yerr="ci", d_in=64),
-        P.seed_comparison_plot(frame, "nmse_mean", panel="match"),
-        P.l0_distribution_plot({"topk": np.full(10, 8), "topafa": np.arange(10)}, d_in=64),
-        P.latent_density_plot({"topk": np.array([0.0, 0.1, 0.5])}, n_tokens=100),
-        P.paper_vs_ours_plot(paper_zf_medians().iloc[:3], paper_zf_medians()),
-    ]
-    assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
-    assert "3 dead" not in figs[3].axes[0].get_legend().get_texts()[0].get_text()
-    assert "1 dead" in figs[3].axes[0].get_legend().get_texts()[0].get_text()
+    frame = pd.DataFrame({"activation": ["topk", "topk", "topafa", "topafa"], "l0_mean": [32, 8, 20, 40],
+                          "nmse_mean": [0.3, 0.5, 0.4, 0.2], "ci": [0.01] * 4, "match": ["a", "b", "a", "b"]})
+    # Pareto: one line per architecture through its points sorted by L0, a star at the minimum
+    ax = P.pareto_plot(frame, yerr="ci", d_in=64).axes[0]
+    data = {c.get_label(): [np.asarray(v, dtype=float).tolist() for v in c.lines[0].get_data()] for c in ax.containers}
+    assert data == {"Top-k": [[8, 32], [0.5, 0.3]], "Top-AFA": [[20, 40], [0.4, 0.2]]}
+    from saelib.plots.style import metric_label
+
+    star = [c for c in ax.collections if c.get_label() == f"lowest {metric_label('nmse_mean')}"]
+    assert len(star) == 1 and star[0].get_offsets().tolist() == [[40.0, 0.2]]
+    assert any(ln.get_xdata()[0] == 64 for ln in ax.get_lines())  # the L0 = d line
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "Sparsity (L0)" and ax.get_ylabel() == metric_label("nmse_mean")
+    # seeds: one panel per match group, the dots are the values and the square is their mean
+    fig = P.seed_comparison_plot(frame, "nmse_mean", panel="match")
+    assert [a.get_title() for a in fig.axes] == ["a", "b"]
+    pa = fig.axes[0]
+    dots = [c for c in pa.collections if isinstance(c, matplotlib.collections.PathCollection)]
+    assert sorted(float(c.get_offsets()[0][1]) for c in dots) == [0.3, 0.4]
+    means = sorted(float(c.lines[0].get_ydata()[0]) for c in pa.containers)
+    assert means == pytest.approx([0.3, 0.4])
+    assert [t.get_text() for t in pa.get_xticklabels()] == ["Top-k", "Top-AFA"]
+    # L0 histograms: density histograms (area 1), TopK a single spike at k, a line at d
+    ax = P.l0_distribution_plot({"topk": np.full(10, 8), "topafa": np.arange(10)}, d_in=64).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["topk", "topafa"]
+    xy = ax.patches[0].get_xy()  # the TopK step outline: one raised bin, around k = 8, of area 1
+    up = xy[xy[:, 1] > 0]
+    lo, hi_, height = up[:, 0].min(), up[:, 0].max(), up[:, 1].max()
+    assert lo <= 8 <= hi_ and (hi_ - lo) * height == pytest.approx(1.0, rel=1e-6)
+    assert any(ln.get_xdata()[0] == 64 for ln in ax.get_lines())
+    # firing frequency: the dead count in the legend, finite log10 values
+    ax = P.latent_density_plot({"topk": np.array([0.0, 0.1, 0.5])}, n_tokens=100).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["topk (1 dead)"]
+    # paper vs ours: per panel two lines, x = layer / n_layers of each model (12 for both here),
+    # never each series divided by its own deepest plotted layer
+    fig = P.paper_vs_ours_plot(paper_zf_medians().iloc[:3], paper_zf_medians())
+    assert len(fig.axes) == 3
+    for a, col in zip(fig.axes, ("median_ratio", "median_nmse", "median_eps_lbo")):
+        paper_line, ours_line = a.get_lines()
+        np.testing.assert_allclose(paper_line.get_xdata(), np.arange(1, 13) / 12)
+        np.testing.assert_allclose(paper_line.get_ydata(), paper_zf_medians()[col].to_numpy())
+        np.testing.assert_allclose(ours_line.get_xdata(), np.arange(1, 4) / 12)
+        np.testing.assert_allclose(ours_line.get_ydata(), paper_zf_medians()[col].to_numpy()[:3])
+    assert fig.axes[1].get_yscale() == "log" and fig.axes[0].get_yscale() == "linear"
+    plt.close("all")
 
 
 def _saelens_reference(model, sae, toks):
