@@ -10,7 +10,13 @@ Every chapter ends with one cell that calls its function here. The function
   one line starting with :data:`MARKER` (machine-readable; ``tests/chapter_results.py`` checks
   that they fall in sane ranges after the chapters ran).
 
-The checks hold on every profile; they are cheap (seconds) next to the chapters themselves.
+Two kinds of check. *Invariants* (:meth:`ChapterCheck.check`) follow from the code and hold on
+every profile. *Expectations* (:meth:`ChapterCheck.expect`) are properties of a real model and a
+trained SAE (BOS is the residual-norm outlier, held-out metrics in a sane range, a meta-SAE beats
+the mean row); they are asserted unless the chapter runs with ``strict_checks=False``, which only
+the stand-in runs set (random-weight models and SAEs trained for a few steps: ``profiles/smoke``
+and the shrunk ``gpu`` run of the tests). Either kind is recorded in the results file.
+The checks are cheap (seconds) next to the chapters themselves.
 """
 
 from __future__ import annotations
@@ -60,9 +66,10 @@ def _num(v: Any) -> Any:
 class ChapterCheck:
     """Collects named invariants and key numbers for one chapter, then writes and asserts them."""
 
-    def __init__(self, chapter: str, runs_dir: str | Path):
+    def __init__(self, chapter: str, runs_dir: str | Path, strict: bool = True):
         self.chapter = chapter
         self.runs_dir = runs_dir
+        self.strict = bool(strict)
         self.numbers: dict[str, Any] = {}
         self.checks: dict[str, dict[str, Any]] = {}
 
@@ -71,8 +78,18 @@ class ChapterCheck:
         return value
 
     def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        """An invariant of the code: asserted on every profile."""
         ok = bool(ok)
         self.checks[name] = {"ok": ok, "detail": detail}
+        return ok
+
+    def expect(self, name: str, ok: bool, detail: str = "") -> bool:
+        """An expectation of a real model and a trained SAE: asserted only when ``strict``."""
+        ok = bool(ok)
+        if not ok and not self.strict:
+            self.checks[name] = {"ok": True, "detail": f"{detail} (not asserted: strict_checks=False)"}
+        else:
+            self.checks[name] = {"ok": ok, "detail": detail}
         return ok
 
     def close(self) -> dict[str, Any]:
@@ -121,9 +138,9 @@ def introduction(runs_dir: str | Path, *, versions: Mapping[str, Any], profile_t
 
 
 def residual_stream(runs_dir: str | Path, *, norms: torch.Tensor, tokens: torch.Tensor, bos: int,
-                    harvest_max_err: float, d_model: int) -> dict:
+                    harvest_max_err: float, d_model: int, strict: bool = True) -> dict:
     """Chapter 01: rows start with BOS, harvested norms match the norm pass, BOS is the outlier."""
-    c = ChapterCheck("01_residual_stream", runs_dir)
+    c = ChapterCheck("01_residual_stream", runs_dir, strict)
     L = norms.shape[0]
     c.check("every row starts with BOS", bool((tokens[:, 0] == bos).all()))
     c.check("norms are finite and positive", bool(torch.isfinite(norms).all() and (norms > 0).all()))
@@ -133,7 +150,7 @@ def residual_stream(runs_dir: str | Path, *, norms: torch.Tensor, tokens: torch.
     bos_med = norms[:, :, 0].median(dim=1).values
     rest_med = norms[:, :, 1:].flatten(1).median(dim=1).values
     ratio = bos_med / rest_med
-    c.check("BOS norm differs from other tokens at some layer", bool((ratio > 2).any() or (ratio < 0.5).any()),
+    c.expect("BOS norm differs from other tokens at some layer", bool((ratio > 2).any() or (ratio < 0.5).any()),
             f"largest BOS/rest ratio {float(ratio.max()):.1f}")
     c.number("n_layers", L)
     c.number("d_model", d_model)
@@ -240,16 +257,16 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
 
 
 def evaluation(runs_dir: str | Path, *, results: Any, saes: Mapping[str, Any], d_sae: int,
-               held_acts: Mapping[str, torch.Tensor], n_check_tokens: int = 512) -> dict:
+               held_acts: Mapping[str, torch.Tensor], n_check_tokens: int = 512, strict: bool = True) -> dict:
     """Chapter 04: TopK's L0 is k, metrics in range, CE recovered finite, KL non-negative."""
-    c = ChapterCheck("04_evaluation", runs_dir)
+    c = ChapterCheck("04_evaluation", runs_dir, strict)
     r = results.set_index("name")
     for n, s in saes.items():
         row = r.loc[n]
         if s.cfg.activation == "topk":
             _check_topk_l0(c, n, s, held_acts[s.cfg.hook_name][:n_check_tokens])
             c.check(f"{n}: mean L0 ≤ k", row["l0_mean"] <= s.cfg.k, f"L0 {row['l0_mean']:.2f}, k {s.cfg.k}")
-        c.check(f"{n}: metrics in range",
+        c.expect(f"{n}: metrics in range",
                 0 < row["nmse_mean"] < 1.5 and 0 < row["fvu"] < 3 and -1 <= row["cosine"] <= 1
                 and 0 <= row["dead_latents"] <= d_sae and row.get("kl_sae", 0) >= 0
                 and _finite(row.get("ce_recovered_zero", 0.0)),
@@ -301,16 +318,16 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
 
 
 def meta_saes(runs_dir: str | Path, *, meta: Any, W_base: torch.Tensor, res_batch: Any, res_threshold: Any,
-              res_random_batch: Any = None, codes_batch: Any = None) -> dict:
+              res_random_batch: Any = None, codes_batch: Any = None, strict: bool = True) -> dict:
     """Chapter 06: FVE in (0, 1] for the decoder and the random control; batch mode averages at most
     k meta-latents per row. The excess FVE over the control is recorded, not asserted."""
-    c = ChapterCheck("06_meta_saes", runs_dir)
+    c = ChapterCheck("06_meta_saes", runs_dir, strict)
     c.check("FVE ≤ 1 in both modes", res_batch.fve <= 1 and res_threshold.fve <= 1,
             f"batch {res_batch.fve:.3f}, threshold {res_threshold.fve:.3f}")
-    c.check("FVE > 0 (better than the mean row)", res_batch.fve > 0, f"{res_batch.fve:.3f}")
+    c.expect("FVE > 0 (better than the mean row)", res_batch.fve > 0, f"{res_batch.fve:.3f}")
     if res_random_batch is not None:  # the excess over the control is a result, not an invariant: the
         # ci profile's barely trained SAEs sit near their random initialisation (excess ≈ 0)
-        c.check("random-row control FVE in (0, 1)", 0 < res_random_batch.fve < 1, f"{res_random_batch.fve:.3f}")
+        c.expect("random-row control FVE in (0, 1)", 0 < res_random_batch.fve < 1, f"{res_random_batch.fve:.3f}")
     n_rows = W_base.shape[0]
     if codes_batch is not None:
         c.check("batch mode: mean meta-latents per row ≤ k", codes_batch.l0 <= meta.k + 1e-9,

@@ -38,6 +38,7 @@ ALLOW: dict[str, dict[str, str]] = {
         "10%": "tolerance on matched L0 / relative bands stated as criteria",
     },
     "02_theory": {"98%": "nominal level of the concentration band (a parameter of the figure)"},
+    "07_synthetic": {"0.9": "cosine above which a true feature counts as found (a stated criterion)"},
 }
 
 
@@ -91,12 +92,15 @@ def parameter_numbers(stem: str) -> set[str]:
     for profile in book.PROFILES:
         for v in book.profile_parameters(profile, stem).values():
             out |= _formats(v) | {str(v)}
-    return {x.replace("_", "") for x in out} | {f"{int(x):,}" for x in out if x.replace("_", "").isdigit()}
+    return {x.replace("_", "") for x in out} | {f"{int(x.replace('_', '')):,}" for x in out if x.replace("_", "").isdigit()}
 
 
 def executed_outputs(stem: str) -> str | None:
-    """All text of the outputs of notebooks/<stem>.ipynb, or None when it has not been executed."""
-    path = book.repo_root() / "notebooks" / f"{stem}.ipynb"
+    """All text of the outputs of the main job's executed chapter (``make book``:
+    ``_build/book/embedded/executed/<stem>.ipynb``), or None when it has not run. Without them (as
+    in CI) every result number in the prose must be a parameter, a cited constant or allow-listed,
+    so prose that states results must compute them (Markdown printed by a code cell)."""
+    path = book.repo_root() / "_build" / "book" / "embedded" / "executed" / f"{stem}.ipynb"
     if not path.exists():
         return None
     nb = json.loads(path.read_text())
@@ -144,7 +148,9 @@ def test_a_stated_result_without_an_output_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(book, "profile_parameters", lambda profile, stem: {})
     assert unsupported_numbers("99_x") == ["3.925"]
     ipynb = {"cells": [{"cell_type": "code", "outputs": [{"output_type": "stream", "text": ["start 3.925\n"]}]}]}
-    (nb / "99_x.ipynb").write_text(json.dumps(ipynb))
+    executed = tmp_path / "_build" / "book" / "embedded" / "executed"
+    executed.mkdir(parents=True)
+    (executed / "99_x.ipynb").write_text(json.dumps(ipynb))
     assert unsupported_numbers("99_x") == []
 
 

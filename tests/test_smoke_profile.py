@@ -184,6 +184,8 @@ def gpu_runs(tmp_path_factory):
 
 def gpu_shrunk(stem: str, runs: Path) -> dict:
     params = {**book.profile_parameters("gpu", stem), **GPU_SHRINK[stem], "runs_dir": str(runs)}
+    if stem in ("04_evaluation", "06_meta_saes"):  # SAEs of a few steps: assert the invariants only
+        params["strict_checks"] = False
     if "family_preset" in params:
         params["family_overrides"] = {**GPU_FAMILY_SHRINK, "architectures": GPU_FAMILY_MULTIPLIERS}
         if "meta_d_meta" in params:  # the paper's ratio, at the shrunk widest width
