@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from saelib.io import atomic_folder
 from saelib.sae import SAE, SAEConfig
 
 __all__ = ["to_saelens", "from_saelens", "SAELENS_ARCHITECTURE"]
@@ -299,8 +300,7 @@ def write_standin_release(release: str, path: str | os.PathLike | None = None, *
         members = {f"{hook}_{d * 2 ** n}": (hook, d * 2 ** n) for n in range(layout["n_widths"])}
     target = Path(path) if path is not None else standin_dir(release, model_name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for sae_id, (hook, width) in members.items():
@@ -310,13 +310,6 @@ def write_standin_release(release: str, path: str | os.PathLike | None = None, *
                 cfg.metadata.model_from_pretrained_kwargs = {"center_writing_weights": True}
                 cfg.metadata.saelib_standin_of = release
                 StandardSAE(cfg).save_model(tmp / sae_id)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

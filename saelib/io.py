@@ -40,6 +40,38 @@ def atomic_path(dest: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_folder(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` as a whole.
+
+    The folder and every file in it are made world-readable (``mkdtemp`` makes an owner-only
+    folder, some writers owner-only files). An existing ``dest`` is moved aside, the new folder
+    renamed into place, then the old one deleted, so ``dest`` is always either the old or the new
+    folder. If the body raises, ``dest`` is untouched and the temporary folder is removed.
+    """
+    import shutil
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        for p in tmp.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_text(dest: str | Path, text: str) -> Path:
     """Write ``text`` to ``dest`` atomically."""
     with atomic_path(dest) as tmp:

@@ -39,8 +39,6 @@ from __future__ import annotations
 import html as _html
 import json
 import math
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -51,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from saelib.io import atomic_folder
 from saelib.train import make_adam
 
 __all__ = [
@@ -246,23 +245,11 @@ class MetaSAE:
     def save(self, path: str | Path) -> Path:
         """Write the SAE (safetensors + cfg.json) and ``meta.json`` into folder ``path`` atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-        try:
+        with atomic_folder(path) as tmp:
             self.sae.save(tmp)
             info = {"threshold": self.threshold, "cfg": asdict(self.cfg), "n_steps": self.n_steps,
                     "converged": self.converged, "wall_s": self.wall_s, "history": self.history}
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                os.replace(path, old)
-                os.replace(tmp, path)
-                _rmtree(old)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                _rmtree(tmp)
         return path
 
     @classmethod
@@ -283,12 +270,6 @@ class MetaSAE:
         cfg = MetaSAEConfig(**info["cfg"])
         return cls(sae, info["threshold"], cfg, info.get("history"), info.get("n_steps", 0),
                    info.get("converged", False), info.get("wall_s", 0.0))
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,8 +31,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saelib.io import atomic_write_json
+from saelib.io import atomic_folder, atomic_write_json
 
 if TYPE_CHECKING:  # the bridge import costs ~3 s; only pay it when a model is loaded
     from transformer_lens.model_bridge import TransformerBridge
@@ -220,8 +218,7 @@ def prepare_embedded_model(
         print(f"Dequantizing {GGUF_FILE} into {target} (once; ~20 s) ...", flush=True)
     model, tok = _load_from_gguf()
     cfg = model.config
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with atomic_folder(target) as tmp:  # world-readable: the cache is shared
         # Tied embeddings share storage with lm_head, which safetensors refuses to save twice.
         tied = bool(getattr(cfg, "tie_word_embeddings", False))
         state = {
@@ -243,15 +240,6 @@ def prepare_embedded_model(
             tmp / _MANIFEST,
             {"source": GGUF_FILE, "hf_name": EMBEDDED_HF_NAME, "dtype": "float32", "files": files},
         )
-        os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder
-        for p in tmp.iterdir():  # and some writers create owner-only files: the cache is shared
-            os.chmod(p, 0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if verbose:
         print(f"Embedded model cached in {time.perf_counter() - t0:.1f} s.", flush=True)
     return target
@@ -268,18 +256,8 @@ def _embedded_tokenizer(root: str | Path | None):
     if (tok_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(tok_dir)
     _, tok = _load_from_gguf(tokenizer_only=True)
-    tok_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=tok_dir.parent, prefix=f".{tok_dir.name}."))
-    try:
+    with atomic_folder(tok_dir) as tmp:
         tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        for p in tmp.iterdir():
-            os.chmod(p, 0o644)
-        if not tok_dir.exists():
-            os.replace(tmp, tok_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(tok_dir)
 
 

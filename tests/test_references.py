@@ -18,12 +18,7 @@ from saelib import afa
 from saelib.sae import SAE, SAEConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ============================================================================ brute-force helpers

@@ -7,14 +7,12 @@ files, a lossy export, and bad inputs that used to end in bare tracebacks.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pickle
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +32,7 @@ HOOK = "blocks.1.hook_resid_pre"
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_data(n: int, seed: int = 0) -> torch.Tensor:

@@ -16,12 +16,7 @@ from saelib.train import TrainConfig, evaluate_saes, train_saes
 HOOK = "synthetic"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ the generator

@@ -49,13 +49,7 @@ def stream(acts: dict[str, torch.Tensor], batch_size: int, *, epochs: int = 100,
             yield {k: v[idx] for k, v in acts.items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matmuls: a second thread only adds spin-wait contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
