@@ -1,5 +1,6 @@
 """The book runner: chapter discovery, profiles and notebook generation."""
 
+import re
 from pathlib import Path
 
 import jupytext
@@ -7,6 +8,16 @@ import pytest
 import yaml
 
 from saelib import book
+
+
+@pytest.mark.parametrize("stem", book.chapters())
+def test_headings_carry_no_hand_written_numbers(stem):
+    """One numbering scheme: the chapter number comes from the file name, MyST numbers sections."""
+    nb = jupytext.read(book.repo_root() / "notebooks" / f"{stem}.md")
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            for line in cell.source.splitlines():
+                assert not re.match(r"#+ +\d+(\.\d+)*\.? ", line), f"{stem}: hand-numbered heading {line!r}"
 
 
 def test_chapters_follow_the_toc_and_exist():
