@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.plots.style import ARCH_COLORS
+from saelib.plots.style import ARCH_COLORS, figure_legend_below, legend_outside
 
 __all__ = ["RULE_STYLES", "plot_synthetic_grid", "plot_oracle_l0", "plot_factor_effects"]
 
@@ -59,8 +59,7 @@ def plot_synthetic_grid(summary: Any, *, metrics: Sequence[tuple[str, str, bool]
                 ax.set_ylabel(label)
             if i == len(metrics) - 1:
                 ax.set_xlabel("features per dimension")
-    axes[0][-1].legend(loc="best", fontsize=7)
-    fig.tight_layout()
+    figure_legend_below(fig, axes.flat, ncol=3, fontsize=8)  # below the panels, off the data
     return fig
 
 
@@ -89,7 +88,7 @@ def plot_oracle_l0(diag: Any, trained: Any, truth: Any = None) -> plt.Figure:
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels([f"{s:g}x, L0 {l:g}" for s, l in keys], fontsize=8)
     ax.set_ylabel("L0 / true L0")
-    ax.legend(fontsize=7, loc="best")
+    legend_outside(ax, fontsize=7)
     fig.tight_layout()
     return fig
 
