@@ -61,6 +61,7 @@ class _Renderer:
         self.public = public_prefix
         self.footnotes: list[str] = []
         self.chapter: int | None = None  # sections are numbered <chapter>.<MyST's section number>
+        self.figures = 0  # figure outputs so far on this page: Figure <chapter>.<n>
 
     # --- helpers --------------------------------------------------------------------------
     def children(self, node) -> str:
@@ -220,6 +221,14 @@ class _Renderer:
     def n_block(self, n):
         return f'<div class="block {esc(n.get("kind", ""))}">{self.children(n)}</div>\n'
 
+    def figure(self, url: str, caption: str) -> str:
+        """An image output as a numbered figure: Figure <chapter>.<n> and its caption."""
+        self.figures += 1
+        number = f"{self.chapter}.{self.figures}" if self.chapter is not None else str(self.figures)
+        return (f'<figure class="output" id="figure-{esc(number)}"><img src="{esc(url)}" alt="Figure {esc(number)}">'
+                f'<figcaption><span class="caption-number">Figure {esc(number)}</span>{esc(caption)}</figcaption>'
+                "</figure>\n")
+
     def n_outputs(self, n):
         # consecutive prints to one stream arrive as separate outputs: show them as one block
         merged = []
@@ -251,7 +260,7 @@ class _Renderer:
             if mime in bundle:
                 path = bundle[mime].get("path")
                 if path:
-                    return f'<div class="output"><img src="{esc(self.url(path))}" alt="figure"></div>\n'
+                    return self.figure(self.url(path), (data.get("metadata") or {}).get("saelib", {}).get("caption", ""))
         if "text/html" in bundle:
             content = bundle["text/html"].get("content", "")
             if "application/vnd.jupyter.widget-view+json" in bundle or "<script" in content:
@@ -349,6 +358,7 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
         renderer.footnotes = []
         num = re.match(r"\d+", files[slug])  # chapter number = the file's number, as on the contents page
         renderer.chapter = int(num.group()) if num else None
+        renderer.figures = 0
         body = renderer.node(page["mdast"])
         if renderer.footnotes:
             body += "<hr><ol class=\"footnotes\">" + "".join(renderer.footnotes) + "</ol>"

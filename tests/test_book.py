@@ -267,6 +267,27 @@ def test_html_renderer_merges_prints_and_cuts_wide_tables():
     md = r.n_output({"jupyter_data": {"output_type": "display_data",
                                       "data": {"text/markdown": {"content": "| a |\n|---|\n| 1 |"}}}})
     assert "<table" in md and "|---|" not in md  # Markdown outputs are rendered, not shown raw
+    # figure outputs are numbered per chapter, under the caption savefig recorded
+    r.chapter, r.figures = 4, 0
+    img = {"jupyter_data": {"output_type": "display_data", "metadata": {"saelib": {"caption": "ZF plot"}},
+                            "data": {"image/png": {"path": "/abc.png"}}}}
+    first, second = r.n_output(img), r.n_output(img)
+    assert "Figure 4.1</span>ZF plot</figcaption>" in first and 'id="figure-4.2"' in second
+
+
+def test_savefig_records_a_caption():
+    import matplotlib.pyplot as plt
+
+    from saelib.plots.style import figure_caption
+
+    fig, (a, b) = plt.subplots(1, 2)
+    assert figure_caption(fig, Path("x/eps_vs_welch.png")) == "eps vs welch"
+    a.set_title("layer 15")
+    b.set_title("layer 18")
+    assert figure_caption(fig, Path("x.png")) == "layer 15; layer 18"
+    fig.suptitle("ZF plots")
+    assert figure_caption(fig, Path("x.png")) == "ZF plots"
+    plt.close(fig)
 
 
 def test_progress_bars_go_to_the_terminal_under_the_runner():

@@ -134,7 +134,7 @@ def kde_violin(ax: plt.Axes, values, position: float, *, side: str = "both", wid
     ax.fill_betweenx(y, left, right, color=color, alpha=alpha, lw=0.8, edgecolor=color)
 
 
-def savefig(fig: plt.Figure, path: str | Path) -> None:
+def savefig(fig: plt.Figure, path: str | Path, caption: str | None = None) -> None:
     """Write ``fig`` as PNG to ``path`` atomically, show it inline in a notebook, and close it.
 
     The PNG is written through a temp file in the same folder and a rename. Inside a Jupyter
@@ -142,16 +142,30 @@ def savefig(fig: plt.Figure, path: str | Path) -> None:
     backend is (papermill kernels inherit ``MPLBACKEND=Agg``, which never shows figures), so the
     executed notebook, the offline HTML and the MyST site all carry the figure. The figure is
     closed afterwards so that the inline backend, when it is active, does not show it twice.
+    ``caption`` (default: the figure's title, else its file name) travels in the output's
+    metadata; the book numbers each figure "Figure <chapter>.<n>" under that caption.
     Returns nothing: a returned path would print as an absolute machine path.
     """
     path = Path(path)
+    caption = caption or figure_caption(fig, path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", bbox_inches="tight")
     plt.close(fig)
     if _in_kernel():
         from IPython.display import Image, display
 
-        display(Image(data=path.read_bytes(), format="png"))
+        display(Image(data=path.read_bytes(), format="png"), metadata={"saelib": {"caption": caption}})
+
+
+def figure_caption(fig: plt.Figure, path: Path) -> str:
+    """A default caption: the figure's suptitle, else the titles of its panels, else its file name."""
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        return sup.get_text()
+    titles = [t for t in (ax.get_title() for ax in fig.axes) if t]
+    if titles:
+        return "; ".join(dict.fromkeys(titles))
+    return path.stem.replace("_", " ")
 
 
 def _in_kernel() -> bool:
