@@ -2,13 +2,17 @@
 // puppeteer-core, no system browser needed) and report what a reader would meet:
 //   node scripts/browse_book.js _build/book/ci/html _build/screenshots/ci
 //   node scripts/browse_book.js --pdf _build/book/embedded/html/print.html book.pdf   (print to PDF)
-// Writes one full-page PNG per page and report.json: console errors, failed requests, images
+// Writes one PNG per page (a tall page in segments of at most 4,000 px: <page>.png, then
+// <page>.part2.png, ...; one full-page capture of a very tall page repeats its top instead of
+// showing the rest) and report.json: console errors, failed requests, images
 // that did not load (or have zero natural size), raw TeX delimiters left in the text, and links
 // between pages that do not resolve.
 const fs = require('fs');
 const path = require('path');
 const chromium = require('@sparticuz/chromium');
 const puppeteer = require('puppeteer-core');
+
+const SEGMENT = 4000;  // px of page per screenshot
 
 async function printPdf(htmlFile, pdfFile) {
   const browser = await puppeteer.launch({ args: chromium.args, executablePath: await chromium.executablePath(), headless: true });
@@ -53,9 +57,18 @@ async function printPdf(htmlFile, pdfFile) {
     });
     for (const im of info.imgs) if (!im.ok) problems.push(`image not loaded: ${im.src}`);
     for (const r of info.raw) problems.push(`raw TeX delimiter in the text: ${r}`);
-    const shot = path.join(outDir, file.replace(/\.html$/, '.png'));
-    await page.screenshot({ path: shot, fullPage: true });
-    pages.push({ file, title: info.title, images: info.imgs.length, links: info.links, ids: info.ids, problems, screenshot: shot });
+    const stem = file.replace(/\.html$/, '');
+    for (const old of fs.readdirSync(outDir)) if (old.startsWith(`${stem}.part`)) fs.unlinkSync(path.join(outDir, old));
+    const shots = [];
+    for (let y = 0, i = 1; y < info.height; y += SEGMENT, i += 1) {
+      await page.setViewport({ width: 1100, height: Math.min(SEGMENT, info.height - y) });
+      await page.evaluate((top) => window.scrollTo(0, top), y);
+      const shot = path.join(outDir, i === 1 ? `${stem}.png` : `${stem}.part${i}.png`);
+      await page.screenshot({ path: shot });
+      shots.push(shot);
+    }
+    pages.push({ file, title: info.title, images: info.imgs.length, links: info.links, ids: info.ids, problems, height: info.height,
+                 screenshot: shots[0], screenshots: shots });
     await page.close();
   }
   await browser.close();

@@ -33,6 +33,11 @@ def test_every_page_reads_in_a_real_browser():
         assert page["images"] >= n_png, f"{stem}: {page['images']} images on the page, {n_png} in the notebook"
         assert "index.html" in page["links"], f"{stem} has no link back to the contents"
         assert (book.repo_root() / "_build" / "screenshots" / "ci" / f"{stem}.png").stat().st_size > 10_000
+        # a tall page is captured in segments that together cover it (one capture would repeat its top)
+        from PIL import Image
+
+        heights = [Image.open(p).size[1] for p in page["screenshots"]]
+        assert max(heights) <= 4000 and sum(heights) == page["height"], (heights, page["height"])
     # previous / next links chain the chapters in toc order
     for a, b in zip(book.chapters(), book.chapters()[1:]):
         assert f"{b}.html" in pages[f"{a}.html"]["links"] and f"{a}.html" in pages[f"{b}.html"]["links"]
