@@ -46,8 +46,9 @@ def atomic_folder(dest: str | Path) -> Iterator[Path]:
 
     The folder and every file in it are made world-readable (``mkdtemp`` makes an owner-only
     folder, some writers owner-only files). An existing ``dest`` is moved aside, the new folder
-    renamed into place, then the old one deleted, so ``dest`` is always either the old or the new
-    folder. If the body raises, ``dest`` is untouched and the temporary folder is removed.
+    renamed into place, then the old one deleted, so ``dest`` is never a mix of old and new files
+    (between the two renames it is briefly absent). If the body raises, ``dest`` is untouched and
+    the temporary folder is removed.
     """
     import shutil
 

@@ -26,3 +26,26 @@ def test_success_replaces_and_is_world_readable(tmp_path):
     atomic_write_text(dest, "second")
     assert dest.read_text() == "second"
     assert [p.name for p in dest.parent.iterdir()] == ["x.json"]
+
+
+def test_atomic_folder_replaces_whole_folders_world_readable(tmp_path):
+    import stat
+
+    import pytest
+
+    from saelib.io import atomic_folder
+
+    dest = tmp_path / "sae"
+    with atomic_folder(dest) as tmp:
+        (tmp / "a.txt").write_text("one")
+        (tmp / "sub").mkdir()
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o755 and stat.S_IMODE((dest / "a.txt").stat().st_mode) == 0o644
+    with atomic_folder(dest) as tmp:  # a new version replaces the old one whole: no stale file stays
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+    with pytest.raises(RuntimeError):
+        with atomic_folder(dest) as tmp:
+            (tmp / "c.txt").write_text("half")
+            raise RuntimeError("writer failed")
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temporary or old folder left
