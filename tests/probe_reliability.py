@@ -426,6 +426,13 @@ def _():
     return err(lambda: load_metrics(out), "metrics.jsonl:2")
 
 
+
+def _retrains(configs, cfg, silent_detail: str):
+    """ensure_sweep must train again (read its batch stream) rather than reuse what is there."""
+    calls = []
+    ensure_sweep(configs, lambda: (calls.append(1), stream())[1], cfg)
+    return ("recovered", "retrained") if calls else ("silent", silent_detail)
+
 @probe("files", "sweep.json garbage: retrained, not trusted")
 def _():
     out = fresh("sweepjunk")
@@ -433,9 +440,7 @@ def _():
     configs = sweep_configs([HOOK], D, H, topk_ks=(4,))
     ensure_sweep(configs, stream, cfg)
     (out / "sweep.json").write_text("{nope")
-    calls = []
-    ensure_sweep(configs, lambda: (calls.append(1), stream())[1], cfg)
-    return ("recovered", "retrained") if calls else ("silent", "reused a sweep with an unreadable sweep.json")
+    return _retrains(configs, cfg, "reused a sweep with an unreadable sweep.json")
 
 
 @probe("files", "token-row cache corrupted: rebuilt")
@@ -521,9 +526,7 @@ def _():
     stamp = json.loads((out / "sweep.json").read_text())
     stamp["code"] = "0" * 16
     (out / "sweep.json").write_text(json.dumps(stamp))
-    calls = []
-    ensure_sweep(configs, lambda: (calls.append(1), stream())[1], cfg)
-    return ("recovered", "retrained") if calls else ("silent", "old code's sweep reused")
+    return _retrains(configs, cfg, "old code's sweep reused")
 
 
 @probe("nonfinite/stale", "to_saelens top-AFA with allow_lossy records it")
