@@ -44,7 +44,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 
-from saelib import activations, afa, io as sio, models, train as train_mod  # noqa: E402
+from saelib import activations, afa, io as sio, train as train_mod  # noqa: E402
 from saelib.activations import ActivationCache, harvest, tensor_batches  # noqa: E402
 from saelib.interop import from_saelens, to_saelens  # noqa: E402
 from saelib.models import load_model  # noqa: E402
