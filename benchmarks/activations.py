@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from saelib.activations import ActivationCache, ActivationStore, harvest
-from saelib.models import hook_name, load_model
+from saelib.lm.activations import ActivationCache, ActivationStore, harvest
+from saelib.lm.models import hook_name, load_model
 
 
 def bare_loop(model, tokens, hook: str, layer: int, batch_size: int) -> torch.Tensor:
@@ -48,7 +48,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def get_tokens(model, corpus: str, rows: int, seq_len: int, seed: int) -> torch.Tensor:
     try:
-        from saelib.data import token_rows
+        from saelib.lm.data import token_rows
 
         return token_rows(model, corpus, n_tokens=rows * seq_len, seq_len=seq_len, seed=seed, progress=False)
     except (ImportError, FileNotFoundError, ValueError) as e:

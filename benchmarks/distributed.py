@@ -1,7 +1,7 @@
 """A sweep on 2 processes against 1 (torch.distributed through torchrun), same SAEs, same stream.
 
 The sweep: ``--n-saes`` TopK/BatchTopK SAEs (576 -> 2304 on the embedded model's layer 6)
-trained on activations streamed from the model (:class:`saelib.distributed.DistributedActivationStore`),
+trained on activations streamed from the model (:class:`saelib.sae.distributed.DistributedActivationStore`),
 so both kinds of distributed work are measured: the SAEs split over the ranks and the model
 forwards split over the ranks (then all-gathered). Each configuration runs as its own
 ``torchrun`` job; the time is the wall time of ``train_sweep`` on rank 0 (after a barrier; model
@@ -35,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from saelib import distributed
-    from saelib.data import token_rows
-    from saelib.distributed import DistributedActivationStore, train_sweep
-    from saelib.models import hook_name, load_model
-    from saelib.train import TrainConfig, sweep_configs
+    from saelib.sae import distributed
+    from saelib.lm.data import token_rows
+    from saelib.sae.distributed import DistributedActivationStore, train_sweep
+    from saelib.lm.models import hook_name, load_model
+    from saelib.sae.train import TrainConfig, sweep_configs
 
     rank, n_ranks = distributed.init()
     torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = launch(args, 1, single, os.path.join(tmp, "one"))
         many = launch(args, args.nproc, args.threads, os.path.join(tmp, "many"))
-        from saelib.train import load_saes
+        from saelib.sae.train import load_saes
 
         a, b = load_saes(os.path.join(tmp, "one")), load_saes(os.path.join(tmp, "many"))
         same = all(torch.equal(x, y) or (x.isnan().all() and y.isnan().all())

@@ -2,10 +2,10 @@
 
 Two measurements in one run:
 
-1. Time per optimiser step, side by side: the meta-SAE loop of :mod:`saelib.meta` (selection
+1. Time per optimiser step, side by side: the meta-SAE loop of :mod:`saelib.analysis.meta` (selection
    without autograd, a sparse hand-written backward over the k*B active entries) against the
    generic dense path (``SAE.forward`` with activation "batchtopk" + autograd + Adam), same batch.
-2. A full training run to convergence (FVE criterion of :class:`saelib.meta.MetaSAEConfig`):
+2. A full training run to convergence (FVE criterion of :class:`saelib.analysis.meta.MetaSAEConfig`):
    wall time, steps, and FVE in batch and threshold mode.
 
 The decoder is "random-like": unit rows that are sparse non-negative mixtures of hidden directions
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from saelib import meta as M
+from saelib.analysis import meta as M
 
 
 def make_decoder(kind: str, rows: int, d: int, n_hidden: int, k_hidden: int, noise: float, seed: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ def make_decoder(kind: str, rows: int, d: int, n_hidden: int, k_hidden: int, noi
 
 def dense_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int) -> float:
     """Seconds per step of the generic path: SAE.forward (dense BatchTopK) + autograd + Adam."""
-    from saelib.sae import SAE, SAEConfig
+    from saelib.sae.core import SAE, SAEConfig
 
     N, d = W.shape
     B = min(cfg.batch_size, N)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "log_every": 1})
         t_sparse = M.train_meta_sae(W, sparse_cfg).s_per_step  # first (warm-up) step excluded, as below
         t_dense = dense_step_time(W.cpu() if args.device is None else W, cfg, n)
-        print(f"time per step: saelib.meta loop {t_sparse:.3f} s | dense SAE.forward + autograd {t_dense:.3f} s "
+        print(f"time per step: saelib.analysis.meta loop {t_sparse:.3f} s | dense SAE.forward + autograd {t_dense:.3f} s "
               f"| speed-up {t_dense / t_sparse:.2f}x")
 
     meta = M.train_meta_sae(W, cfg)

@@ -4,7 +4,7 @@ Every library trains the same SAE (TopK, d_in -> d_sae, k) on the same cached re
 activations of the embedded model, in the same batch order, with its own trainer, its own
 optimiser defaults and its own aux-k (dead-latent) loss switched on:
 
-* saelib      ``saelib.train.train_saes`` (Adam 1e-3 after a 5% warm-up as in the book's
+* saelib      ``saelib.sae.train.train_saes`` (Adam 1e-3 after a 5% warm-up as in the book's
                chapter 3, aux 1/32 over 512 latents, dead after
                20,480 tokens: the top-AFA paper's settings);
 * sparsify    ``sparsify.Trainer.fit`` (PyPI ``eai-sparsify``; its defaults: signum optimiser,
@@ -58,9 +58,9 @@ INSTALL_HINT = ("pip install --target .bench-peers --no-deps eai-sparsify==1.3.3
 
 def activations(args) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(train [N, d], held-out [M, d], hook) from saelib's activation cache of the embedded model."""
-    from saelib.activations import ActivationCache
-    from saelib.data import token_rows
-    from saelib.models import hook_name, load_model
+    from saelib.lm.activations import ActivationCache
+    from saelib.lm.data import token_rows
+    from saelib.lm.models import hook_name, load_model
 
     hook = hook_name(args.layer)
     model = load_model(args.model, device=args.device)
@@ -111,8 +111,8 @@ def timed(fn):
 
 # ------------------------------------------------------------------------------------ saelib
 def run_saelib(X, H, hook, order, args):
-    from saelib.sae import SAEConfig
-    from saelib.train import TrainConfig, train_saes
+    from saelib.sae.core import SAEConfig
+    from saelib.sae.train import TrainConfig, train_saes
 
     dead = args.dead_tokens or 20_480
     cfg = SAEConfig(d_in=X.shape[1], d_sae=args.d_sae, activation="topk", k=args.k, hook_name=hook, dead_after_tokens=dead)

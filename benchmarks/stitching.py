@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from saelib import stitching as st
-from saelib.sae import SAE, SAEConfig
+from saelib.analysis import stitching as st
+from saelib.sae.core import SAE, SAEConfig
 
 
 def random_sae(d: int, m: int, act: str, k: int, seed: int) -> SAE:

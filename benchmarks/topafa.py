@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from saelib.topafa import topafa_select, topafa_select_reference
+from saelib.sae.topafa import topafa_select, topafa_select_reference
 
 
 def paper_code_path(pre, dec_norms, target):

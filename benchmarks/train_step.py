@@ -32,8 +32,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from saelib.sae import SAE, SAEConfig
-from saelib.train import make_adam
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.train import make_adam
 
 
 def peak_step_bytes(step) -> int:
@@ -103,7 +103,7 @@ def floor_flops(n: int, d: int, h: int, l0: float) -> float:
 
 
 def ours_step(sae: SAE, x: torch.Tensor):
-    opt = make_adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))  # as saelib.train does
+    opt = make_adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))  # as saelib.sae.train does
     info = {}
 
     def step():

@@ -23,7 +23,7 @@ import torch
 
 def _tokens(model, rows: int, seq_len: int, seed: int) -> torch.Tensor:
     try:
-        from saelib.data import token_rows
+        from saelib.lm.data import token_rows
 
         return token_rows(model, "embedded", split="heldout", n_tokens=rows * seq_len, seq_len=seq_len,
                           seed=seed, progress=False)[:rows]
@@ -42,8 +42,8 @@ def z_device(model) -> torch.device:
 @torch.no_grad()
 def reference_pattern(model, tokens: torch.Tensor, sae_dir: str, hook: str) -> dict[str, np.ndarray]:
     """One sequence at a time; SAE re-loaded from disk per sequence; full run_with_cache."""
-    from saelib.afa import zf_stats_sae
-    from saelib.sae import SAE
+    from saelib.analysis.afa import zf_stats_sae
+    from saelib.sae.core import SAE
 
     parts = []
     for i in range(tokens.shape[0]):
@@ -56,7 +56,7 @@ def reference_pattern(model, tokens: torch.Tensor, sae_dir: str, hook: str) -> d
 
 
 def batched_pattern(model, tokens: torch.Tensor, sae, hook: str, batch_size: int):
-    from saelib.evaluate import evaluate_sae
+    from saelib.analysis.evaluate import evaluate_sae
 
     return evaluate_sae(sae, model, tokens, hook=hook, batch_size=batch_size, ce=False, zf=True,
                         progress=False)
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from saelib.models import hook_name, load_model
-    from saelib.sae import SAE, SAEConfig
+    from saelib.lm.models import hook_name, load_model
+    from saelib.sae.core import SAE, SAEConfig
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         np.testing.assert_allclose(fast.zf[key], ref[key], rtol=1e-4, atol=1e-6, err_msg=key)
     print(f"same {n_tok} per-token ZF values (norm_z, norm_f, eps_lbo) from both paths: OK")
     print(f"reference (per sequence, reload, full cache): {t_ref:8.2f} s  {n_tok / t_ref:9.0f} tok/s")
-    print(f"batched  (saelib.evaluate, stop at layer):     {t_fast:8.2f} s  {n_tok / t_fast:9.0f} tok/s")
+    print(f"batched  (saelib.analysis.evaluate, stop at layer):     {t_fast:8.2f} s  {n_tok / t_fast:9.0f} tok/s")
     print(f"speed-up: {t_ref / t_fast:.1f}x (target >= 10x); the batched path also returns NMSE, L0, "
           "FVU and latent densities for the same tokens")
 

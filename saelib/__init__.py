@@ -14,25 +14,25 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "saelib.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
-    "saelib.data": ["load_texts", "token_rows", "iter_token_rows"],
-    "saelib.activations": [
+    "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
+    "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
+    "saelib.lm.activations": [
         "harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path",
     ],
-    "saelib.sae": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
-    "saelib.topafa": ["topafa_select", "topafa_select_reference"],
-    "saelib.train": ["TrainConfig", "train_saes", "sweep_configs", "ensure_sweep", "load_saes"],
+    "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
+    "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
+    "saelib.sae.train": ["TrainConfig", "train_saes", "sweep_configs", "ensure_sweep", "load_saes"],
     "saelib.interop": ["to_saelens", "from_saelens"],
-    "saelib.afa": [
+    "saelib.analysis.afa": [
         "epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
         "eps_lbo", "mdl_bits", "concentration_band",
     ],
-    "saelib.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
-    "saelib.stitching": [
+    "saelib.analysis.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
+    "saelib.analysis.stitching": [
         "ensure_width_family", "decoder_cosine", "insertion_delta_mse", "classify_latents",
         "build_families", "stitch", "interpolation_curve",
     ],
-    "saelib.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
+    "saelib.analysis.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from saelib.io import atomic_write_text, load_yaml
+from saelib.runs import repo_root, runs_dir
 
 PROFILES = ("ci", "embedded", "gpt2", "smoke", "gpu")
 
@@ -62,11 +63,6 @@ class ParameterError(ValueError):
     """A profile, command-line or papermill parameter that the chapter does not accept."""
 
 
-def repo_root() -> Path:
-    """The repository root (the folder that holds ``saelib/`` and ``notebooks/``)."""
-    return Path(__file__).resolve().parent.parent
-
-
 def rel(path: str | Path) -> str:
     """``path`` relative to the repository root when it lies inside it (for printing)."""
     path = Path(path)
@@ -74,19 +70,6 @@ def rel(path: str | Path) -> str:
         return str(path.resolve().relative_to(repo_root()))
     except ValueError:
         return str(path)
-
-
-def runs_dir(runs: str | Path) -> Path:
-    """Resolve a chapter's ``runs_dir`` parameter: relative paths are taken from the repo root.
-
-    Chapters run with the notebook folder as working directory, so a bare relative path would
-    land in ``notebooks/``; resolving against the root keeps every profile's runs in one place.
-    """
-    path = Path(runs)
-    if not path.is_absolute():
-        path = repo_root() / path
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def chapters() -> list[str]:

@@ -41,7 +41,7 @@ MARKER = "SAELIB-RESULTS"
 
 def results_path(runs_dir: str | Path, chapter: str) -> Path:
     """``<runs_dir>/results/<chapter>.json`` (``runs_dir`` resolved as the chapters do)."""
-    from saelib.book import runs_dir as resolve
+    from saelib.runs import runs_dir as resolve
 
     return resolve(runs_dir) / "results" / f"{chapter}.json"
 
@@ -165,7 +165,7 @@ def residual_stream(runs_dir: str | Path, *, norms: torch.Tensor, tokens: torch.
 
 def theory(runs_dir: str | Path, *, eps_table: Any, sim_table: Any, zf_table: Any, f_tilde_err: float) -> dict:
     """Chapter 02: ε respects Welch, f̃ reproduces ẑ, random codes concentrate near ‖f‖ = ‖z‖."""
-    from saelib import afa
+    from saelib.analysis import afa
 
     c = ChapterCheck("02_theory", runs_dir)
     for (d, h), r in eps_table.iterrows():
@@ -214,7 +214,7 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
              n_check_tokens: int = 512) -> dict:
     """Chapter 03: TopK's L0 is k, BatchTopK's mean L0 ≈ k, top-AFA's masks equal the reference,
     held-out NMSE is in range and training lowered it."""
-    from saelib.topafa import topafa_select_reference
+    from saelib.sae.topafa import topafa_select_reference
 
     c = ChapterCheck("03_training", runs_dir)
     batch = next(iter(eval_batches))
@@ -285,7 +285,7 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
     """Chapter 05: the stitched path starts at S's MSE on the same tokens, insertion ΔMSE is finite,
     classifications are in range. (Whether the path is monotone is one of the paper's claims the
     chapter tests and reports, not an invariant.)"""
-    from saelib import stitching as st
+    from saelib.analysis import stitching as st
 
     c = ChapterCheck("05_stitching", runs_dir)
     starts = {}

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from saelib.io import atomic_folder
-from saelib.sae import SAE, SAEConfig
+from saelib.sae.core import SAE, SAEConfig
 
 __all__ = ["to_saelens", "from_saelens", "SAELENS_ARCHITECTURE"]
 
@@ -266,7 +266,7 @@ STANDIN_LAYOUTS = {
 
 def standin_dir(release: str, model_name: str = "tiny-gpt2-small") -> Path:
     """Folder of the stand-in of ``release`` for ``model_name``: ``<data_dir>/releases/standin/<model>/<release>``."""
-    from saelib.models import data_dir
+    from saelib.runs import data_dir
 
     return data_dir() / "releases" / "standin" / model_name / release
 
@@ -284,7 +284,7 @@ def write_standin_release(release: str, path: str | os.PathLike | None = None, *
     """
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from saelib.models import TINY_SHAPES
+    from saelib.lm.models import TINY_SHAPES
 
     if release not in STANDIN_LAYOUTS:
         raise ValueError(f"no stand-in layout for release {release!r}; known: {sorted(STANDIN_LAYOUTS)}")

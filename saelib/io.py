@@ -156,9 +156,9 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 # Fingerprints: what made a cached result (code, weights, files)
 # --------------------------------------------------------------------------------------------
-ACTIVATION_CODE = ("saelib.activations", "saelib.models")
+ACTIVATION_CODE = ("saelib.lm.activations", "saelib.lm.models")
 """Modules whose code decides the values in an activation cache."""
-TRAINING_CODE = ("saelib.sae", "saelib.topafa", "saelib.train", *ACTIVATION_CODE)
+TRAINING_CODE = ("saelib.sae.core", "saelib.sae.topafa", "saelib.sae.train", *ACTIVATION_CODE)
 """Modules whose code decides a trained SAE (its rule, losses, trainer and the activations it saw)."""
 
 

@@ -159,7 +159,7 @@ def zf_medians() -> pd.DataFrame:
     """The paper's per-layer ZF medians for gpt2-small-res-jb, indexed by 1-based layer
     (source: topafa:code, visualization/output_csv, medians recomputed).
 
-    Columns follow ``saelib.afa.zf_summary``: median_norm_z, median_norm_f, median_ratio,
+    Columns follow ``saelib.analysis.afa.zf_summary``: median_norm_z, median_norm_f, median_ratio,
     pct_over (strict ratio > 1), median_nmse, median_eps_lbo.
     """
     df = pd.DataFrame(_PAPER_GPT2_ZF, columns=["layer", "median_norm_z", "median_norm_f", "median_ratio",
@@ -187,7 +187,7 @@ _PAPER_GPT2_TRAINING = [
 
 def best_runs() -> pd.DataFrame:
     """The paper's best run per (layer, method) on GPT-2 small (d = 768, h = 12288), with the
-    columns ``saelib.evaluate.comparison_table`` and ``mdl_table`` expect (source: topafa:rebuttal)."""
+    columns ``saelib.analysis.evaluate.comparison_table`` and ``mdl_table`` expect (source: topafa:rebuttal)."""
     df = pd.DataFrame(_PAPER_GPT2_TRAINING, columns=["layer", "activation", "k", "afa_coeff", "l0_mean", "nmse_mean"])
     df["d_sae"] = 12288
     df.attrs["source"] = SOURCES["topafa:rebuttal"] + "; visualization/mdl.ipynb"

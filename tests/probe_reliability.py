@@ -44,12 +44,18 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
 
-from saelib import activations, afa, io as sio, train as train_mod  # noqa: E402
-from saelib.activations import ActivationCache, harvest, tensor_batches  # noqa: E402
+from saelib import io as sio
+
+from saelib.lm import activations
+
+from saelib.analysis import afa
+
+from saelib.sae import train as train_mod  # noqa: E402
+from saelib.lm.activations import ActivationCache, harvest, tensor_batches  # noqa: E402
 from saelib.interop import from_saelens, to_saelens  # noqa: E402
-from saelib.models import load_model  # noqa: E402
-from saelib.sae import SAE, SAEConfig  # noqa: E402
-from saelib.train import TrainConfig, ensure_sweep, load_metrics, sweep_configs, train_saes  # noqa: E402
+from saelib.lm.models import load_model  # noqa: E402
+from saelib.sae.core import SAE, SAEConfig  # noqa: E402
+from saelib.sae.train import TrainConfig, ensure_sweep, load_metrics, sweep_configs, train_saes  # noqa: E402
 
 VERBOSE = "-v" in sys.argv
 D, H, HOOK = 16, 48, "blocks.1.hook_resid_pre"
@@ -226,10 +232,10 @@ API = [
     ("from_saelens saelib folder", lambda: from_saelens(saved_sae("fs")), ["SAE.load"]),
     ("SAE.load missing folder", lambda: SAE.load(ROOT / "none"), ["cfg.json"]),
     ("load_model unknown name", lambda: load_model("gpt-9"), ["Unknown model"]),
-    ("token_rows bad split", lambda: __import__("saelib.data").data.token_rows(MODEL, split="test"), ["split"]),
-    ("token_rows seq_len=1", lambda: __import__("saelib.data").data.token_rows(MODEL, seq_len=1), ["seq_len"]),
-    ("token_rows unknown corpus", lambda: __import__("saelib.data").data.token_rows(MODEL, "foo.csv"), [".jsonl"]),
-    ("token_rows missing file", lambda: __import__("saelib.data").data.token_rows(MODEL, str(ROOT / "x.txt")),
+    ("token_rows bad split", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, split="test"), ["split"]),
+    ("token_rows seq_len=1", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, seq_len=1), ["seq_len"]),
+    ("token_rows unknown corpus", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, "foo.csv"), [".jsonl"]),
+    ("token_rows missing file", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, str(ROOT / "x.txt")),
      ["does not exist"]),
 ]
 for name, call, needles in API:
@@ -244,7 +250,7 @@ def _():
 
 @probe("api", "corpus .jsonl with a bad line")
 def _():
-    from saelib.data import load_texts
+    from saelib.lm.data import load_texts
 
     p = fresh("corpus") / "c.jsonl"
     p.write_text('{"text": "a"}\n{"txt": 1}\n')
@@ -445,7 +451,7 @@ def _():
 
 @probe("files", "token-row cache corrupted: rebuilt")
 def _():
-    from saelib.data import token_rows
+    from saelib.lm.data import token_rows
 
     d = fresh("tokcache")
     corpus = d / "c.txt"
@@ -775,7 +781,7 @@ def _():
 
 @probe("readonly", "token_rows with a read-only cache folder")
 def _():
-    from saelib.data import token_rows
+    from saelib.lm.data import token_rows
 
     src = fresh("rotok") / "c.txt"
     src.write_text("\n\n".join(f"doc {i} " * 30 for i in range(20)))
@@ -825,7 +831,7 @@ def _():
 # kill -9, then resume
 # ---------------------------------------------------------------------------------------------
 CONFIGS_SRC = """
-from saelib.sae import SAEConfig
+from saelib.sae.core import SAEConfig
 CONFIGS = {
     "topk": SAEConfig(d_in=D, d_sae=H, activation="topk", k=4, hook_name=HOOK, aux_k=8, dead_after_tokens=128),
     "btk": SAEConfig(d_in=D, d_sae=H, activation="batchtopk", k=4, hook_name=HOOK),
@@ -837,7 +843,7 @@ CHILD_HEAD = textwrap.dedent(f"""
     import sys, time, torch
     sys.path.insert(0, {str(REPO)!r})
     torch.set_num_threads(1)
-    from saelib.train import TrainConfig, train_saes
+    from saelib.sae.train import TrainConfig, train_saes
     D, H, HOOK = {D}, {H}, {HOOK!r}
 """) + "\n".join(textwrap.dedent(__import__("inspect").getsource(f)) for f in (data, stream, tcfg)) \
     + "\nX = data()\n" + CONFIGS_SRC
@@ -888,8 +894,8 @@ def cache_kill_children(points: dict[str, int]) -> dict[str, tuple[Path, Path, s
             import sys, time, torch
             sys.path.insert(0, {str(REPO)!r})
             torch.set_num_threads(1)
-            from saelib import activations
-            from saelib.models import load_model
+            from saelib.lm import activations
+            from saelib.lm.models import load_model
             m = load_model("tiny-gpt2", device="cpu")
             toks = torch.tensor({TOK.tolist()!r})
             real, n = activations._write_bytes, [0]

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from saelib import activations
-from saelib.activations import ActivationCache, ActivationStore, harvest, tensor_batches
-from saelib.models import hook_name, load_model
+from saelib.lm import activations
+from saelib.lm.activations import ActivationCache, ActivationStore, harvest, tensor_batches
+from saelib.lm.models import hook_name, load_model
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_post", "blocks.0.hook_resid_pre"]
 SHARD = 64  # activations per shard: 4 rows of 16 (BOS dropped), so 12 rows make 3 shards
@@ -263,7 +263,7 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, model, tokens, ref, monkeyp
 
 
 def test_activation_cache_path_is_keyed_by_request(tmp_path, model, tokens):
-    from saelib.activations import activation_cache_path
+    from saelib.lm.activations import activation_cache_path
 
     p = activation_cache_path(tmp_path, model, "embedded", "train", tokens, HOOKS[:1])
     assert p.parent == tmp_path / "activations" / "tiny-llama" / "embedded" / "train"

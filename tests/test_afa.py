@@ -1,4 +1,4 @@
-"""Tests for saelib.afa: ε, Welch, the AFA bound, f̃, ZF statistics, MDL and concentration."""
+"""Tests for saelib.analysis.afa: ε, Welch, the AFA bound, f̃, ZF statistics, MDL and concentration."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from saelib import afa
+from saelib.analysis import afa
 
 # ---------------------------------------------------------------- the authors' 3×3 toy example
 
@@ -225,7 +225,7 @@ def test_zf_stats_decomposition_and_summary():
 
 
 def test_zf_stats_sae_with_saelib_sae():
-    sae_mod = pytest.importorskip("saelib.sae")
+    sae_mod = pytest.importorskip("saelib.sae.core")
     for mode in ("none", "token"):
         cfg = sae_mod.SAEConfig(d_in=16, d_sae=64, activation="topk", k=8, input_norm=mode, seed=0)
         sae = sae_mod.SAE(cfg).eval()
@@ -376,7 +376,7 @@ def test_plots_draw_the_data():
 
 
 def test_zf_tolerance_band_and_activation_class():
-    from saelib.afa import ZFStats, activation_class, zf_summary
+    from saelib.analysis.afa import ZFStats, activation_class, zf_summary
 
     ratio = torch.tensor([0.90, 0.97, 1.0, 1.001, 1.03, 1.2, float("nan")])
     n = ratio.numel()
@@ -398,8 +398,8 @@ def test_zf_tolerance_band_and_activation_class():
 def test_zf_in_model_space(norm):
     """Model-space ZF: ‖x̂‖ matches the SAE's own reconstruction and ‖z‖ varies across tokens,
     while the decoder-space ‖z‖ of a per-token standardised SAE is one constant."""
-    from saelib.afa import zf_stats_model_space, zf_stats_sae
-    from saelib.sae import SAE, SAEConfig
+    from saelib.analysis.afa import zf_stats_model_space, zf_stats_sae
+    from saelib.sae.core import SAE, SAEConfig
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 16, generator=g) * (0.5 + 5 * torch.rand(64, 1, generator=g)) + 0.4
@@ -422,7 +422,7 @@ def test_zf_in_model_space(norm):
 
 
 def test_zf_model_space_rejects_foreign_saes():
-    from saelib.afa import zf_stats_model_space
+    from saelib.analysis.afa import zf_stats_model_space
 
     class Foreign(torch.nn.Module):
         W_dec = torch.zeros(4, 3)

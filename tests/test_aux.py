@@ -3,7 +3,7 @@ equals the definition and the plain-autograd reference to float32 rounding."""
 import pytest
 import torch
 
-from saelib.sae import SAE, SAEConfig
+from saelib.sae.core import SAE, SAEConfig
 
 D_IN, D_SAE, K = 24, 192, 4
 

@@ -71,19 +71,19 @@ def test_runs_dir_is_rooted_at_the_repo(tmp_path: Path):
 
 
 EXPORTS = {  # written out here on purpose: the test must not read saelib's own table
-    "saelib.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
-    "saelib.data": ["load_texts", "token_rows", "iter_token_rows"],
-    "saelib.activations": ["harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path"],
-    "saelib.sae": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
-    "saelib.topafa": ["topafa_select", "topafa_select_reference"],
-    "saelib.train": ["TrainConfig", "train_saes", "sweep_configs", "ensure_sweep", "load_saes"],
+    "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
+    "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
+    "saelib.lm.activations": ["harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path"],
+    "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
+    "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
+    "saelib.sae.train": ["TrainConfig", "train_saes", "sweep_configs", "ensure_sweep", "load_saes"],
     "saelib.interop": ["to_saelens", "from_saelens"],
-    "saelib.afa": ["epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
+    "saelib.analysis.afa": ["epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
                    "eps_lbo", "mdl_bits", "concentration_band"],
-    "saelib.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
-    "saelib.stitching": ["ensure_width_family", "decoder_cosine", "insertion_delta_mse", "classify_latents",
+    "saelib.analysis.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
+    "saelib.analysis.stitching": ["ensure_width_family", "decoder_cosine", "insertion_delta_mse", "classify_latents",
                          "build_families", "stitch", "interpolation_curve"],
-    "saelib.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
+    "saelib.analysis.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
 }
 
 
@@ -297,7 +297,7 @@ def test_progress_bars_go_to_the_terminal_under_the_runner():
 
     code = ("from saelib.book import check_parameters\n"
             "check_parameters('00_introduction', {})\n"
-            "from saelib.activations import _progress\n"
+            "from saelib.lm.activations import _progress\n"
             "b = _progress(1000, 'harvest', False)\nb.update(1000)\nb.close()\n")
     env = {**__import__("os").environ, book.PROGRESS_ENV: "1", "PYTHONPATH": str(book.repo_root())}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

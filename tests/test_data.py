@@ -1,4 +1,4 @@
-"""Tests for saelib.data (corpora, token rows) and scripts/prepare_corpus.py (cleaners).
+"""Tests for saelib.lm.data (corpora, token rows) and scripts/prepare_corpus.py (cleaners).
 
 Most tests use a character-level tokenizer so that every row can be decoded back to the text it
 came from; one test uses the embedded model's GGUF tokenizer.
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelib import data
-from saelib.data import document_split, load_texts, token_rows
+from saelib.lm import data
+from saelib.lm.data import document_split, load_texts, token_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 BOS, EOS = 1, 2
@@ -295,7 +295,7 @@ def _gguf():
 def test_embedded_tokenizer_rows_decode_to_text(tmp_path):
     from transformers import AutoTokenizer
 
-    # The model cache of saelib.models holds the same tokenizer as tokenizer.json (loads in
+    # The model cache of saelib.lm.models holds the same tokenizer as tokenizer.json (loads in
     # under a second); otherwise read it from the GGUF (~15 s).
     cached = data.data_dir() / "models" / "smollm2-135m"
     if (cached / "tokenizer.json").is_file():

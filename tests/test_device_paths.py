@@ -3,9 +3,9 @@ sparse training step (embedding_bag decode, index_add, gathered aux) compared wi
 import pytest
 import torch
 
-import saelib.topafa as topafa
-from saelib.sae import SAE, SAEConfig
-from saelib.topafa import topafa_select, topafa_select_reference
+import saelib.sae.topafa as topafa
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.topafa import topafa_select, topafa_select_reference
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saelib.distributed import DistributedActivationStore, plan_saes, rank_dir
-from saelib.sae import SAEConfig
+from saelib.sae.distributed import DistributedActivationStore, plan_saes, rank_dir
+from saelib.sae.core import SAEConfig
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"]
 N_ROWS, SEQ = 13, 17  # 2 epochs of 13 rows = 13 chunks of 2: the last fill round has one chunk (one rank idles)
@@ -25,7 +25,7 @@ class Interrupted(Exception):
 
 
 def _setup():
-    from saelib.models import load_model
+    from saelib.lm.models import load_model
 
     torch.set_num_threads(1)
     model = load_model("tiny-llama", device="cpu")
@@ -42,7 +42,7 @@ def _setup():
 
 
 def _train_cfg(out_dir):
-    from saelib.train import TrainConfig
+    from saelib.sae.train import TrainConfig
 
     return TrainConfig(batch_size=STORE["batch_size"], n_tokens=N_STEPS * STORE["batch_size"], lr=1e-3,
                        checkpoint_every=2, log_every=2, out_dir=out_dir, progress=False, device="cpu", seed=0)
@@ -56,7 +56,7 @@ def _interrupt_after(batches, n):
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    from saelib.distributed import train_sweep
+    from saelib.sae.distributed import train_sweep
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     try:
@@ -89,8 +89,8 @@ def test_plan_balances_cost_and_is_deterministic():
 
 
 def test_two_gloo_ranks_equal_one_process_bitwise(tmp_path):
-    from saelib.activations import ActivationStore
-    from saelib.train import load_saes, train_saes
+    from saelib.lm.activations import ActivationStore
+    from saelib.sae.train import load_saes, train_saes
 
     mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
 
@@ -112,8 +112,8 @@ def test_two_gloo_ranks_equal_one_process_bitwise(tmp_path):
 @pytest.mark.parametrize("epochs", [1, 2])
 def test_store_epochs(epochs):
     """The store serves ``epochs`` passes over the rows (the second in another row order)."""
-    from saelib.activations import ActivationStore
-    from saelib.models import load_model
+    from saelib.lm.activations import ActivationStore
+    from saelib.lm.models import load_model
 
     model = load_model("tiny-llama", device="cpu")
     tokens = torch.randint(3, 2000, (6, 9), generator=torch.Generator().manual_seed(1))

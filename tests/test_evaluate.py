@@ -1,4 +1,4 @@
-"""Tests for saelib.evaluate: metric definitions, CE splicing, BOS handling, ZF batching, stats."""
+"""Tests for saelib.analysis.evaluate: metric definitions, CE splicing, BOS handling, ZF batching, stats."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.evaluate import (
+from saelib.analysis.evaluate import (
     aggregate_seeds,
     comparison_table,
     evaluate_sae,
@@ -18,7 +18,7 @@ from saelib.evaluate import (
     reconstruction_metrics,
     welch_ttest,
 )
-from saelib.sae import SAE, SAEConfig
+from saelib.sae.core import SAE, SAEConfig
 
 HOOK = "blocks.2.hook_resid_pre"
 _MODELS: dict[str, object] = {}
@@ -26,7 +26,7 @@ _MODELS: dict[str, object] = {}
 
 def _model(name: str = "tiny-gpt2"):
     if name not in _MODELS:
-        from saelib.models import load_model
+        from saelib.lm.models import load_model
 
         _MODELS[name] = load_model(name, device="cpu")
     return _MODELS[name]
@@ -90,7 +90,7 @@ def test_zero_and_mean_saes_recover_nothing():
 
 
 def test_many_saes_share_passes_and_match_single_evaluations():
-    from saelib.evaluate import evaluate_saes
+    from saelib.analysis.evaluate import evaluate_saes
 
     model = _model()
     toks = _tokens(model, rows=3, seq=6)
@@ -118,7 +118,7 @@ def test_clean_ce_matches_a_plain_forward():
 
 
 def test_bos_excluded_and_metrics_match_harvested_activations():
-    from saelib.activations import harvest
+    from saelib.lm.activations import harvest
 
     model = _model()
     toks = _tokens(model, rows=5, seq=10)
@@ -160,8 +160,8 @@ def test_fvu_and_friends_against_hand_computation():
 
 
 def test_batched_zf_equals_per_sequence_zf():
-    from saelib.afa import zf_stats_sae
-    from saelib.activations import harvest
+    from saelib.analysis.afa import zf_stats_sae
+    from saelib.lm.activations import harvest
 
     model = _model()
     toks = _tokens(model, rows=4, seq=9, seed=2)
@@ -260,7 +260,7 @@ def test_saelens_sae_gives_the_same_metrics(tmp_path):
 
 
 def test_centered_input_wrapper_matches_centering_by_hand():
-    from saelib.evaluate import CenteredInputSAE
+    from saelib.analysis.evaluate import CenteredInputSAE
 
     torch.manual_seed(1)
     d = 12
@@ -286,7 +286,7 @@ def test_evaluation_plots_draw_the_data():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from saelib.evaluate import paper_zf_medians
+    from saelib.analysis.evaluate import paper_zf_medians
     from saelib.plots import evaluation as P
 
     frame = pd.DataFrame({"activation": ["topk", "topk", "topafa", "topafa"], "l0_mean": [32, 8, 20, 40],
@@ -338,7 +338,7 @@ def test_evaluation_plots_draw_the_data():
 def _saelens_reference(model, sae, toks):
     """SAELens' get_recons_loss, written out: the reconstruction (or zeros) replaces every position
     including BOS; CE over every position with a target, KL over every position (the last included)."""
-    from saelib.evaluate import _encode_decode
+    from saelib.analysis.evaluate import _encode_decode
 
     def run(fn=None):
         hooks = [] if fn is None else [(HOOK, lambda act, hook=None: fn(act))]
@@ -378,7 +378,7 @@ def test_both_ce_conventions_agree_with_independent_splices():
     ours = evaluate_sae(sae, model, toks, batch_size=2, zf=False, progress=False)
     assert ours.kl.shape == (3 * 7,)  # positions 1..7: BOS and the last position left out
     # hand splice in our convention: positions 1.. replaced, CE/KL from positions 1..S-2
-    from saelib.evaluate import _encode_decode
+    from saelib.analysis.evaluate import _encode_decode
 
     def keep_bos(act, hook=None):
         out = act.clone()
@@ -401,7 +401,7 @@ def test_both_ce_conventions_agree_with_independent_splices():
 
 
 def test_massive_tokens_and_their_variance_share():
-    from saelib.evaluate import massive_summary, massive_tokens
+    from saelib.analysis.evaluate import massive_summary, massive_tokens
 
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1000, 16, generator=g) * 3

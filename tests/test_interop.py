@@ -7,7 +7,7 @@ from sae_lens import (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig, GatedSAE
                       JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig)
 
 from saelib.interop import from_saelens, to_saelens  # noqa: E402
-from saelib.sae import SAE, SAEConfig  # noqa: E402
+from saelib.sae.core import SAE, SAEConfig  # noqa: E402
 
 D_IN, D_SAE = 16, 64
 

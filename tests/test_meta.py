@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saelib import meta as M
+from saelib.analysis import meta as M
 
 D, N_META, N_ROWS, K = 48, 24, 1536, 3
 
@@ -154,8 +154,8 @@ def test_split_recovery_planted_and_random(trained):
 
 
 def test_top_activating_contexts_tiny_model():
-    from saelib.models import load_model
-    from saelib.sae import SAE, SAEConfig
+    from saelib.lm.models import load_model
+    from saelib.sae.core import SAE, SAEConfig
 
     model = load_model("tiny-llama")
     hook = "blocks.1.hook_resid_pre"

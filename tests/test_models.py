@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from saelib import models
-from saelib.models import (
+from saelib.lm import models
+from saelib.lm.models import (
     HubUnavailableError,
     check_embedded_cache,
     check_hook,

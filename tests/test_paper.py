@@ -20,8 +20,8 @@ def test_every_number_names_a_known_source():
 
 
 def test_tables_carry_sources_and_old_entry_points_delegate():
-    from saelib import evaluate as ev
-    from saelib import train
+    from saelib.analysis import evaluate as ev
+    from saelib.sae import train
 
     for df in (paper.zf_medians(), paper.best_runs(), paper.e3_results()):
         assert df.attrs["source"].startswith("Lee et al. 2025")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import afa
-from saelib.sae import SAE, SAEConfig
+from saelib.analysis import afa
+from saelib.sae.core import SAE, SAEConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -198,7 +198,7 @@ def test_dead_latent_rule_boundary():
 
 def test_trainer_dead_metric_boundary(tmp_path):
     """The trainer's ``dead`` metric: silent on the last dead_window_tokens tokens (>=)."""
-    from saelib.train import TrainConfig, load_metrics, train_saes
+    from saelib.sae.train import TrainConfig, load_metrics, train_saes
 
     import copy
 
@@ -421,7 +421,7 @@ def _table_setup():
 
 
 def test_reconstruction_metrics_hand_computed():
-    from saelib.evaluate import reconstruction_metrics
+    from saelib.analysis.evaluate import reconstruction_metrics
 
     x, codes, W, b = _table_setup()
     r = reconstruction_metrics(TableSAE(codes, W, b), x, batch_size=3)  # 7 uneven batches
@@ -465,14 +465,14 @@ def test_reconstruction_metrics_hand_computed():
 
 
 def _tiny():
-    from saelib.models import load_model
+    from saelib.lm.models import load_model
 
     return load_model("tiny-gpt2", device="cpu")
 
 
 def test_ce_recovered_and_kl_score_brute_force():
     """Splice by hand with run_with_hooks and compute CE, KL and the derived scores per token."""
-    from saelib.evaluate import evaluate_sae
+    from saelib.analysis.evaluate import evaluate_sae
 
     model = _tiny()
     hook = "blocks.2.hook_resid_pre"
@@ -526,7 +526,7 @@ def test_ce_recovered_and_kl_score_brute_force():
 
 def test_meta_fve_hand_formula():
     """FVE = 1 − Σ‖d − d̂‖² / Σ‖d − d̄‖², centred: rows sharing one direction make d̄ large."""
-    from saelib import meta as M
+    from saelib.analysis import meta as M
 
     g = torch.Generator().manual_seed(0)
     n, dm, m = 60, 10, 16
@@ -559,7 +559,7 @@ def test_meta_fve_hand_formula():
 
 def test_lr_at_hand_values():
     """10 steps, warm-up 3, decay 4 to 0: 1/3, 2/3, 1, 1, 1, 1, 3/4, 1/2, 1/4, 0."""
-    from saelib.train import TrainConfig
+    from saelib.sae.train import TrainConfig
 
     tc = TrainConfig(batch_size=1, n_tokens=10, lr=1.0, warmup_steps=3, decay_steps=4, lr_end_factor=0.0,
                      progress=False)
@@ -575,7 +575,7 @@ def test_lr_at_hand_values():
 
 def test_trainer_applies_the_schedule(tmp_path):
     """The optimiser steps with lr_at(step): 4 steps, warm-up 2, decay 1 → 0.2, 0.4, 0.4, 0."""
-    from saelib.train import TrainConfig, train_saes
+    from saelib.sae.train import TrainConfig, train_saes
 
     cfg = SAEConfig(d_in=4, d_sae=8, activation="topk", k=2, aux_k=0, seed=0, hook_name="h")
     x = torch.randn(8, 4)
@@ -599,7 +599,7 @@ def test_trainer_applies_the_schedule(tmp_path):
 
 
 def test_tensor_batches_seed_changes_order_and_epochs_are_permutations():
-    from saelib.activations import tensor_batches
+    from saelib.lm.activations import tensor_batches
 
     x = torch.arange(40, dtype=torch.float32)[:, None]
     a = [b[:, 0].long().tolist() for b in tensor_batches(x, 8, seed=0, epochs=2)]
@@ -620,7 +620,7 @@ def test_tensor_batches_seed_changes_order_and_epochs_are_permutations():
 
 
 def test_iter_batches_seed_changes_batches(tmp_path):
-    from saelib.activations import ActivationCache
+    from saelib.lm.activations import ActivationCache
 
     model = _tiny()
     g = torch.Generator().manual_seed(0)
@@ -651,7 +651,7 @@ def test_iter_batches_seed_changes_batches(tmp_path):
 
 def test_insertion_result_reports_both_saes_by_hand():
     """mse_small/large and l0_small/large of insertion_delta_mse, against encode/decode by hand."""
-    from saelib.stitching import insertion_delta_mse
+    from saelib.analysis.stitching import insertion_delta_mse
 
     g = torch.Generator().manual_seed(2)
     small = SAE(SAEConfig(d_in=6, d_sae=8, activation="relu", seed=1))

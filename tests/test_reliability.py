@@ -20,12 +20,14 @@ import pytest
 import torch
 
 import saelib
-from saelib import activations, afa, train as train_mod
-from saelib.activations import ActivationCache, activation_cache_path
+from saelib.lm import activations
+from saelib.analysis import afa
+from saelib.sae import train as train_mod
+from saelib.lm.activations import ActivationCache, activation_cache_path
 from saelib.io import FolderInUseError, code_fingerprint, folder_lock, load_yaml
-from saelib.models import load_model
-from saelib.sae import SAE, SAEConfig
-from saelib.train import TrainConfig, TrainingDivergedError, ensure_sweep, load_metrics, sweep_configs, train_saes
+from saelib.lm.models import load_model
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.train import TrainConfig, TrainingDivergedError, ensure_sweep, load_metrics, sweep_configs, train_saes
 
 D, H = 16, 48
 HOOK = "blocks.1.hook_resid_pre"
@@ -341,7 +343,7 @@ def test_damaged_sae_files_are_errors_naming_the_file(tmp_path):
 
 
 def test_everything_written_is_world_readable(tmp_path, monkeypatch):
-    from saelib import models
+    from saelib.lm import models
     from saelib.interop import to_saelens
 
     old = os.umask(0o077)
@@ -382,7 +384,7 @@ def test_topafa_export_refused_unless_opted_in(tmp_path):
 
 
 def test_bad_inputs_get_errors_naming_file_field_and_fix(tmp_path, model, tokens, monkeypatch):
-    from saelib import models
+    from saelib.lm import models
 
     for bad, val in (("too large", model.cfg.d_vocab), ("negative", -1)):
         t = tokens.clone()
@@ -471,7 +473,8 @@ def test_results_of_other_code_are_not_reused(tmp_path, x, model, tokens, monkey
 
 
 def test_width_family_retrained_when_code_changes(tmp_path, monkeypatch):
-    from saelib import io, stitching as st
+    from saelib import io
+    from saelib.analysis import stitching as st
 
     model = load_model("tiny-llama", device="cpu")
     kw = dict(model_name="tiny-llama", corpus="embedded", layer=1, architectures={"relu": (1,)}, n_tokens=256,

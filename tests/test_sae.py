@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from saelib.sae import SAE, SAEConfig, SAEOutput
-from saelib.topafa import topafa_select_reference
+from saelib.sae.core import SAE, SAEConfig, SAEOutput
+from saelib.sae.topafa import topafa_select_reference
 
 D_IN, D_SAE = 16, 96
 

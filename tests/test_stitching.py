@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelib import stitching as st
-from saelib.sae import SAE, SAEConfig
+from saelib.analysis import stitching as st
+from saelib.sae.core import SAE, SAEConfig
 
 D = 24
 
@@ -252,7 +252,7 @@ def test_auroc_known_values():
 
 
 def test_width_family_retrains_when_its_recipe_changes(tmp_path):
-    from saelib.models import load_model
+    from saelib.lm.models import load_model
 
     model = load_model("tiny-llama", device="cpu")
     kw = dict(model_name="tiny-llama", corpus="embedded", layer=1, architectures={"relu": (1, 2)}, n_tokens=512,

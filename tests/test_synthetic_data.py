@@ -1,4 +1,4 @@
-"""Synthetic superposition data (saelib.synthetic), the b_dec initialisation option, the
+"""Synthetic superposition data (saelib.analysis.synthetic), the b_dec initialisation option, the
 BatchTopK inference threshold and the first-crossing top-AFA rule."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from saelib.sae import SAE, SAEConfig, geometric_median
-from saelib.synthetic import SyntheticData, SyntheticSpec, afa_diagnostics, recovery, run_synthetic
-from saelib.topafa import topafa_select_first_crossing, topafa_select_reference
-from saelib.train import TrainConfig, evaluate_saes, train_saes
+from saelib.sae.core import SAE, SAEConfig, geometric_median
+from saelib.analysis.synthetic import SyntheticData, SyntheticSpec, afa_diagnostics, recovery, run_synthetic
+from saelib.sae.topafa import topafa_select_first_crossing, topafa_select_reference
+from saelib.sae.train import TrainConfig, evaluate_saes, train_saes
 
 HOOK = "synthetic"
 
@@ -217,7 +217,7 @@ def test_first_crossing_keeps_at_least_the_nearest_prefix():
 def test_l0_correlates_matches_scipy_spearman_with_ties():
     import numpy as np
 
-    from saelib.ablations import l0_correlates
+    from saelib.analysis.ablations import l0_correlates
 
     scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
@@ -237,7 +237,7 @@ def test_factor_effects_recovers_a_planted_main_effect():
 
     import pandas as pd
 
-    from saelib.ablations import factor_effects
+    from saelib.analysis.ablations import factor_effects
 
     rows = []
     for a, b, s in itertools.product(["x", "y"], ["u", "v"], [0, 1, 2]):
@@ -248,7 +248,7 @@ def test_factor_effects_recovers_a_planted_main_effect():
 
 
 def test_design_configs_cover_the_factorial():
-    from saelib.ablations import b_dec_init_configs, topafa_design_configs
+    from saelib.analysis.ablations import b_dec_init_configs, topafa_design_configs
 
     cfgs = topafa_design_configs(8, 16, HOOK, [0, 1], afa_coeff=0.1)
     assert len(cfgs) == 16 and len(set(cfgs)) == 16

@@ -23,8 +23,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelib.sae import SAE, SAEConfig
-from saelib.train import TrainConfig, train_saes
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.train import TrainConfig, train_saes
 
 D_IN, N_TRUE, ACTIVE, D_SAE = 32, 64, 2.0, 128
 HOOK = "blocks.0.hook_resid_pre"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from saelib.topafa import topafa_select, topafa_select_reference
+from saelib.sae.topafa import topafa_select, topafa_select_reference
 
 BOTH = [topafa_select_reference, topafa_select]
 
@@ -130,7 +130,7 @@ def test_shape_errors():
 
 
 def test_full_sort_fallback_in_row_chunks(monkeypatch):
-    import saelib.topafa as T
+    import saelib.sae.topafa as T
 
     monkeypatch.setattr(T, "_CHUNK_ELEMS", 3 * 300)  # 3 rows per chunk
     pre, dn, t = _random_case(7, 40, 300, "zeros")
@@ -141,7 +141,7 @@ def test_full_sort_fallback_in_row_chunks(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["gauss", "ties", "zeros"])
 def test_partial_sort_in_row_chunks(monkeypatch, kind):
-    import saelib.topafa as T
+    import saelib.sae.topafa as T
 
     monkeypatch.setattr(T, "_CHUNK_ELEMS", 5 * 1200)  # 5 rows per np.partition chunk
     pre, dn, t = _random_case(11, 23, 1200, kind)
@@ -152,7 +152,7 @@ def test_partial_sort_in_row_chunks(monkeypatch, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_selection_in_row_blocks(monkeypatch, kind):
-    import saelib.topafa as T
+    import saelib.sae.topafa as T
 
     monkeypatch.setattr(T, "_SELECT_CHUNK_ELEMS", 7 * 300)  # blocks of 7 rows (the last one shorter)
     pre, dn, t = _random_case(5, 40, 300, kind)

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from saelib.sae import SAE, SAEConfig
-from saelib.train import (
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.train import (
     TrainConfig,
     decoder_epsilon,
     ensure_sweep,

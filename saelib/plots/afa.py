@@ -1,7 +1,7 @@
 """Figures for the AFA theory: the ZF plot, half violins of NMSE vs εLBO, ε against Welch,
 and the concentration of ‖f‖/‖z‖ on random dictionaries.
 
-Every function takes data (tensors, arrays or the NamedTuples of ``saelib.afa``) and returns a
+Every function takes data (tensors, arrays or the NamedTuples of ``saelib.analysis.afa``) and returns a
 matplotlib Figure; nothing is shown or saved here (use ``saelib.plots.style.savefig``).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.afa import ConcentrationBand, NormRatioSim, bound_slopes, concentration_band
+from saelib.analysis.afa import ConcentrationBand, NormRatioSim, bound_slopes, concentration_band
 from saelib.plots.style import kde_violin, legend_outside
 
 __all__ = ["zf_plot", "half_violin", "epsilon_welch_plot", "norm_ratio_plot", "cone_slopes_plot"]
@@ -72,9 +72,9 @@ def zf_plot(
         h: dictionary size; when given, cone labels also show ε = eps_h/(h−1) as in the paper.
         cone_eps_h: worst-case cones ε(h−1) to shade (the paper's 0.25, 0.5, 1); ``()`` for none.
         cones: extra cones ``{label: (lower slope, upper slope)}`` drawn as dotted lines
-            (e.g. ``saelib.afa.tight_slopes`` from a measured ε).
+            (e.g. ``saelib.analysis.afa.tight_slopes`` from a measured ε).
         band_d: if given, draw the probabilistic random-dictionary band for width d
-            (``saelib.afa.concentration_band(band_d, coverage=band_coverage)``) as dashed lines.
+            (``saelib.analysis.afa.concentration_band(band_d, coverage=band_coverage)``) as dashed lines.
         max_points: points per layer (random subsample, seeded) to keep the figure light.
         log: log–log axes (useful when layer norms span orders of magnitude).
         ax: draw into this Axes instead of a new figure.
@@ -258,7 +258,7 @@ def norm_ratio_plot(
     """Distribution of ‖f‖/‖z‖ per support size k (violins) with the probabilistic band.
 
     Args:
-        sim: output of ``saelib.afa.random_dictionary_norm_ratios``.
+        sim: output of ``saelib.analysis.afa.random_dictionary_norm_ratios``.
         band: ``concentration_band(sim.d)`` by default (dense-code limit, 98%).
         worst_case_lower: optional lower slopes of the worst-case bound per k to draw (they are
             usually off the scale, which is the point).

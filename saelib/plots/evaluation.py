@@ -87,7 +87,7 @@ def seed_comparison_plot(
 
     ``frame``: one row per trained SAE with columns ``group``, ``metric`` and optionally ``panel``.
     """
-    from saelib.evaluate import mean_ci
+    from saelib.analysis.evaluate import mean_ci
 
     apply_style()
     panels = [None] if panel is None or panel not in frame.columns else list(dict.fromkeys(frame[panel]))

@@ -32,7 +32,7 @@ def plot_synthetic_grid(summary: Any, *, metrics: Sequence[tuple[str, str, bool]
         ("fvu", "held-out FVU", True)), x: str = "superposition", col: str = "l0") -> plt.Figure:
     """One row per metric, one column per value of ``col`` (the true L0 setting); x is the
     superposition (features per dimension); one line per rule with ±1 sd over seeds.
-    ``summary`` is :func:`saelib.synthetic.summarize` output (``<metric>_mean``/``_sd``)."""
+    ``summary`` is :func:`saelib.analysis.synthetic.summarize` output (``<metric>_mean``/``_sd``)."""
     cols = sorted(summary[col].unique())
     fig, axes = plt.subplots(len(metrics), len(cols), figsize=(3.4 * len(cols) + 0.6, 2.5 * len(metrics)),
                              squeeze=False, sharex=True)
@@ -94,7 +94,7 @@ def plot_oracle_l0(diag: Any, trained: Any, truth: Any = None) -> plt.Figure:
 
 
 def plot_factor_effects(effects: Any, metrics: Sequence[str] = ("l0", "fvu")) -> plt.Figure:
-    """Main effect of each two-level factor (``saelib.ablations.factor_effects`` output) on each
+    """Main effect of each two-level factor (``saelib.analysis.ablations.factor_effects`` output) on each
     metric: bars of level_b − level_a with ±2 standard errors, one panel per metric."""
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 2.6), squeeze=False)
     for ax, m in zip(axes[0], metrics):

@@ -169,8 +169,8 @@ def recovery(W_true: Tensor, W_dec: Tensor, threshold: float = 0.9) -> dict[str,
 @torch.no_grad()
 def afa_diagnostics(data: SyntheticData, n: int = 4096, seed: int = 12345) -> dict[str, float]:
     """The AFA view of the true dictionary on n sampled tokens (see module docstring)."""
-    from saelib.afa import epsilon
-    from saelib.topafa import topafa_select
+    from saelib.analysis.afa import epsilon
+    from saelib.sae.topafa import topafa_select
 
     _, f = data.sample(n, torch.Generator().manual_seed(seed))
     W = data.W.double()  # float64: float32 rounding would give inactive features ~1e-7 pre-activations
@@ -205,7 +205,7 @@ def synthetic_rules(d_in: int, d_sae: int, k: int, *, l1_coeff: float, afa_coeff
                     b_dec_init: str = "zeros", hook: str = HOOK, rules: Sequence[str] | None = None) -> dict:
     """``{name: SAEConfig}`` for every trainable rule: ReLU-L1, TopK and BatchTopK at ``k``,
     top-AFA with the paper's and the consistent target. Model space (``input_norm="none"``)."""
-    from saelib.sae import SAEConfig
+    from saelib.sae.core import SAEConfig
 
     common = dict(d_in=d_in, d_sae=d_sae, hook_name=hook, seed=seed, b_dec_init=b_dec_init)
     out = {
@@ -245,7 +245,7 @@ def run_synthetic(
     ``conditions``: dicts of :class:`SyntheticSpec` fields (e.g. ``{"n_features": 256, "l0": 4}``)
     over ``base``. TopK/BatchTopK get k = round(true L0) (the oracle k: an advantage top-AFA
     and ReLU do not get); every SAE has ``dict_ratio · n_features`` latents. One
-    :func:`saelib.train.train_saes` pass trains all rules of a (condition, seed) on one stream.
+    :func:`saelib.sae.train.train_saes` pass trains all rules of a (condition, seed) on one stream.
     Recipe: Adam at ``lr``, linear warm-up over 5% and decay to 0 over the last 30% of steps.
     ``truth_init``: rules trained a second time (named ``<rule>+truth``) starting *at the answer*
     (W_dec = W_true, W_enc = W_trueᵀ; needs ``dict_ratio = 1``): a control that tells a rule whose
@@ -257,7 +257,7 @@ def run_synthetic(
     """
     import pandas as pd
 
-    from saelib.train import TrainConfig, evaluate_saes, train_saes
+    from saelib.sae.train import TrainConfig, evaluate_saes, train_saes
 
     rows = []
     for cond in conditions:
@@ -274,7 +274,7 @@ def run_synthetic(
                 if truth_init:
                     if d_sae != spec.n_features:
                         raise ValueError("truth_init needs dict_ratio = 1 (one latent per true feature)")
-                    from saelib.sae import SAE
+                    from saelib.sae.core import SAE
                     for name, c in synthetic_rules(spec.d, d_sae, k, l1_coeff=l1_coeff, afa_coeff=afa_coeff,
                                                    seed=int(seed), b_dec_init=init, rules=truth_init).items():
                         sae = SAE(c)

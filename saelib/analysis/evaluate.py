@@ -29,7 +29,7 @@ Definitions (``z`` = the dense hook activation of one token, ``ẑ`` = the SAE's
   ``ce_recovered_{zero,mean} = (CE_abl − CE_sae) / (CE_abl − CE_clean)``.
 - KL: per-token ``KL(p_clean ‖ p_spliced) = Σ_v p_clean (log p_clean − log p_spliced)``;
   ``kl_score = (KL_zero_abl − KL_sae) / KL_zero_abl``.
-- ZF statistics (``saelib.afa.zf_stats``): per token ``‖z‖``, ``‖f̃‖``, their ratio and εLBO.
+- ZF statistics (``saelib.analysis.afa.zf_stats``): per token ``‖z‖``, ``‖f̃‖``, their ratio and εLBO.
 
 Seeds: :func:`aggregate_seeds` (mean and a t-distribution 95% CI), :func:`welch_ttest`
 (as in the paper's rebuttal); tables in the paper's format: :func:`comparison_table`,
@@ -160,7 +160,7 @@ class CenteredInputSAE(torch.nn.Module):
     TransformerLens' default weight processing (``center_writing_weights``), which SAELens
     releases such as ``gpt2-small-res-jb`` were trained under, makes every residual-stream write
     zero-mean over d_model, so its ``resid_pre`` equals the raw stream minus its per-token mean.
-    A model loaded with raw weights (``saelib.models.load_model``) differs by exactly that mean,
+    A model loaded with raw weights (``saelib.lm.models.load_model``) differs by exactly that mean,
     which the next LayerNorm removes anyway. This wrapper encodes ``x − mean(x)`` and adds the
     mean back after decoding, so the SAE sees its training distribution and splicing is exact.
     ZF statistics are taken in the centred space (the paper's).
@@ -200,7 +200,7 @@ class CenteredInputSAE(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# ZF statistics (saelib.afa.zf_stats), normalised to a dict of per-token numpy arrays.
+# ZF statistics (saelib.analysis.afa.zf_stats), normalised to a dict of per-token numpy arrays.
 # --------------------------------------------------------------------------------------------
 
 
@@ -210,13 +210,13 @@ def _decoder_space(sae: Any, z: torch.Tensor) -> torch.Tensor:
     norm = getattr(sae, "normalize", None)
     if callable(norm) and hasattr(sae, "denormalize"):  # saelib SAE: "global"/"token" input_norm
         return norm(z.to(sae.W_dec.dtype))[0]
-    from saelib.afa import to_decoder_space
+    from saelib.analysis.afa import to_decoder_space
 
     return to_decoder_space(sae, z)
 
 
 def _zf_batch(sae: Any, z: torch.Tensor, acts: torch.Tensor) -> dict[str, np.ndarray]:
-    from saelib.afa import zf_stats
+    from saelib.analysis.afa import zf_stats
 
     zd = _decoder_space(sae, z.to(acts.device))
     stats = zf_stats(zd.float(), acts.float(), sae.W_dec.detach(), sae.b_dec.detach())
@@ -260,7 +260,7 @@ class EvalResult:
     latent_freq: np.ndarray
     """float32 [d_sae]: fraction of evaluated tokens on which each latent is active."""
     zf: dict[str, np.ndarray] = field(default_factory=dict)
-    """Per-token ZF statistics from saelib.afa.zf_stats (e.g. norm_z, norm_f, ratio, eps_lbo)."""
+    """Per-token ZF statistics from saelib.analysis.afa.zf_stats (e.g. norm_z, norm_f, ratio, eps_lbo)."""
     kl: np.ndarray | None = None
     """float32 [n_predictions]: KL(clean ‖ SAE-spliced) per predicted token, when CE was run."""
     ce_delta: np.ndarray | None = None
@@ -518,14 +518,14 @@ def _model_device(model: Any) -> torch.device:
 
 
 def _check_hook(model: Any, hook: str) -> str:
-    from saelib.models import check_hook
+    from saelib.lm.models import check_hook
 
     return check_hook(model, hook)
 
 
 def _harvest_batch(model: Any, toks: torch.Tensor, hook: str, exclude_bos: bool) -> torch.Tensor:
-    """Hook activations [B·S', d] of one batch; the forward stops at the hook (saelib.activations.harvest)."""
-    from saelib.activations import harvest
+    """Hook activations [B·S', d] of one batch; the forward stops at the hook (saelib.lm.activations.harvest)."""
+    from saelib.lm.activations import harvest
 
     return harvest(model, toks, [hook], batch_size=toks.shape[0], exclude_bos=exclude_bos,
                    progress=False, device=_model_device(model))[hook]
@@ -567,20 +567,20 @@ def evaluate_sae(
     zeros, copy 2 the mean activation and copy 3 the SAE reconstruction (non-BOS positions only).
     Everything before the hook is identical across copies, so one pass yields the clean logits,
     both ablations and the spliced logits. Peak memory ≈ ``4·batch_size·seq_len·vocab`` floats.
-    With ``ce=False`` the forward stops at the hook (``saelib.activations.harvest``).
+    With ``ce=False`` the forward stops at the hook (``saelib.lm.activations.harvest``).
 
     Args:
         sae: a saelib SAE, a SAELens SAE (converted with saelib.interop), or any module with
             encode/decode/W_dec/b_dec.
-        model: a TransformerBridge (``saelib.models.load_model``).
-        tokens: LongTensor [n_rows, seq_len], BOS at position 0 (``saelib.data.token_rows``).
+        model: a TransformerBridge (``saelib.lm.models.load_model``).
+        tokens: LongTensor [n_rows, seq_len], BOS at position 0 (``saelib.lm.data.token_rows``).
         hook: hook to read and splice; defaults to the SAE's own hook name.
         batch_size: rows per forward pass.
         exclude_bos: leave position 0 out of every metric and never splice it (its residual norm
             is two orders of magnitude larger than other tokens'); predictions made *from* the
             BOS position are then also left out of CE/KL, as no intervention can change them.
         ce: run the spliced/ablated copies (CE, CE recovered, KL).
-        zf: per-token ZF statistics (saelib.afa.zf_stats).
+        zf: per-token ZF statistics (saelib.analysis.afa.zf_stats).
         mean_act: [d_model] activation used for mean ablation; by default the mean over the
             evaluation tokens (one extra forward that stops at the hook).
         dense_threshold: fraction of tokens above which a latent counts as dense.
@@ -654,7 +654,7 @@ def evaluate_saes(
                 "this SAE was trained on a different model; load the matching model or SAE."
             )
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2:
-        raise ValueError("tokens must be a LongTensor [n_rows, seq_len] (see saelib.data.token_rows).")
+        raise ValueError("tokens must be a LongTensor [n_rows, seq_len] (see saelib.lm.data.token_rows).")
     start = 1 if exclude_bos else 0
     if tokens.shape[1] - start < 1 + int(ce):
         raise ValueError(f"seq_len={tokens.shape[1]} is too short to evaluate; use rows of >= 3 tokens.")
@@ -952,7 +952,7 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
               rel_band: float = 0.10) -> pd.DataFrame:
     """The paper's MDL table: layer, method, tolerance (= NMSE), L0, description length in bits.
 
-    ``DL = L0 · (B + log2 D)`` (Ayonrinde et al. 2024) via ``saelib.afa.mdl_bits``, with
+    ``DL = L0 · (B + log2 D)`` (Ayonrinde et al. 2024) via ``saelib.analysis.afa.mdl_bits``, with
     ``B = bits_per_float`` and ``D = d_sae``.
 
     Description lengths compare only at a common reconstruction tolerance (MDL asks for the
@@ -971,7 +971,7 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
     Returned columns: layer, method, tolerance (NMSE) (the run's own NMSE), L0, MDL (bits), best,
     and with a tolerance also tau, comparable.
     """
-    from saelib.afa import mdl_bits
+    from saelib.analysis.afa import mdl_bits
 
     need = {"layer", "activation", "d_sae", metric, l0}
     missing = need - set(frame.columns)

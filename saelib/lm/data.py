@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from saelib.io import atomic_path, atomic_write_json
+from saelib.runs import data_dir, hub_offline
 
 __all__ = [
     "HELDOUT_FRACTION",
@@ -69,12 +70,6 @@ _HASH_RANGE = 1 << 64
 # Locations
 
 
-def data_dir() -> Path:
-    """Folder for generated data: ``$SAELIB_DATA_DIR`` or ``<repo root>/data``."""
-    env = os.environ.get("SAELIB_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
-
-
 def corpus_path(name: str = "embedded") -> Path:
     """Path of a prepared corpus (``data/corpus/<name>.jsonl``); raises if it is missing."""
     path = data_dir() / "corpus" / f"{name}.jsonl"
@@ -102,13 +97,8 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _hub_offline() -> bool:
-    flags = (os.environ.get(k, "").strip().lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f in ("1", "true", "yes", "on") for f in flags)
-
-
 def _check_online() -> None:
-    if _hub_offline():
+    if hub_offline():
         raise RuntimeError(
             "The 'openwebtext' corpus streams from the Hugging Face hub, but the hub is disabled "
             "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set). Use corpus='embedded' (prepared "
@@ -329,7 +319,7 @@ def resolve_tokenizer(model_or_tokenizer: Any) -> tuple[Any, int, int]:
             raise TypeError(
                 f"{type(model_or_tokenizer).__name__} is neither a tokenizer (encode, bos_token_id, "
                 "eos_token_id) nor a model with a .tokenizer; pass the model from "
-                "saelib.models.load_model or its tokenizer."
+                "saelib.lm.models.load_model or its tokenizer."
             )
     bos, eos = getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None)
     if bos is None and eos is None:

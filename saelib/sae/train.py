@@ -245,7 +245,7 @@ class TrainConfig:
 # small helpers
 # --------------------------------------------------------------------------------------------
 def _sae_module():
-    from saelib import sae as sae_mod  # imported lazily: sae.py may import this module's siblings
+    from saelib.sae import core as sae_mod  # imported lazily: sae.py may import this module's siblings
 
     return sae_mod
 
@@ -310,10 +310,10 @@ def decoder_epsilon(W_dec: Tensor, block_size: int = 2048) -> tuple[float, float
 
 
 def _epsilon(W_dec: Tensor, block_size: int) -> tuple[float, float]:
-    """(max |cos|, mean |cos|) of the decoder rows: saelib.afa.epsilon (exact, tiled upper
+    """(max |cos|, mean |cos|) of the decoder rows: saelib.analysis.afa.epsilon (exact, tiled upper
     triangle) when available, else the local blockwise :func:`decoder_epsilon`."""
     try:
-        from saelib.afa import epsilon
+        from saelib.analysis.afa import epsilon
     except ImportError:
         return decoder_epsilon(W_dec, block_size)
     e = epsilon(W_dec.detach(), block_size=block_size)
@@ -407,7 +407,7 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
         elif isinstance(obj, sae_mod.SAE):
             sae = obj
         else:
-            raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.SAEConfig or SAE")
+            raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
         if sae.cfg.activation == "jumprelu":
             raise ValueError(
                 f"saes[{name!r}] is a JumpReLU SAE, which saelib only runs for inference; "

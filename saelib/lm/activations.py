@@ -16,7 +16,7 @@ only ``||x||`` at every layer (chapter 1).
 Every model forward stops as soon as the deepest requested hook has fired (a private
 exception raised from that hook, as dictionary_learning does), so harvesting layer 3 of a
 30-layer model costs 3 layers, not 30. Position 0 of every row (the BOS token that
-``saelib.data.token_rows`` puts there) is dropped by default: its residual norm is about a
+``saelib.lm.data.token_rows`` puts there) is dropped by default: its residual norm is about a
 hundred times the others' and would dominate any SAE loss.
 """
 
@@ -38,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, folder_lock, model_fingerprint, LOCK_FILE
-from saelib.models import check_hook
+from saelib.lm.models import check_hook
 
 __all__ = [
     "ActivationCache",
@@ -84,11 +84,11 @@ def _check_tokens(tokens: Tensor, exclude_bos: bool, model=None) -> Tensor:
     if isinstance(tokens, np.ndarray):
         raise ValueError(
             f"tokens is a numpy array {tokens.shape}; pass a torch LongTensor [n_rows, seq_len] "
-            "(torch.from_numpy(tokens).long()), e.g. from saelib.data.token_rows."
+            "(torch.from_numpy(tokens).long()), e.g. from saelib.lm.data.token_rows."
         )
     if not isinstance(tokens, Tensor) or tokens.ndim != 2:
         raise ValueError(
-            "tokens must be a 2-D LongTensor [n_rows, seq_len] (e.g. from saelib.data.token_rows), "
+            "tokens must be a 2-D LongTensor [n_rows, seq_len] (e.g. from saelib.lm.data.token_rows), "
             f"got {type(tokens).__name__}{tuple(tokens.shape) if isinstance(tokens, Tensor) else ''}."
         )
     if tokens.is_floating_point():
@@ -105,7 +105,7 @@ def _check_tokens(tokens: Tensor, exclude_bos: bool, model=None) -> Tensor:
         name = getattr(model, "saelib_name", None) or getattr(getattr(model, "cfg", None), "model_name", "the model")
         raise ValueError(
             f"tokens holds id {bad}, outside the vocabulary of {name} (ids 0..{int(vocab) - 1 if vocab else '?'}): "
-            "tokenize with this model's tokenizer (saelib.data.token_rows(model, ...)) and do not mix models."
+            "tokenize with this model's tokenizer (saelib.lm.data.token_rows(model, ...)) and do not mix models."
         )
     return tokens
 
@@ -169,7 +169,7 @@ def harvest(
     """Run ``model`` over ``tokens`` and return ``{hook: Tensor[N, d]}`` with rows flattened to tokens.
 
     Args:
-        model: a ``TransformerBridge`` (from :func:`saelib.models.load_model`).
+        model: a ``TransformerBridge`` (from :func:`saelib.lm.models.load_model`).
         tokens: ``LongTensor[n_rows, seq_len]``; with ``exclude_bos`` position 0 of each row is
             dropped, so ``N = n_rows * (seq_len - 1)``.
         hooks: one or several hook names, all filled by the same forward pass.
@@ -287,7 +287,7 @@ class ActivationStore:
     x 576 dims is 184 GB per layer in float32).
 
     The model runs on chunks of ``model_batch_size`` rows; :meth:`_capture_chunks` is the one
-    place that runs them (``saelib.distributed.DistributedActivationStore`` spreads the chunks
+    place that runs them (``saelib.sae.distributed.DistributedActivationStore`` spreads the chunks
     of each fill over ranks and gathers them, so every rank serves the same stream).
 
     Args:
@@ -722,7 +722,7 @@ class ActivationCache:
         inputs (tokens, hooks, dtype, BOS handling, or a model with other weights: the identity
         holds a fingerprint of every parameter) is an error (delete it or choose another path).
         A cache made by other saelib code (the identity holds a fingerprint of this module and
-        saelib.models) is rebuilt, with a warning. The build deletes only files it writes itself
+        saelib.lm.models) is rebuilt, with a warning. The build deletes only files it writes itself
         (``manifest.json``, ``shard_*.bin`` and their temp names) and refuses a folder that holds
         anything else. One process builds a folder at a time (an advisory lock; a second one gets
         an error naming the first one's pid).

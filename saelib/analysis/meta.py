@@ -11,7 +11,7 @@ What this module gives:
 * :class:`MetaSAEConfig` and :func:`train_meta_sae`: a BatchTopK meta-SAE (k = 4, width a quarter
   of the base width, Adam lr 1e-3, betas (0.9, 0.99), batch 16384 rows, aux alpha 1/16, dead after
   100 batches) trained by a dedicated loop until the training FVE stops improving. The parameters
-  live in a :class:`saelib.sae.SAE` (activation ``"batchtopk"``), so saving and loading are the
+  live in a :class:`saelib.sae.core.SAE` (activation ``"batchtopk"``), so saving and loading are the
   package's usual ones.
 * :func:`meta_codes`, :func:`fve`: the meta-code of every decoder row in *batch* mode (BatchTopK
   over the whole matrix as one batch: mean L0 = k exactly) or *threshold* mode (the estimated
@@ -24,7 +24,7 @@ What this module gives:
 * :func:`top_activating_contexts`, :func:`top_logits`, :func:`latent_view`,
   :func:`latent_view_html`: reading a latent and its meta-latents.
 
-Why a dedicated loop and not :func:`saelib.train.train_saes`: the dataset is one small matrix that
+Why a dedicated loop and not :func:`saelib.sae.train.train_saes`: the dataset is one small matrix that
 sits in memory, the stopping rule is "FVE has converged" rather than a token budget, and BatchTopK
 over 16384 rows x a few thousand latents is cheap when done sparsely. The loop selects the
 ``k * B`` active entries without autograd, then recomputes only those pre-activations with
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from saelib.io import atomic_folder
-from saelib.train import make_adam
+from saelib.sae.train import make_adam
 
 __all__ = [
     "MetaSAEConfig",
@@ -180,11 +180,11 @@ class MetaSAEConfig:
 
 
 def _make_sae(d_in: int, d_sae: int, cfg: MetaSAEConfig, batch_size: int):
-    """A :class:`saelib.sae.SAE` with activation "batchtopk" that holds the meta-SAE weights.
+    """A :class:`saelib.sae.core.SAE` with activation "batchtopk" that holds the meta-SAE weights.
 
     Its config records the meta-SAE's hyper-parameters in the SAE's own terms (a "token" is a
     decoder row, so dead after ``n_batches_to_dead * batch_size`` rows)."""
-    from saelib.sae import SAE, SAEConfig
+    from saelib.sae.core import SAE, SAEConfig
 
     return SAE(SAEConfig(
         d_in=d_in, d_sae=d_sae, activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
@@ -195,7 +195,7 @@ def _make_sae(d_in: int, d_sae: int, cfg: MetaSAEConfig, batch_size: int):
 
 
 class MetaSAE:
-    """A trained meta-SAE: the weights (a BatchTopK :class:`saelib.sae.SAE`) and its threshold.
+    """A trained meta-SAE: the weights (a BatchTopK :class:`saelib.sae.core.SAE`) and its threshold.
 
     Encoding is defined here (not by the SAE's own ``encode``) so that batch mode, threshold mode
     and training share one rule: ``pre = relu((d - b_dec) @ W_enc [+ b_enc])``, then either the
@@ -255,7 +255,7 @@ class MetaSAE:
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> MetaSAE:
         """Load a meta-SAE written by :meth:`save`."""
-        from saelib.sae import SAE
+        from saelib.sae.core import SAE
 
         path = Path(path)
         if not (path / "meta.json").exists():
@@ -705,8 +705,8 @@ def inverse_index(codes: MetaCodes) -> list[Decomposition]:
 
 def max_cos(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of ``A [n, d]``: the max cosine over the rows of ``B [m, d]`` and its argmax
-    (blockwise, :func:`saelib.stitching.max_cosine`)."""
-    from saelib.stitching import max_cosine
+    (blockwise, :func:`saelib.analysis.stitching.max_cosine`)."""
+    from saelib.analysis.stitching import max_cosine
 
     vals, idx = max_cosine(A, B)
     return vals, idx
@@ -1114,7 +1114,7 @@ def top_activating_contexts(model, sae, tokens: torch.Tensor, latents: int | Seq
 def _hook_acts(model, toks: torch.Tensor, hook: str) -> torch.Tensor:
     """Activations [b, S, d] at ``hook`` for every position (BOS included)."""
     try:  # stops the forward pass after the hook's layer
-        from saelib.activations import harvest
+        from saelib.lm.activations import harvest
     except ImportError:
         harvest = None
     if harvest is not None:

@@ -50,7 +50,7 @@ Losses (``SAEOutput``) are computed in the normalised space, as in the paper:
 The decoder-row constraint is maintained by the trainer: after ``backward()`` call
 :meth:`SAE.remove_gradient_parallel_to_decoder_directions`, step, then
 :meth:`SAE.set_decoder_norm_to_unit_norm`. Decoder ε (max / mean |cos| between rows) is
-:func:`saelib.afa.epsilon`.
+:func:`saelib.analysis.afa.epsilon`.
 
 Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
 
@@ -67,7 +67,7 @@ Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``)
   the paper's behaviour. Dead latents are counted in tokens, not batches (same default:
   5 × 4096 tokens), with one comparison (``>=``) for both the loss and the count.
 * Top-AFA ties are broken by latent index and cumulative sums use float64 (see
-  :mod:`saelib.topafa`); the selection runs without autograd.
+  :mod:`saelib.sae.topafa`); the selection runs without autograd.
 * Defaults that keep the paper: no encoder bias for topk/batchtopk/topafa, the Kaiming fan-in
   quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents, per-token
   standardisation available as ``input_norm="token"`` (the default is "none": model space).
@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.io import atomic_path, atomic_write_text, file_sha256
-from saelib.topafa import topafa_select, topafa_select_first_crossing
+from saelib.sae.topafa import topafa_select, topafa_select_first_crossing
 
 __all__ = [
     "ACTIVATIONS",
@@ -113,7 +113,7 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch
 _TOKEN_NORM_EPS = 1e-5  # the paper's x / (std + 1e-5)
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
-FORMAT_NAME = "saelib.sae"
+FORMAT_NAME = "saelib.sae.core"
 FORMAT_VERSION = 1
 
 

@@ -6,13 +6,13 @@ Two kinds of work are spread over the ranks, as in sparsify's ``distribute_modul
 SAEs):
 
 * **The SAEs.** :func:`plan_saes` assigns every SAE of a sweep to one rank (largest first, to the
-  least loaded rank); each rank trains its share with :func:`saelib.train.train_saes`, so each
+  least loaded rank); each rank trains its share with :func:`saelib.sae.train.train_saes`, so each
   SAE has one copy, one optimiser and one checkpoint, on one rank.
 * **The language-model work.** :class:`DistributedActivationStore` is an
-  :class:`~saelib.activations.ActivationStore` whose every buffer fill gives each rank a share
+  :class:`~saelib.lm.activations.ActivationStore` whose every buffer fill gives each rank a share
   of the forward chunks; the activations are exchanged with ``all_gather`` so that every rank
   holds the whole fill and serves the whole stream: every SAE sees every token, as in one
-  process. (An :class:`~saelib.activations.ActivationCache` needs no exchange: every rank reads
+  process. (An :class:`~saelib.lm.activations.ActivationCache` needs no exchange: every rank reads
   the same files.)
 
 Equality with one process: each chunk of ``model_batch_size`` rows is forwarded exactly as the
@@ -28,7 +28,7 @@ same command after an interruption and every rank resumes from its own checkpoin
 stop at different steps; each replays the shared stream up to its own step). When all ranks
 are done each SAE folder is moved to ``<out_dir>/<name>/`` and rank 0 writes
 ``<out_dir>/metrics.csv`` and ``<out_dir>/distributed.json`` (the plan), so the sweep folder
-reads like a single-process one (:func:`saelib.train.load_saes`).
+reads like a single-process one (:func:`saelib.sae.train.load_saes`).
 
 Launch::
 
@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from saelib.activations import ActivationStore
+from saelib.lm.activations import ActivationStore
 from saelib.io import atomic_write_text
 
 __all__ = ["DistributedActivationStore", "init", "plan_saes", "rank_dir", "train_sweep", "world"]
@@ -116,7 +116,7 @@ def rank_dir(out_dir: str | Path, rank: int, n_ranks: int) -> Path:
 
 
 class DistributedActivationStore(ActivationStore):
-    """:class:`~saelib.activations.ActivationStore` whose model work is split over the ranks.
+    """:class:`~saelib.lm.activations.ActivationStore` whose model work is split over the ranks.
 
     Same arguments and the same stream as the single-process store (bit for bit): each buffer
     fill's forward chunks are dealt round-robin (chunk j to rank j mod world), each rank runs
@@ -178,12 +178,12 @@ def train_sweep(
         configs: ``{name: SAEConfig | SAE}`` of the whole sweep (the same on every rank).
         batches: the stream, the same on every rank: a
             :class:`DistributedActivationStore`, or an ``ActivationCache.iter_batches(...)``.
-        cfg: the :class:`saelib.train.TrainConfig` (``out_dir`` required with more than one rank).
+        cfg: the :class:`saelib.sae.train.TrainConfig` (``out_dir`` required with more than one rank).
         eval_batches: held-out batches, the same on every rank (as for ``train_saes``).
 
     Every rank calls this with the same arguments. With one process it is ``train_saes``.
     """
-    from saelib.train import _write_combined_csv, train_saes
+    from saelib.sae.train import _write_combined_csv, train_saes
 
     rank, n_ranks = world()
     if n_ranks == 1:

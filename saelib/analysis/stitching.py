@@ -25,13 +25,13 @@ Pipeline, for a smaller SAE S (m_S latents) and a larger SAE L (m_L latents) on 
 
 Conventions (printed by the chapter, see :class:`StitchConfig`): MSE is per element (mean over
 tokens and dimensions, SAELens' ``l2_loss``), in model space; BOS positions are excluded upstream
-(``saelib.activations.harvest``); BatchTopK SAEs are used in inference mode (one global
+(``saelib.lm.activations.harvest``); BatchTopK SAEs are used in inference mode (one global
 threshold θ, so their latents do not compete, like JumpReLU); the stitched SAE applies the
 smaller SAE's activation rule (and k) to all its latents.
 
 Everything works on :class:`SAEParts`, the activation-space view of an SAE
 (``pre = relu(x @ W_enc + b_enc)``, ``x_hat = acts @ W_dec + b_dec``), extracted from a saelib
-:class:`~saelib.sae.SAE` (input_norm "none" or "global") by :func:`sae_parts`.
+:class:`~saelib.sae.core.SAE` (input_norm "none" or "global") by :func:`sae_parts`.
 """
 from __future__ import annotations
 
@@ -232,12 +232,12 @@ def parts_pre_acts(p: SAEParts, x: Tensor) -> Tensor:
 
 def _topafa_mask(pre: Tensor, dec_norms: Tensor, target: Tensor) -> Tensor:
     try:
-        from saelib.topafa import topafa_select
+        from saelib.sae.topafa import topafa_select
     except ImportError:  # pragma: no cover - the package always ships it
         topafa_select = None
     if topafa_select is not None:
         return topafa_select(pre, dec_norms, target)
-    raise ImportError("saelib.topafa is missing")
+    raise ImportError("saelib.sae.topafa is missing")
 
 
 def _select(p: SAEParts, pre: Tensor, x: Tensor) -> Tensor:
@@ -929,7 +929,7 @@ def cos_to_init(sae: Any) -> Tensor:
     saelib's SAEs are initialised from ``cfg.seed`` alone, so the initial decoder is rebuilt
     here. Near 1: the row has barely moved (short training); near 0: it has found its own
     direction (random directions in d dimensions have |cos| ≈ 1/√d)."""
-    from saelib.sae import SAE
+    from saelib.sae.core import SAE
 
     if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "seed"):
         raise ValueError("cos_to_init needs a saelib SAE (its init is rebuilt from cfg.seed); "
@@ -1009,8 +1009,8 @@ def family_name(model_name: str, hook: str) -> str:
 
 def _tokens_and_cache(runs: Path, model, model_name: str, corpus: str, hook: str, split: str, n_tokens: int,
                       seq_len: int, seed: int, progress: bool):
-    from saelib.activations import ActivationCache
-    from saelib.data import token_rows
+    from saelib.lm.activations import ActivationCache
+    from saelib.lm.data import token_rows
 
     from saelib.io import ACTIVATION_CODE, code_fingerprint
 
@@ -1032,7 +1032,7 @@ def family_eval_activations(runs_dir: str | Path, *, model_name: str = "embedded
                             seq_len: int = 128, seed: int = 1, model: Any = None, progress: bool = True) -> Tensor:
     """Held-out activations [N, d] (BOS excluded) at the family's hook, cached under
     ``<runs_dir>/activations/``; the stitching eval set."""
-    from saelib.book import runs_dir as _runs
+    from saelib.runs import runs_dir as _runs
 
     hook = hook or f"blocks.{DEFAULT_LAYERS.get(model_name, 6) if layer is None else layer}.hook_resid_pre"
     runs = _runs(runs_dir)
@@ -1042,7 +1042,7 @@ def family_eval_activations(runs_dir: str | Path, *, model_name: str = "embedded
 
 
 def _load_model(model_name: str):
-    from saelib.models import load_model
+    from saelib.lm.models import load_model
 
     return load_model(model_name)
 
@@ -1076,7 +1076,7 @@ def ensure_width_family(
 
     Widths are ``d_model × multipliers`` (the default d·{1, 2, 4, 8}); every architecture gets
     every width (or, when ``architectures`` maps architecture → multipliers, its own widths), all trained together off one cached activation stream with
-    :func:`saelib.train.train_saes` (same tokens, same order, same optimiser settings, so width
+    :func:`saelib.sae.train.train_saes` (same tokens, same order, same optimiser settings, so width
     and architecture are the only variables). TopK and BatchTopK use ``k`` at every width; ReLU
     uses ``l1_coeff``; top-AFA ``afa_coeff`` and ``afa_target``. ``input_norm="global"`` keeps the
     SAEs affine in model space (stitching folds the scale). ``n_tokens`` activations are cached;
@@ -1103,8 +1103,8 @@ def ensure_width_family(
     """
     if release is not None:
         return load_saelens_family(release, multipliers=multipliers, device=device, model_name=model_name)
-    from saelib.book import runs_dir as _runs
-    from saelib.train import TrainConfig
+    from saelib.runs import runs_dir as _runs
+    from saelib.sae.train import TrainConfig
 
     if not isinstance(architectures, Mapping):
         architectures = {a: tuple(multipliers) for a in architectures}
@@ -1129,7 +1129,7 @@ def ensure_width_family(
     d_model = _family_d_model(out, model_name, get_model)
     widths_of = {a: tuple(sorted({int(d_model * int(m)) for m in mults})) for a, mults in architectures.items()}
     widths = tuple(sorted({w for ws in widths_of.values() for w in ws}))
-    from saelib.sae import SAEConfig
+    from saelib.sae.core import SAEConfig
 
     configs = {}
     for arch in architectures:
@@ -1160,8 +1160,8 @@ def ensure_width_family(
     same_recipe = _read_json(out / "family.json") == recipe
     missing = {n: c for n, c in configs.items() if not (same_recipe and _member_done(out / n, c))}
     if missing:
-        from saelib.sae import SAE
-        from saelib.train import train_saes
+        from saelib.sae.core import SAE
+        from saelib.sae.train import train_saes
 
         cache = _tokens_and_cache(runs, get_model, model_name, corpus, hook, "train", n_tokens, seq_len, seed, progress)
         sample = next(cache.iter_batches([hook], min(8192, cache.n_tokens), seed=seed + 1))[hook].float()
@@ -1179,7 +1179,7 @@ def ensure_width_family(
         with folder_lock(out, "width family folder"):  # one writer; the recipe lands after its SAEs
             train_saes(init, cache.iter_batches([hook], batch_size, seed=seed, n_tokens=train_tokens), tcfg)
             atomic_write_json(out / "family.json", recipe)
-    from saelib.train import load_saes
+    from saelib.sae.train import load_saes
 
     saes = load_saes(out, list(configs), device=device)
     fam: dict[str, dict[int, Any]] = {a: {} for a in architectures}
@@ -1246,7 +1246,7 @@ def _member_done(folder: Path, cfg: Any) -> bool:
     if not (folder / "cfg.json").exists() or not (folder / "sae.safetensors").exists():
         return False
     try:
-        from saelib.sae import SAE
+        from saelib.sae.core import SAE
 
         return SAE.load(folder).cfg.to_dict() == cfg.to_dict()
     except Exception:  # noqa: BLE001 - unreadable: retrain

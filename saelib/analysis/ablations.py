@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saelib.sae import SAEConfig
+from saelib.sae.core import SAEConfig
 
 __all__ = [
     "TOPAFA_FACTORS",
