@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.geometry import max_cosine, pair_cosines
 from saelib.sae.train import (
+    EarlyStopping,
     TrainConfig,
-    decoder_epsilon,
     ensure_sweep,
     load_metrics,
     load_saes,
@@ -246,11 +247,81 @@ def test_ensure_sweep_trains_only_missing(tmp_path, data):
     assert len(calls) == 3
 
 
-def test_decoder_epsilon_matches_dense():
+def test_pair_cosines_and_max_cosine_match_dense():
     W = torch.randn(50, 8)
-    mx, mean = decoder_epsilon(W, block_size=7)
+    eps = pair_cosines(W, block_size=7)
     U = W / W.norm(dim=-1, keepdim=True)
-    G = (U @ U.T).abs()
+    G = U @ U.T
     G.fill_diagonal_(0)
-    assert mx == pytest.approx(float(G.max()), abs=1e-6)
-    assert mean == pytest.approx(float(G.sum() / (50 * 49)), abs=1e-6)
+    assert eps.max == pytest.approx(float(G.abs().max()), abs=1e-6)
+    assert eps.mean == pytest.approx(float(G.abs().sum() / (50 * 49)), abs=1e-6)
+    assert eps.mean_signed == pytest.approx(float(G.sum() / (50 * 49)), abs=1e-6)
+    i, j = eps.argmax
+    assert i < j and abs(float(G[i, j])) == pytest.approx(eps.max, abs=1e-6)
+    assert eps.n_pairs == 50 * 49 // 2
+    with pytest.raises(ValueError, match="non-finite"):
+        pair_cosines(torch.full((4, 3), float("nan")))
+    A, B = torch.randn(13, 8), torch.randn(21, 8)
+    vals, idx = max_cosine(A, B, block_size=4)
+    C = torch.nn.functional.normalize(A, dim=1) @ torch.nn.functional.normalize(B, dim=1).T
+    assert torch.allclose(vals, C.max(1).values, atol=1e-6) and torch.equal(idx, C.argmax(1))
+
+
+def test_early_stopping_rule():
+    recs = lambda v: {"a": {"fvu": v}, "b": {"fvu": 0.5}}  # noqa: E731
+    es = EarlyStopping("fvu", min_improvement=0.1, relative=True, window=1, patience=2, names=["a"])
+    # 1.0 -> 0.5 (-50%), -> 0.48 (-4%: stall 1), -> 0.47 (stall 2): stop
+    assert [es(s, recs(v)) for s, v in enumerate([1.0, 0.5, 0.48, 0.47])] == [False, False, False, True]
+    assert es.converged and es.stopped_at == 3
+    # absolute rule over windows of 2 records, never before min_step; higher is better
+    es = EarlyStopping("fve", min_improvement=0.05, relative=False, window=2, min_step=6, higher_is_better=True)
+    seq = [0.1, 0.2, 0.5, 0.6, 0.62, 0.63, 0.64, 0.65]
+    stops = [es(s, {"x": {"fve": v}}) for s, v in enumerate(seq)]
+    assert stops.index(True) == 6  # gains: 0.4 (3), 0.27 (4), 0.07 (5: > 0.05), 0.03 (6)
+    # every watched SAE must stall
+    es = EarlyStopping("fvu", min_improvement=0.1)
+    assert not es(1, {"a": {"fvu": 1.0}, "b": {"fvu": 1.0}}) and not es(2, {"a": {"fvu": 1.0}, "b": {"fvu": 0.5}})
+    with pytest.raises(ValueError, match="window"):
+        EarlyStopping(window=0)
+    with pytest.raises(ValueError, match="'nope'"):
+        EarlyStopping("nope")(1, {"a": {"fvu": 1.0}})
+
+
+def test_hooks_stop_training_and_resume_exactly(tmp_path, data):
+    configs = {"topk": SAEConfig(d_in=D, d_sae=H, activation="topk", k=4, hook_name=HOOK_A, aux_k=8, dead_after_tokens=128),
+               "btk": SAEConfig(d_in=D, d_sae=H, activation="batchtopk", k=4, hook_name=HOOK_B)}
+    seen = []
+
+    def stop_at_12(step, records):
+        seen.append((step, sorted(records), records["topk"]["step"]))
+        return step >= 12
+
+    # in memory (no out_dir): the hooks still get every record, and True stops the run there
+    out = train_saes(configs, stream(data, 64), small_cfg(None, log_every=4), hooks=[stop_at_12])
+    assert seen == [(4, ["btk", "topk"], 4), (8, ["btk", "topk"], 8), (12, ["btk", "topk"], 12)]
+    assert int(out["btk"].tokens_since_fired.max()) <= 12 * 64 and out["btk"].threshold.isfinite()
+    with pytest.raises(ValueError, match="callables"):
+        train_saes(configs, stream(data, 64), small_cfg(None), hooks=[3])
+
+    # EarlyStopping: an interrupted run resumed from its checkpoint stops where the full run stopped
+    def es():
+        return EarlyStopping("fvu", min_improvement=0.2, window=2, names=["topk"])
+
+    kw = dict(n_tokens=64 * 200, log_every=2)
+    full_es = es()
+    full = train_saes(configs, stream(data, 64), small_cfg(tmp_path / "full", **kw), hooks=[full_es])
+    assert full_es.converged and 8 <= full_es.stopped_at < 200
+    part_cfg = small_cfg(tmp_path / "part", checkpoint_every=3, **kw)
+    fail = full_es.stopped_at - 1
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_saes(configs, stream(data, 64, fail_after=fail), part_cfg, hooks=[es()])
+    part_es = es()
+    resumed = train_saes(configs, stream(data, 64), part_cfg, hooks=[part_es])
+    assert part_es.stopped_at == full_es.stopped_at
+    a, b = _state(full), _state(resumed)
+    for name in configs:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]) or key == "threshold" and a[name][key].isnan(), (name, key)
+    ma = load_metrics(tmp_path / "full").drop(columns=["tokens_per_s"])
+    assert ma.equals(load_metrics(tmp_path / "part").drop(columns=["tokens_per_s"]))
+    assert ma["step"].max() == full_es.stopped_at

@@ -52,6 +52,7 @@ from torch import Tensor
 
 from saelib.lm.activations import ActivationStore
 from saelib.io import atomic_write_text
+from saelib.sae.train import _write_combined_csv, train_saes
 
 __all__ = ["DistributedActivationStore", "init", "plan_saes", "rank_dir", "train_sweep", "world"]
 
@@ -183,8 +184,6 @@ def train_sweep(
 
     Every rank calls this with the same arguments. With one process it is ``train_saes``.
     """
-    from saelib.sae.train import _write_combined_csv, train_saes
-
     rank, n_ranks = world()
     if n_ranks == 1:
         return train_saes(configs, batches, cfg, eval_batches=eval_batches)

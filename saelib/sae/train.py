@@ -1,8 +1,9 @@
-"""Train many SAEs off one activation stream: metrics, checkpoints, exact resume, held-out eval.
+"""Train many SAEs off one activation stream: metrics, hooks, checkpoints, exact resume, held-out eval.
 
 One pass over a stream of ``dict[hook, Tensor[B, d]]`` batches trains a whole sweep (hook
 points x activation rules x k x afa_coeff x seeds), so the language model runs once. Every SAE
-has its own Adam optimiser; SAE ``name`` reads ``batch[sae.cfg.hook_name]``.
+has its own Adam optimiser; SAE ``name`` reads ``batch[sae.cfg.hook_name]``. Every SAE in the
+package trains through this one step, meta-SAEs included (``saelib.analysis.meta``).
 
 Step order per SAE (Bussmann et al. / the top-AFA paper's code, see below for the one change)::
 
@@ -17,24 +18,27 @@ off the unit sphere between steps (which is why its top-AFA rule multiplies by r
 renormalise after the step, so the rows are unit norm whenever the SAE is used, saved or
 evaluated; the sequence of updates is otherwise the same.
 
-Metric definitions (written to ``<out_dir>/<name>/metrics.jsonl`` every ``log_every`` steps as
-means over the steps since the previous record, and to ``eval.json`` on held-out tokens):
+Metric records, every ``log_every`` steps, means over the steps since the previous record (to
+``<out_dir>/<name>/metrics.jsonl`` and to the hooks; ``eval.json`` on held-out tokens):
 
-* ``nmse`` -- per-token normalised squared error, averaged over tokens:
-  ``mean_t ||x_t - x_hat_t||^2 / ||x_t||^2`` (model space). With the paper's per-token
-  standardisation ``||x_t||^2 = d - 1`` for every token, so this is the quantity the paper calls
-  "Normalized MSE" up to the factor d/(d-1); the SAE's own ``mse_loss`` (its normalised space)
-  is logged too, and for ``input_norm="token"`` it *is* the paper's ``l2_loss``.
-* ``fvu`` -- fraction of variance unexplained, ``sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - x_bar||^2``
-  with ``x_bar`` the per-dimension mean over the batch (training) or over the whole eval set.
-* ``l0`` -- mean number of non-zero latents per token; ``l0_p10/p50/p90/max`` its per-token
-  quantiles (top-AFA and BatchTopK choose a different number of latents per token).
-* ``dead`` -- latents that have not fired on the last ``dead_window_tokens`` training tokens
-  (only counted once that many tokens were seen; before that the value is ``null``).
-* every scalar ``*_loss`` field of the SAE's output (``loss, mse_loss, afa_loss, aux_loss, l1_loss``).
-* ``tokens_per_s`` -- stream tokens processed per second by the whole trainer (all SAEs).
+* ``nmse`` -- ``mean_t ||x_t - x_hat_t||^2 / ||x_t||^2`` (model space). With the paper's per-token
+  standardisation ``||x_t||^2 = d - 1``, so this is the paper's "Normalized MSE" up to d/(d-1);
+  the SAE's ``mse_loss`` (its normalised space) is logged too, and for ``input_norm="token"`` it
+  *is* the paper's ``l2_loss``.
+* ``fvu`` -- ``sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - x_bar||^2``, ``x_bar`` the per-dimension
+  mean over the batch (training) or over the whole eval set.
+* ``l0`` -- mean non-zero latents per token; ``l0_p10/p50/p90/min/max`` its per-token quantiles.
+* ``dead`` / ``dead_frac`` -- latents silent on the last ``dead_window_tokens`` training tokens
+  (``null`` until that many tokens were seen).
+* every scalar ``*_loss`` of the SAE's output; ``lr``; ``tokens_per_s`` (the whole trainer).
 * ``eps_max`` / ``eps_mean`` -- max and mean |cos| between distinct decoder rows, every
-  ``eps_every`` steps (blockwise, never the full h x h Gram at once).
+  ``eps_every`` steps (:func:`saelib.sae.geometry.pair_cosines`, blockwise).
+
+Hooks: ``train_saes(..., hooks=[h])`` calls ``h(step, records)`` after every record, with
+``records = {name: record}``; a hook returning True stops training there (the SAEs are then
+finished as after the last step: threshold, save, eval). :class:`EarlyStopping` is such a hook.
+On resume the records already in ``metrics.jsonl`` are replayed to the hooks first, so a
+stateful hook decides as in an uninterrupted run.
 
 Exact resume: ``<out_dir>/checkpoint.pt`` (written atomically every ``checkpoint_every`` steps)
 holds every SAE's weights and buffers (dead counters, BatchTopK threshold), its optimiser state,
@@ -43,10 +47,9 @@ Re-running :func:`train_saes` with the same configs, the same ``out_dir`` and a 
 iterable that yields the same sequence as before (same source, same seed) resumes: the trainer
 skips the ``step`` batches it already consumed and continues. The result is bit-identical to an
 uninterrupted run (tested). The learning-rate schedule is a pure function of the step.
-The checkpoint holds tensors and plain data only and is read with ``torch.load(weights_only=True)``
-(nothing is unpickled); it records fingerprints of the first batch and of the last batch before
-it, so resuming on another stream is an error. A torn last line of ``metrics.jsonl`` (a kill
-during an append) is dropped on resume.
+The checkpoint holds tensors and plain data only (``torch.load(weights_only=True)``); it records
+fingerprints of the first batch and of the last batch before it, so resuming on another stream
+is an error. A torn last line of ``metrics.jsonl`` (a kill during an append) is dropped on resume.
 
 Reliability: one process writes a run folder at a time (an advisory lock; a second gets an
 error naming the holder's pid). Training stops at the first non-finite loss (on CPU at once; on
@@ -64,10 +67,12 @@ import hashlib
 import itertools
 import json
 import math
+import pickle
 import random
 import re
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,12 +81,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelib.io import TRAINING_CODE, atomic_path, atomic_write_text, code_fingerprint, folder_lock
+from saelib.sae import core as sae_core
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.geometry import pair_cosines
 
 __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
+    "EarlyStopping",
+    "make_adam",
     "train_saes",
     "evaluate_saes",
     "sweep_configs",
@@ -91,7 +102,6 @@ __all__ = [
     "load_evals",
     "sweep_table",
     "ensure_sweep",
-    "decoder_epsilon",
     "paper_gpt2_results",
 ]
 
@@ -245,9 +255,8 @@ class TrainConfig:
 # small helpers
 # --------------------------------------------------------------------------------------------
 def _sae_module():
-    from saelib.sae import core as sae_mod  # imported lazily: sae.py may import this module's siblings
-
-    return sae_mod
+    """saelib.sae.core (the sweep helpers at the end of this module read SAE/SAEConfig through it)."""
+    return sae_core
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -277,47 +286,6 @@ def _cfg_dict(cfg: Any) -> dict[str, Any]:
 
 def _natural_key(s: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-@torch.no_grad()
-def decoder_epsilon(W_dec: Tensor, block_size: int = 2048) -> tuple[float, float]:
-    """Max and mean |cos| between distinct rows of ``W_dec [h, d]`` (the paper's epsilon), blockwise.
-
-    Only ``block_size x h`` cosines exist at a time, so h = 12288 needs ~100 MB instead of the
-    paper's 600 MB Gram matrix per step. The mean is over the h(h-1) ordered off-diagonal pairs
-    (the paper logs a *signed* mean, which is ~0 and says little; |cos| is what matters).
-    """
-    W = W_dec.detach().float()
-    if not bool(torch.isfinite(W).all()):
-        raise ValueError(
-            f"decoder_epsilon: W_dec holds {int((~torch.isfinite(W)).sum())} non-finite entries (NaN/inf), so its "
-            "epsilon is undefined; the SAE diverged: retrain it (lower lr, normalise inputs)"
-        )
-    W = W / W.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    h = W.shape[0]
-    if h < 2:
-        return 0.0, 0.0
-    mx = torch.zeros((), device=W.device)
-    total = torch.zeros((), dtype=torch.float64, device=W.device)
-    for start in range(0, h, block_size):
-        blk = W[start : start + block_size] @ W.T  # [b, h]
-        idx = torch.arange(blk.shape[0], device=W.device)
-        blk[idx, idx + start] = 0.0  # drop self-similarity
-        blk = blk.abs()
-        mx = torch.maximum(mx, blk.max())
-        total += blk.sum(dtype=torch.float64)
-    return float(mx), float(total / (h * (h - 1)))
-
-
-def _epsilon(W_dec: Tensor, block_size: int) -> tuple[float, float]:
-    """(max |cos|, mean |cos|) of the decoder rows: saelib.analysis.afa.epsilon (exact, tiled upper
-    triangle) when available, else the local blockwise :func:`decoder_epsilon`."""
-    try:
-        from saelib.analysis.afa import epsilon
-    except ImportError:
-        return decoder_epsilon(W_dec, block_size)
-    e = epsilon(W_dec.detach(), block_size=block_size)
-    return float(e.max), float(e.mean)
 
 
 def _loss_fields(out: Any) -> dict[str, Tensor]:
@@ -392,7 +360,6 @@ class _Run:
 
 
 def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, torch.nn.Module]:
-    sae_mod = _sae_module()
     if not isinstance(saes, Mapping) or not saes:
         raise ValueError("train_saes needs a non-empty dict {name: SAEConfig | SAE}; e.g. sweep_configs(...)")
     out: dict[str, torch.nn.Module] = {}
@@ -402,9 +369,9 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
                 f"SAE name {name!r} is not a valid folder name: use letters, digits and . _ - + = only "
                 "(sweep_name() builds valid names)"
             )
-        if isinstance(obj, sae_mod.SAEConfig):
-            sae = sae_mod.SAE(obj)
-        elif isinstance(obj, sae_mod.SAE):
+        if isinstance(obj, SAEConfig):
+            sae = SAE(obj)
+        elif isinstance(obj, SAE):
             sae = obj
         else:
             raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
@@ -473,7 +440,8 @@ def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# metrics
+# metrics: the trainer's one accumulator (_accumulate adds a step, _window_record reads a window;
+# the state lives in _Run.acc / l0_hist / n_steps_window and is checkpointed with it)
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _accumulate(run: _Run, x: Tensor, out: Any) -> None:
@@ -527,17 +495,21 @@ def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: d
     return {k: _jsonable(v) for k, v in rec.items()}
 
 
-def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path, step: int, tokens: int, lr: float,
-             tokens_per_s: float, wb: Any, pbar: Any) -> None:
-    """Append one record per SAE (the window since the last record) and reset the windows."""
+def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int, tokens: int, lr: float,
+             tokens_per_s: float, wb: Any, pbar: Any) -> dict[str, dict[str, Any]]:
+    """One record per SAE (the window since the last record), appended to its metrics.jsonl when
+    there is an ``out_dir``; resets the windows and returns ``{name: record}``."""
     do_eps = bool(cfg.eps_every) and (step % cfg.eps_every == 0 or step == cfg.n_steps)
-    wb_log: dict[str, Any] = {}
-    rec: dict[str, Any] = {}
+    records: dict[str, dict[str, Any]] = {}
     for r in runs:
         extra: dict[str, Any] = {"lr": lr, "tokens_per_s": tokens_per_s}
         if do_eps:
-            extra["eps_max"], extra["eps_mean"] = _epsilon(r.sae.W_dec, cfg.eps_block)
-        rec = _window_record(r, cfg, step, tokens, extra)
+            eps = pair_cosines(r.sae.W_dec, block_size=cfg.eps_block)
+            extra["eps_max"], extra["eps_mean"] = eps.max, eps.mean
+        rec = records[r.name] = _window_record(r, cfg, step, tokens, extra)
+        r.reset_window(r.since_fired.device)
+        if out_dir is None:
+            continue
         mpath = out_dir / r.name / "metrics.jsonl"
         try:
             with open(mpath, "a") as f:
@@ -546,13 +518,62 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path, step: int, token
             raise OSError(e.errno, f"could not append to {mpath} ({e.strerror or e}); free disk space (or fix the "
                                    "folder's permissions) and run again: training resumes from the last checkpoint "
                                    "and a torn last line is dropped") from None
-        if wb is not None:
-            wb_log.update({f"{r.name}/{k}": v for k, v in rec.items() if v is not None})
-        r.reset_window(r.since_fired.device)
     if wb is not None:
-        wb.log(wb_log, step=step)
+        wb.log({f"{n}/{k}": v for n, rec in records.items() for k, v in rec.items() if v is not None}, step=step)
     if pbar is not None and len(runs) == 1:
+        (rec,) = records.values()
         pbar.set_postfix(loss=f"{rec.get('loss', float('nan')):.3g}", l0=f"{rec.get('l0', 0):.1f}")
+    return records
+
+
+class EarlyStopping:
+    """A training hook: stop once ``metric`` has stopped improving, for every SAE it watches.
+
+    At each record it compares the mean of the last ``window`` records of ``metric`` with the mean
+    of the ``window`` records before; an improvement (a decrease, or an increase with
+    ``higher_is_better``) below ``min_improvement`` -- relative to the earlier mean when
+    ``relative``, absolute otherwise -- is a stall. Training stops at the ``patience``-th stall in
+    a row of every watched SAE (``names``; None = all), never before ``min_step``. ``converged``
+    and ``stopped_at`` tell what happened."""
+
+    def __init__(self, metric: str = "fvu", *, min_improvement: float = 1e-3, relative: bool = True,
+                 window: int = 1, patience: int = 1, min_step: int = 0, higher_is_better: bool = False,
+                 names: Iterable[str] | None = None) -> None:
+        for field, v, lo in (("window", window, 1), ("patience", patience, 1), ("min_step", min_step, 0)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"EarlyStopping.{field} must be an integer >= {lo}, got {v!r}")
+        if not (isinstance(min_improvement, (int, float)) and min_improvement >= 0):
+            raise ValueError(f"EarlyStopping.min_improvement must be a number >= 0, got {min_improvement!r}")
+        self.metric, self.min_improvement, self.relative = metric, float(min_improvement), relative
+        self.window, self.patience, self.min_step = window, patience, min_step
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.names = None if names is None else set(names)
+        self.values: dict[str, list[float]] = {}
+        self.stalls: dict[str, int] = {}
+        self.converged, self.stopped_at = False, None
+
+    def __call__(self, step: int, records: Mapping[str, Mapping[str, Any]]) -> bool:
+        for name, rec in records.items():
+            if self.names is not None and name not in self.names:
+                continue
+            v = rec.get(self.metric)
+            if not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"EarlyStopping watches {self.metric!r}, but SAE {name!r}'s record at step {step} "
+                                 f"has {v!r}; pick a logged metric (e.g. 'fvu', 'nmse', 'loss')")
+            vals = self.values.setdefault(name, [])
+            vals.append(float(v))
+            w = self.window
+            if len(vals) < 2 * w:
+                continue
+            before, last = sum(vals[-2 * w:-w]) / w, sum(vals[-w:]) / w
+            gain = self.sign * (last - before)
+            if self.relative:
+                gain /= max(abs(before), 1e-12)
+            self.stalls[name] = self.stalls.get(name, 0) + 1 if gain < self.min_improvement else 0
+        watched = [n for n in records if self.names is None or n in self.names]
+        if step >= self.min_step and watched and all(self.stalls.get(n, 0) >= self.patience for n in watched):
+            self.converged, self.stopped_at = True, step
+        return self.converged
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -666,9 +687,6 @@ def _save_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, step: int, 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain data only, never unpickled objects."""
-    import pickle
-    import zipfile
-
     fix = (f"delete {path} to start over (the SAEs restart from step 0), or pass TrainConfig(resume=False)")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (a crash while it was written?): {fix}")
@@ -764,8 +782,9 @@ def train_saes(
     saes: Mapping[str, Any],
     batches: Iterable[Mapping[str, Tensor]],
     cfg: TrainConfig,
-    *,
     eval_batches: Iterable[Mapping[str, Tensor]] | None = None,
+    *,
+    hooks: Iterable[Callable[[int, dict[str, dict[str, Any]]], bool]] = (),
 ) -> dict[str, torch.nn.Module]:
     """Train every SAE in ``saes`` on one pass over ``batches``; return ``{name: trained SAE}``.
 
@@ -779,6 +798,8 @@ def train_saes(
         cfg: the :class:`TrainConfig`.
         eval_batches: optional held-out batches; after training every SAE is evaluated on all of
             them (:func:`evaluate_saes`) and ``<out_dir>/<name>/eval.json`` is written.
+        hooks: callables ``hook(step, {name: record}) -> bool`` run after every metrics record
+            (see the module docstring); True stops training (e.g. :class:`EarlyStopping`).
 
     Files under ``cfg.out_dir``: ``<name>/metrics.jsonl``, ``<name>/sae.safetensors`` +
     ``cfg.json`` (``SAE.save``), ``<name>/eval.json``, ``metrics.csv`` (all SAEs, all records),
@@ -788,13 +809,16 @@ def train_saes(
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     if batches is None or not isinstance(batches, Iterable):
         raise ValueError("batches must be an iterable of dict[hook, Tensor[B, d]] (e.g. ActivationCache.iter_batches(...))")
+    hooks = list(hooks)
+    if not all(callable(h) for h in hooks):
+        raise ValueError("hooks must be callables hook(step, records) -> bool, e.g. [EarlyStopping('fvu')]")
     if cfg.out_dir is None:
-        return _train(saes, batches, cfg, eval_batches)
+        return _train(saes, batches, cfg, eval_batches, hooks)
     with folder_lock(cfg.out_dir, "run folder"):  # one writer per run folder
-        return _train(saes, batches, cfg, eval_batches)
+        return _train(saes, batches, cfg, eval_batches, hooks)
 
 
-def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.Module]:
+def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[str, torch.nn.Module]:
     device = _resolve_device(cfg)
     modules = _prepare_saes(saes, device)
     torch.manual_seed(cfg.seed)
@@ -812,7 +836,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
             step, tokens, stream = _load_checkpoint(ckpt_path, runs, cfg)
 
     n_steps = cfg.n_steps
-    hooks = [r.hook for r in runs]
+    hook_points = [r.hook for r in runs]
     it: Iterator = iter(batches)
     # the last training batches of each BatchTopK hook, for the final inference threshold
     calib_hooks = sorted({r.hook for r in runs if r.sae.cfg.activation == "batchtopk"}) \
@@ -830,7 +854,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
                 ) from None
             if _check_batch(b, runs, cfg):
                 for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
-                    if skipped == at and stream.get(key) != _batch_fingerprint(b, hooks):
+                    if skipped == at and stream.get(key) != _batch_fingerprint(b, hook_points):
                         raise ValueError(
                             f"cannot resume {ckpt_path} at step {step}: batch {at} of this stream differs from the one "
                             "the checkpoint was trained on (another dataset, seed, order or dtype). Pass the same (fresh) "
@@ -840,27 +864,30 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
                 if calib_hooks:
                     recent.append({h: b[h] for h in calib_hooks})
 
+    stop = False
     if out_dir is not None:  # written only once the checkpoint and the stream are known to belong to this run
         atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
+        replay: dict[int, dict[str, dict[str, Any]]] = {}
         for r in runs:
             mpath = out_dir / r.name / "metrics.jsonl"
             if step:
                 _truncate_jsonl(mpath, step)
+                for _, rec in _read_jsonl(mpath):
+                    replay.setdefault(int(rec["step"]), {})[r.name] = rec
             elif mpath.exists():
                 mpath.unlink()  # a fresh run starts a fresh log
             (out_dir / r.name).mkdir(parents=True, exist_ok=True)
+        for s_, recs in sorted(replay.items()):  # hooks see the records of the resumed steps first
+            stop = _call_hooks(hooks, s_, recs) or stop
 
     wb = _lazy_wandb(cfg, [r.name for r in runs])
-    pbar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        pbar = tqdm(total=n_steps, initial=step, desc=f"training {len(runs)} SAE(s)", unit="step")
+    pbar = tqdm(total=n_steps, initial=step, desc=f"training {len(runs)} SAE(s)", unit="step") if cfg.progress else None
+    logging = out_dir is not None or bool(hooks)
     t_window, tok_window = time.perf_counter(), 0
     for r in runs:
         r.sae.train()
     try:
-        while step < n_steps:
+        while step < n_steps and not stop:
             try:
                 batch = next(it)
             except StopIteration:
@@ -875,7 +902,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
             if step == 0:
                 _fit_global_norms(runs, batch, device)
                 if ckpt_path is not None:
-                    stream["first"] = _batch_fingerprint(batch, hooks)
+                    stream["first"] = _batch_fingerprint(batch, hook_points)
                 _init_b_decs(runs, batch, device)
             if calib_hooks:
                 recent.append({h: batch[h] for h in calib_hooks})
@@ -904,13 +931,16 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
             tokens += cfg.batch_size
             tok_window += cfg.batch_size
 
-            if out_dir is not None and (step % cfg.log_every == 0 or step == n_steps):
+            if logging and (step % cfg.log_every == 0 or step == n_steps):
                 _check_finite(runs, cfg, step, weights=True)
-                _log_all(runs, cfg, out_dir, step, tokens, lr, tok_window / max(time.perf_counter() - t_window, 1e-9), wb, pbar)
+                recs = _log_all(runs, cfg, out_dir, step, tokens, lr,
+                                tok_window / max(time.perf_counter() - t_window, 1e-9), wb, pbar)
                 t_window, tok_window = time.perf_counter(), 0
-            if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < n_steps:
+                stop = _call_hooks(hooks, step, recs)
+            if (ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                    and step < n_steps and not stop):
                 _check_finite(runs, cfg, step, weights=True)  # a checkpoint never holds diverged weights
-                stream.update(last=_batch_fingerprint(batch, hooks), last_step=step)
+                stream.update(last=_batch_fingerprint(batch, hook_points), last_step=step)
                 _save_checkpoint(ckpt_path, runs, cfg, step, tokens, stream)
             if pbar is not None:
                 pbar.update(1)
@@ -918,9 +948,9 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
         if pbar is not None:
             pbar.close()
     _check_finite(runs, cfg, step, weights=True)  # non-finite weights are never saved or returned
-    if out_dir is not None and runs[0].n_steps_window:  # the stream ended mid-window: log the rest
-        _log_all(runs, cfg, out_dir, step, tokens, cfg.lr_at(max(step - 1, 0)),
-                 tok_window / max(time.perf_counter() - t_window, 1e-9), wb, None)
+    if logging and runs[0].n_steps_window:  # the stream ended mid-window: log the rest
+        _call_hooks(hooks, step, _log_all(runs, cfg, out_dir, step, tokens, cfg.lr_at(max(step - 1, 0)),
+                                          tok_window / max(time.perf_counter() - t_window, 1e-9), wb, None))
 
     if calib_hooks and recent:
         with torch.no_grad():
@@ -944,6 +974,11 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
     if wb is not None:
         wb.finish()
     return result
+
+
+def _call_hooks(hooks: list, step: int, records: dict[str, dict[str, Any]]) -> bool:
+    """Run every hook (all of them, even after one asks to stop); True when one asks to stop."""
+    return any([bool(h(step, records)) for h in hooks])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,123 @@
+"""Cosine geometry of decoder rows, blockwise: never the full h x h (or n x m) cosine matrix.
+
+* :func:`pair_cosines` -- the paper's ε statistics over all pairs i < j of rows of one matrix
+  (max |cos| with its pair, mean |cos|, signed mean, RMS), walking the upper triangle of the
+  Gram matrix in ``block_size x block_size`` tiles: extra memory is one unit-row copy of W plus
+  one float32 tile and a boolean mask (5 * block_size^2 bytes; ~58 MiB for h = 12288, d = 768).
+  Row sums are float32, totals float64.
+* :func:`max_cosine` -- for each row of A, the largest cosine over the rows of B and its index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+__all__ = ["PairCosines", "pair_cosines", "max_cosine", "unit_rows"]
+
+_TRIL: dict[tuple[int, str], Tensor] = {}
+
+
+class PairCosines(NamedTuple):
+    """Cosine statistics over the h(h-1)/2 pairs i < j of rows."""
+
+    max: float
+    """max |cos| (the paper's ε)."""
+    mean: float
+    """mean |cos|."""
+    mean_signed: float
+    """mean cos (what the paper's code logs; ~0 and says little)."""
+    rms: float
+    """sqrt(mean cos^2)."""
+    n_pairs: int
+    argmax: tuple[int, int]
+    """(i, j), i < j, of the pair with the largest |cos|."""
+
+
+def unit_rows(W: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``W [h, d]`` scaled to unit norm (float32 or wider), and the norms. NaN/inf entries or
+    all-zero rows raise: the cosine is undefined there, never reported as 0."""
+    if not isinstance(W, Tensor) or W.ndim != 2:
+        raise ValueError(f"W_dec must be a 2-D tensor [h, d] (one row per latent), got {getattr(W, 'shape', type(W))}")
+    W = W.detach()
+    if not W.is_floating_point() or W.dtype in (torch.float16, torch.bfloat16):
+        W = W.float()  # half-precision dot products are too coarse for ε ~ 1e-2
+    bad = ~torch.isfinite(W)
+    if bool(bad.any()):
+        raise ValueError(
+            f"W_dec has {int(bad.sum())} non-finite (NaN/inf) entries in {int(bad.any(1).sum())} rows, so its "
+            "cosines are undefined: the SAE diverged in training; retrain it (lower the learning rate or "
+            "normalise the inputs)"
+        )
+    norms = W.norm(dim=1)
+    n_zero = int((norms == 0).sum())
+    if n_zero:
+        raise ValueError(
+            f"W_dec has {n_zero} all-zero rows; the cosine of a zero vector is undefined. "
+            "Drop them first, e.g. W_dec[W_dec.norm(dim=1) > 0]."
+        )
+    return W / norms[:, None], norms
+
+
+def _lower_incl_diag(b: int, device: torch.device) -> Tensor:
+    key = (b, str(device))
+    if key not in _TRIL:
+        _TRIL.clear()  # at most one mask alive (memory budget)
+        _TRIL[key] = torch.ones(b, b, dtype=torch.bool, device=device).tril_()
+    return _TRIL[key]
+
+
+@torch.no_grad()
+def pair_cosines(W_dec: Tensor, *, block_size: int = 2048, progress: bool = False) -> PairCosines:
+    """ε statistics of the rows of ``W_dec [h, d]`` (normalised first), exact, tile by tile."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    U, _ = unit_rows(W_dec)
+    h = U.shape[0]
+    if h < 2:
+        raise ValueError(f"need at least 2 decoder rows to form a pair, got h={h}")
+    block_size = min(block_size, h)
+    sum_abs = sum_signed = sum_sq = 0.0
+    best, best_ij = -1.0, (0, 1)
+    starts = range(0, h, block_size)
+    if progress:
+        starts = tqdm(starts, desc="ε row blocks", unit="block")
+    for i0 in starts:
+        i1 = min(i0 + block_size, h)
+        for j0 in range(i0, h, block_size):
+            j1 = min(j0 + block_size, h)
+            G = U[i0:i1] @ U[j0:j1].T  # [bi, bj] tile of the Gram matrix
+            if j0 == i0:  # diagonal tile: strict upper triangle only (pairs i < j)
+                G.masked_fill_(_lower_incl_diag(block_size, G.device)[: i1 - i0, : j1 - j0], 0.0)
+            sum_signed += float(G.sum(1).double().sum())
+            sum_sq += float(torch.linalg.vector_norm(G, dim=1).double().square().sum())
+            G.abs_()
+            sum_abs += float(G.sum(1).double().sum())
+            m = float(G.max())
+            if m > best:
+                r, c = divmod(int(G.argmax()), G.shape[1])
+                best, best_ij = m, (i0 + r, j0 + c)
+            del G
+    if best <= 0.0:  # orthonormal rows: every pair is a maximiser
+        best_ij = (0, 1)
+    n = h * (h - 1) // 2
+    return PairCosines(max(best, 0.0), sum_abs / n, sum_signed / n, math.sqrt(sum_sq / n), n, best_ij)
+
+
+@torch.no_grad()
+def max_cosine(A: Tensor, B: Tensor, *, block_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """For each row of ``A [n, d]``: the largest cosine over the rows of ``B [m, d]`` and its index
+    (``[n]`` float, ``[n]`` long), ``block_size`` rows of A at a time."""
+    A = F.normalize(A.detach().float(), dim=1)
+    B = F.normalize(B.detach().float(), dim=1)
+    vals, idx = [], []
+    for s in range(0, A.shape[0], block_size):
+        v, i = (A[s:s + block_size] @ B.T).max(dim=1)
+        vals.append(v)
+        idx.append(i)
+    return torch.cat(vals), torch.cat(idx)
