@@ -2,9 +2,10 @@
 
 Two measurements in one run:
 
-1. Time per optimiser step, side by side: the meta-SAE loop of :mod:`saelib.analysis.meta` (selection
-   without autograd, a sparse hand-written backward over the k*B active entries) against the
-   generic dense path (``SAE.forward`` with activation "batchtopk" + autograd + Adam), same batch.
+1. Time per optimiser step, side by side: :func:`saelib.analysis.meta.train_meta_sae` (the shared
+   trainer, ``train_saes``, with the SAE's sparse kernels) against a bare loop of the same step
+   (``SAE.forward`` with activation "batchtopk" + backward + Adam: the trainer's overhead) and
+   against that loop in plain autograd (``SAE.sparse_kernels = False``: what the kernels buy).
 2. A full training run to convergence (FVE criterion of :class:`saelib.analysis.meta.MetaSAEConfig`):
    wall time, steps, and FVE in batch and threshold mode.
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from saelib.analysis import meta as M
+from saelib.sae.core import SAE, SAEConfig
 
 
 def make_decoder(kind: str, rows: int, d: int, n_hidden: int, k_hidden: int, noise: float, seed: int) -> torch.Tensor:
@@ -38,14 +40,13 @@ def make_decoder(kind: str, rows: int, d: int, n_hidden: int, k_hidden: int, noi
     return F.normalize(W, dim=1)
 
 
-def dense_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int) -> float:
-    """Seconds per step of the generic path: SAE.forward (dense BatchTopK) + autograd + Adam."""
-    from saelib.sae.core import SAE, SAEConfig
-
+def bare_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int, sparse_kernels: bool) -> float:
+    """Seconds per step of a bare loop: SAE.forward (BatchTopK) + backward + Adam, no trainer."""
     N, d = W.shape
     B = min(cfg.batch_size, N)
     sae = SAE(SAEConfig(d_in=d, d_sae=cfg.width_for(N), activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
                         aux_coeff=cfg.aux_coeff, dead_after_tokens=cfg.n_batches_to_dead * B, seed=cfg.seed))
+    sae.sparse_kernels = sparse_kernels
     sae.train()
     opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
     g = torch.Generator().manual_seed(0)
@@ -75,7 +76,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-steps", type=int, default=200)
     p.add_argument("--window", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-3)
-    p.add_argument("--select-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--kind", choices=["mixture", "random"], default="mixture")
     p.add_argument("--n-hidden", type=int, default=4096, help="hidden directions of the mixture decoder")
     p.add_argument("--k-hidden", type=int, default=4)
@@ -93,25 +93,27 @@ def main(argv: list[str] | None = None) -> None:
         W = W.to(args.device)
     cfg = M.MetaSAEConfig(d_meta=args.d_meta, k=args.k, lr=args.lr, batch_size=args.batch_size,
                           max_steps=args.max_steps, min_steps=args.min_steps, window=args.window, tol=args.tol,
-                          select_dtype=args.select_dtype, seed=args.seed)
+                          seed=args.seed)
     print(f"decoder {tuple(W.shape)} ({args.kind}), {args.d_meta} meta-latents, k={args.k}, "
-          f"batch {min(args.batch_size, args.rows)}, threads {torch.get_num_threads()}, select {args.select_dtype}")
+          f"batch {min(args.batch_size, args.rows)}, threads {torch.get_num_threads()}")
 
     if args.compare_steps > 0:
         n = args.compare_steps
         sparse_cfg = M.MetaSAEConfig(**{**cfg.__dict__, "max_steps": n + 1, "min_steps": n + 1, "progress": False,
                                         "log_every": 1})
-        t_sparse = M.train_meta_sae(W, sparse_cfg).s_per_step  # first (warm-up) step excluded, as below
-        t_dense = dense_step_time(W.cpu() if args.device is None else W, cfg, n)
-        print(f"time per step: saelib.analysis.meta loop {t_sparse:.3f} s | dense SAE.forward + autograd {t_dense:.3f} s "
-              f"| speed-up {t_dense / t_sparse:.2f}x")
+        t_meta = M.train_meta_sae(W, sparse_cfg).s_per_step  # first (warm-up) step excluded, as below
+        t_bare = bare_step_time(W, cfg, n, sparse_kernels=True)
+        t_plain = bare_step_time(W, cfg, n, sparse_kernels=False)
+        print(f"time per step: train_meta_sae {t_meta:.3f} s | bare SAE.forward loop {t_bare:.3f} s "
+              f"(trainer overhead {t_meta / t_bare:.2f}x) | plain autograd {t_plain:.3f} s "
+              f"(sparse kernels' speed-up {t_plain / t_meta:.2f}x)")
 
-    meta = M.train_meta_sae(W, cfg)
-    fb, ft = M.fve(meta, W, "batch"), M.fve(meta, W, "threshold")
-    print(f"trained: {meta.n_steps} steps in {meta.wall_s:.1f} s ({meta.s_per_step:.3f} s/step), "
-          f"converged={meta.converged}")
+    run = M.train_meta_sae(W, cfg)
+    fb, ft = M.fve(run.sae, W, "batch"), M.fve(run.sae, W, "threshold")
+    print(f"trained: {run.n_steps} steps in {run.wall_s:.1f} s ({run.s_per_step:.3f} s/step), "
+          f"converged={run.converged}")
     print(f"FVE batch {fb.fve:.4f} (L0 {fb.l0:.2f}); threshold {ft.fve:.4f} (L0 {ft.l0:.2f}, "
-          f"threshold {meta.threshold:.4f}); dead meta-latents {fb.dead_fraction:.1%}")
+          f"threshold {float(run.sae.threshold):.4f}); dead meta-latents {fb.dead_fraction:.1%}")
 
 
 if __name__ == "__main__":

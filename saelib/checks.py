@@ -330,11 +330,11 @@ def meta_saes(runs_dir: str | Path, *, meta: Any, W_base: torch.Tensor, res_batc
         c.expect("random-row control FVE in (0, 1)", 0 < res_random_batch.fve < 1, f"{res_random_batch.fve:.3f}")
     n_rows = W_base.shape[0]
     if codes_batch is not None:
-        c.check("batch mode: mean meta-latents per row ≤ k", codes_batch.l0 <= meta.k + 1e-9,
-                f"{codes_batch.l0:.3f} vs k = {meta.k}")
+        c.check("batch mode: mean meta-latents per row ≤ k", codes_batch.l0 <= meta.cfg.k + 1e-9,
+                f"{codes_batch.l0:.3f} vs k = {meta.cfg.k}")
     c.check("dead fraction in [0, 1]", 0 <= res_batch.dead_fraction <= 1)
     c.number("n_rows", n_rows)
-    c.number("d_meta", meta.d_meta)
+    c.number("d_meta", meta.cfg.d_sae)
     c.number("fve_batch", res_batch.fve)
     c.number("fve_threshold", res_threshold.fve)
     c.number("l0_threshold", res_threshold.l0)

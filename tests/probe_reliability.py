@@ -50,7 +50,7 @@ from saelib.lm import activations
 
 from saelib.analysis import afa
 
-from saelib.sae import train as train_mod  # noqa: E402
+from saelib.sae import geometry  # noqa: E402
 from saelib.lm.activations import ActivationCache, harvest, tensor_batches  # noqa: E402
 from saelib.interop import from_saelens, to_saelens  # noqa: E402
 from saelib.lm.models import load_model  # noqa: E402
@@ -222,7 +222,7 @@ API = [
     ("ActivationStore tiny buffer", lambda: activations.ActivationStore(MODEL, TOK, HOOK, batch_size=64, buffer_tokens=10),
      ["buffer_tokens"]),
     ("epsilon NaN decoder", lambda: afa.epsilon(torch.full((8, 4), float("nan"))), ["non-finite"]),
-    ("decoder_epsilon NaN", lambda: train_mod.decoder_epsilon(torch.full((8, 4), float("nan"))), ["non-finite"]),
+    ("pair_cosines NaN", lambda: geometry.pair_cosines(torch.full((8, 4), float("nan"))), ["non-finite"]),
     ("epsilon one row", lambda: afa.epsilon(torch.ones(1, 4)), ["2 decoder rows"]),
     ("to_saelens top-AFA", lambda: to_saelens(SAE(SAEConfig(d_in=D, d_sae=H, activation="topafa")).eval(),
                                               ROOT / "lens-afa"), ["ReLU", "allow_lossy"]),

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from saelib.analysis import meta as M
+from saelib.sae.core import SAE
 
 D, N_META, N_ROWS, K = 48, 24, 1536, 3
 
@@ -28,57 +29,46 @@ def planted_decoder(seed: int = 0, n_rows: int = N_ROWS, d: int = D, n_meta: int
 @pytest.fixture(scope="module")
 def trained():
     rows, dirs, idx = planted_decoder()
-    meta = M.train_meta_sae(rows, d_meta=2 * N_META, k=K, batch_size=4096, lr=1e-2, max_steps=600,
-                            min_steps=100, window=50, tol=1e-4, seed=0, progress=False)
-    return rows, dirs, idx, meta
+    run = M.train_meta_sae(rows, d_meta=2 * N_META, k=K, batch_size=4096, lr=1e-2, max_steps=600,
+                           min_steps=100, window=50, tol=1e-4, seed=0, progress=False)
+    return rows, dirs, idx, run
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="k must be"):
         M.MetaSAEConfig(k=0)
-    with pytest.raises(ValueError, match="select_dtype"):
-        M.MetaSAEConfig(select_dtype="float16")
     assert M.MetaSAEConfig().width_for(49152) == 12288
     assert M.MetaSAEConfig(d_meta=2304).width_for(49152) == 2304
     with pytest.raises(ValueError, match="2-D"):
         M.train_meta_sae(torch.zeros(5))
 
 
-def test_batch_topk_matches_full_sort():
-    g = torch.Generator().manual_seed(1)
-    # skewed rows so that some rows hold many of the global top entries (forces widening)
-    pre = torch.relu(torch.randn(64, 40, generator=g) + torch.linspace(-2, 3, 64)[:, None])
-    rows, cols, vals = M._batch_topk(pre, 64 * 3)
-    ref_v, ref_i = pre.flatten().topk(64 * 3)
-    assert torch.allclose(vals.sort().values, ref_v[ref_v > 0].sort().values)
-    assert torch.equal(pre[rows, cols], vals)
-    assert (rows * 40 + cols).unique().numel() == vals.numel()
-
-
-def test_sparse_code_gradients_match_dense():
-    g = torch.Generator().manual_seed(2)
-    B, d, m = 7, 5, 9
-    x = torch.randn(B, d, generator=g, dtype=torch.float64)
-    params = [torch.randn(d, m, generator=g, dtype=torch.float64, requires_grad=True),
-              torch.randn(m, d, generator=g, dtype=torch.float64, requires_grad=True),
-              torch.randn(d, generator=g, dtype=torch.float64, requires_grad=True),
-              torch.randn(m, generator=g, dtype=torch.float64, requires_grad=True)]
-    W_enc, W_dec, b_dec, b_enc = params
-    pre = torch.relu((x - b_dec) @ W_enc + b_enc).detach()
-    rows, cols = (pre > 0.5).nonzero(as_tuple=True)
-    def f(W_enc, W_dec, b_dec, b_enc):
-        return M._SparseCode.apply(x, W_enc, W_dec, b_dec, b_enc, rows, cols)[0]
-
-    assert torch.autograd.gradcheck(f, tuple(params))
-    # and the forward equals the dense masked rule
-    mask = torch.zeros_like(pre, dtype=torch.bool)
-    mask[rows, cols] = True
-    dense = (torch.relu((x - b_dec) @ W_enc + b_enc) * mask) @ W_dec + b_dec
-    assert torch.allclose(f(*params), dense)
+def test_convergence_rule_and_trainer_settings():
+    rows = planted_decoder(n_rows=256)[0]
+    # any gain is below a huge tol: stops at the first check from max(min_steps, 2 * window) on
+    run = M.train_meta_sae(rows, d_meta=16, k=2, batch_size=64, max_steps=100, min_steps=30, window=10,
+                           tol=10.0, log_every=4, seed=0, progress=False)
+    assert run.converged and run.n_steps == 30 and run.history[-1]["step"] == 30
+    assert [h["step"] for h in run.history] == list(range(2, 31, 2))  # every gcd(log_every, window) steps
+    sae = run.sae
+    assert isinstance(sae, SAE) and sae.cfg.activation == "batchtopk" and sae.cfg.d_sae == 16
+    assert not sae.training and sae.cfg.dead_after_tokens == 100 * 64
+    assert float(sae.threshold) == pytest.approx(run.history[-1]["threshold"]) and float(sae.threshold) > 0
+    h = run.history[-1]
+    assert h["fve"] == pytest.approx(1 - h["fvu"]) and h["n_dead"] == 0 and h["l0"] == pytest.approx(2)
+    # no gain is enough with tol = 0 ... unless the FVE decreases; max_steps caps the run
+    capped = M.train_meta_sae(rows, d_meta=16, k=2, batch_size=64, max_steps=12, min_steps=0, window=5,
+                              tol=0.0, seed=0, progress=False)
+    assert capped.n_steps == 12 and not capped.converged and run.s_per_step > 0 and run.wall_s > 0
+    # the same seed gives the same meta-SAE
+    again = M.train_meta_sae(rows, d_meta=16, k=2, batch_size=64, max_steps=100, min_steps=30, window=10,
+                             tol=10.0, log_every=4, seed=0, progress=False)
+    assert torch.equal(again.sae.W_dec, sae.W_dec)
 
 
 def test_fve_and_recovery_on_planted_dictionary(trained):
-    rows, dirs, _, meta = trained
+    rows, dirs, _, run = trained
+    meta = run.sae
     res_b = M.fve(meta, rows, "batch")
     res_t = M.fve(meta, rows, "threshold")
     assert res_b.fve >= 0.9 and res_t.fve >= 0.9, (res_b, res_t)
@@ -91,16 +81,18 @@ def test_fve_and_recovery_on_planted_dictionary(trained):
     noise = F.normalize(torch.randn(N_ROWS, D), dim=1)
     assert M.fve(meta, noise, "batch").fve < res_b.fve - 0.3
     # training history and convergence bookkeeping
-    assert meta.history and meta.history[-1]["step"] == meta.n_steps
-    assert meta.history[-1]["fve"] > meta.history[0]["fve"]
+    assert run.history and run.history[-1]["step"] == run.n_steps
+    assert run.history[-1]["fve"] > run.history[0]["fve"]
+    assert run.converged and run.n_steps < 600
 
 
 def test_decompositions_and_inverse_index_agree(trained):
-    rows, _, _, meta = trained
+    rows, _, _, run = trained
+    meta = run.sae
     codes = M.meta_codes(meta, rows, "threshold")
     dec = M.decompose(codes)
     inv = M.inverse_index(codes)
-    assert len(dec) == rows.shape[0] and len(inv) == meta.d_meta
+    assert len(dec) == rows.shape[0] and len(inv) == meta.cfg.d_sae
     pairs_dec = {(d.latent, c) for d in dec for c in d.meta_latents}
     pairs_inv = {(l, m.latent) for m in inv for l in m.meta_latents}
     assert pairs_dec == pairs_inv and len(pairs_dec) == codes.rows.numel()
@@ -116,17 +108,18 @@ def test_decompositions_and_inverse_index_agree(trained):
 
 
 def test_save_load_roundtrip(trained, tmp_path):
-    rows, _, _, meta = trained
+    rows, _, _, run = trained
+    meta = run.sae
     meta.save(tmp_path / "meta")
-    back = M.MetaSAE.load(tmp_path / "meta")
-    assert back.threshold == pytest.approx(meta.threshold)
-    assert M.fve(back, rows, "batch").fve == pytest.approx(M.fve(meta, rows, "batch").fve, abs=1e-6)
-    with pytest.raises(FileNotFoundError, match="train_meta_sae"):
-        M.MetaSAE.load(tmp_path / "missing")
+    back = SAE.load(tmp_path / "meta")
+    assert float(back.threshold) == pytest.approx(float(meta.threshold))
+    for mode in ("batch", "threshold"):
+        assert M.fve(back, rows, mode).fve == pytest.approx(M.fve(meta, rows, mode).fve, abs=1e-6)
 
 
 def test_max_cos_comparison_beats_random(trained):
-    rows, dirs, _, meta = trained
+    rows, dirs, _, run = trained
+    meta = run.sae
     stats = M.max_cos_comparison(meta.W_dec, {"planted": dirs}, base_W=rows, seed=7)
     s = stats[0]
     alive = M.meta_codes(meta, rows, "batch").members_per_meta() > 0
@@ -137,7 +130,8 @@ def test_max_cos_comparison_beats_random(trained):
 
 
 def test_split_recovery_planted_and_random(trained):
-    rows, dirs, idx, meta = trained
+    rows, dirs, idx, run = trained
+    meta = run.sae
     codes = M.meta_codes(meta, rows, "threshold")
     rec = M.split_recovery(meta, codes, rows, dirs, theta=0.7, n_boot=200, seed=0)
     assert rec.n_groups > 5

@@ -532,11 +532,11 @@ def test_meta_fve_hand_formula():
     n, dm, m = 60, 10, 16
     u = torch.randn(dm, generator=g)
     rows = 3 * u / u.norm() + 0.6 * torch.randn(n, dm, generator=g)  # strong common component
-    cfg = M.MetaSAEConfig(d_meta=m, k=3, progress=False)
     sae = SAE(SAEConfig(d_in=dm, d_sae=m, activation="batchtopk", k=3, seed=1))
     with torch.no_grad():
         sae.b_dec.copy_(0.2 * torch.randn(dm, generator=g))
-    meta = M.MetaSAE(sae, threshold=0.05, cfg=cfg)
+        sae.threshold.fill_(0.05)
+    meta = sae.eval()
     res = M.fve(meta, rows, "threshold")
     X = (rows / rows.norm(dim=1, keepdim=True)).double().numpy()  # normalize_rows=True
     W_enc, W_dec, b_dec = (t.detach().double().numpy() for t in (sae.W_enc, sae.W_dec, sae.b_dec))
@@ -549,7 +549,7 @@ def test_meta_fve_hand_formula():
     assert abs((1 - err / (X ** 2).sum()) - (1 - err / centred)) > 0.1  # the uncentred version differs
     assert res.l0 == pytest.approx((codes > 0).sum(1).mean(), rel=1e-6)
     assert res.dead_fraction == pytest.approx(((codes > 0).sum(0) == 0).mean())
-    assert res.mode == "threshold" and res.threshold == 0.05  # the meta-SAE's own threshold
+    assert res.mode == "threshold" and res.threshold == pytest.approx(0.05)  # the meta-SAE's own threshold
     assert M.fve(meta, rows, "threshold", threshold=0.2).threshold == 0.2
     assert M.fve(meta, rows, "batch").threshold is None
 

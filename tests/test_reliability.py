@@ -22,6 +22,7 @@ import torch
 import saelib
 from saelib.lm import activations
 from saelib.analysis import afa
+from saelib.sae import geometry
 from saelib.sae import train as train_mod
 from saelib.lm.activations import ActivationCache, activation_cache_path
 from saelib.io import FolderInUseError, code_fingerprint, folder_lock, load_yaml
@@ -199,7 +200,7 @@ def test_non_finite_weights_are_never_saved_loaded_or_measured(tmp_path):
         SAE.load(tmp_path / "good")
     W = torch.randn(20, 8)
     W[5, 1] = float("nan")
-    for fn in (afa.epsilon, afa.epsilon_dense, afa.epsilon_sampled, train_mod.decoder_epsilon):
+    for fn in (afa.epsilon, afa.epsilon_dense, afa.epsilon_sampled, geometry.pair_cosines):
         with pytest.raises(ValueError, match="non-finite"):
             fn(W)
 

@@ -10,9 +10,10 @@ What this module gives:
 
 * :class:`MetaSAEConfig` and :func:`train_meta_sae`: a BatchTopK meta-SAE (k = 4, width a quarter
   of the base width, Adam lr 1e-3, betas (0.9, 0.99), batch 16384 rows, aux alpha 1/16, dead after
-  100 batches) trained by a dedicated loop until the training FVE stops improving. The parameters
-  live in a :class:`saelib.sae.core.SAE` (activation ``"batchtopk"``), so saving and loading are the
-  package's usual ones.
+  100 batches), a :class:`saelib.sae.core.SAE`, trained by the package's one trainer
+  (:func:`saelib.sae.train.train_saes`) on shuffled decoder rows until the training FVE stops
+  improving (an :class:`saelib.sae.train.EarlyStopping` hook). Its inference threshold is the
+  SAE's own BatchTopK threshold.
 * :func:`meta_codes`, :func:`fve`: the meta-code of every decoder row in *batch* mode (BatchTopK
   over the whole matrix as one batch: mean L0 = k exactly) or *threshold* mode (the estimated
   global threshold, the inference rule of BatchTopK), and the fraction of variance explained.
@@ -23,38 +24,26 @@ What this module gives:
   meta-latents more often than random pairs of latents? (ratio with a cluster-bootstrap CI)
 * :func:`top_activating_contexts`, :func:`top_logits`, :func:`latent_view`,
   :func:`latent_view_html`: reading a latent and its meta-latents.
-
-Why a dedicated loop and not :func:`saelib.sae.train.train_saes`: the dataset is one small matrix that
-sits in memory, the stopping rule is "FVE has converged" rather than a token budget, and BatchTopK
-over 16384 rows x a few thousand latents is cheap when done sparsely. The loop selects the
-``k * B`` active entries without autograd, then recomputes only those pre-activations with
-gradients (sampled dense-dense products and CSR kernels), so only one dense ``B x d_meta``
-matmul remains per step instead of five plus a sort of the whole batch; at the GPT-2 size
-(16384 rows x 2304 meta-latents) a CPU step is several times faster than the generic dense path
-(``python benchmarks/meta.py`` prints both side by side).
 """
 
 from __future__ import annotations
 
 import html as _html
-import json
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from saelib.io import atomic_folder
-from saelib.sae.train import make_adam
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.train import EarlyStopping, TrainConfig, train_saes
 
 __all__ = [
     "MetaSAEConfig",
-    "MetaSAE",
+    "MetaTraining",
     "MetaCodes",
     "FVEResult",
     "Decomposition",
@@ -84,9 +73,11 @@ __all__ = [
     "latent_view_html",
 ]
 
+_ROWS = "decoder_rows"  # the meta-SAE's "hook": its batches are {_ROWS: rows}
+
 
 # --------------------------------------------------------------------------------------------
-# Configuration
+# Configuration and training
 # --------------------------------------------------------------------------------------------
 
 
@@ -123,14 +114,12 @@ class MetaSAEConfig:
     """Never stop before this many steps."""
     window: int = 100
     """Convergence window in steps: compare the mean training FVE of the last window with the
-    window before it."""
+    window before it (checked at every history record, see ``log_every``)."""
     tol: float = 1e-3
     """Stop when the windowed training FVE improves by less than this (absolute)."""
     threshold_ema: float = 0.01
-    """EMA rate of the inference threshold (mean smallest surviving activation per batch)."""
-    select_dtype: str = "float32"
-    """dtype of the no-grad matmul that *selects* active entries ("float32" or "bfloat16";
-    bfloat16 is ~4x faster on recent CPUs, the selected values are recomputed in float32)."""
+    """EMA rate of the inference threshold (the smallest surviving activation of each batch):
+    ``SAEConfig.threshold_lr``."""
     seed: int = 49
     """Seed of the initialisation and the row shuffling (49 in the authors' code)."""
     device: str | None = None
@@ -138,7 +127,7 @@ class MetaSAEConfig:
     progress: bool = True
     """Show a tqdm progress bar."""
     log_every: int = 10
-    """Record a history entry every this many steps."""
+    """Record a history entry every ``gcd(log_every, window)`` steps (the trainer's log_every)."""
 
     def __post_init__(self) -> None:
         if self.d_meta is not None and self.d_meta < 1:
@@ -164,168 +153,48 @@ class MetaSAEConfig:
             raise ValueError(f"tol must be >= 0 (got {self.tol}).")
         if not 0 < self.threshold_ema <= 1:
             raise ValueError(f"threshold_ema must be in (0, 1] (got {self.threshold_ema}).")
-        if self.select_dtype not in ("float32", "bfloat16"):
-            raise ValueError(
-                f"select_dtype must be 'float32' or 'bfloat16' (got {self.select_dtype!r})."
-            )
 
     def width_for(self, n_rows: int) -> int:
         """Number of meta-latents for a base dictionary of ``n_rows`` latents."""
         return int(self.d_meta) if self.d_meta is not None else max(1, round(self.width_ratio * n_rows))
 
 
-# --------------------------------------------------------------------------------------------
-# The meta-SAE object
-# --------------------------------------------------------------------------------------------
+class MetaTraining(NamedTuple):
+    """A trained meta-SAE and how its training went."""
+
+    sae: SAE
+    """The meta-SAE: activation "batchtopk" over ``d_meta = sae.cfg.d_sae`` meta-latents; its
+    inference threshold (threshold mode) is ``sae.threshold``."""
+    history: list[dict]
+    """The trainer's records (``step``, ``fvu``, ``loss``, ``mse_loss``, ``aux_loss``, ...) plus
+    ``fve = 1 - fvu``, ``n_dead`` and ``threshold`` at that step."""
+    n_steps: int
+    converged: bool
+    """Stopped by the FVE criterion (False: ran to ``max_steps``)."""
+    wall_s: float
+    s_per_step: float
+    """Steady-state seconds per step (the first record, with the warm-up step, left out)."""
 
 
-def _make_sae(d_in: int, d_sae: int, cfg: MetaSAEConfig, batch_size: int):
-    """A :class:`saelib.sae.core.SAE` with activation "batchtopk" that holds the meta-SAE weights.
-
-    Its config records the meta-SAE's hyper-parameters in the SAE's own terms (a "token" is a
-    decoder row, so dead after ``n_batches_to_dead * batch_size`` rows)."""
-    from saelib.sae.core import SAE, SAEConfig
-
+def _make_sae(d_in: int, d_sae: int, cfg: MetaSAEConfig, batch_size: int) -> SAE:
+    """The BatchTopK :class:`saelib.sae.core.SAE` of a meta-SAE, its hyper-parameters in the SAE's
+    own terms (a "token" is a decoder row: dead after ``n_batches_to_dead * batch_size`` rows).
+    The SAE's seeded init is the authors': Kaiming-uniform W_enc, W_dec = W_enc^T with unit rows,
+    zero biases."""
     return SAE(SAEConfig(
         d_in=d_in, d_sae=d_sae, activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
         aux_coeff=cfg.aux_coeff, dead_after_tokens=cfg.n_batches_to_dead * batch_size,
         threshold_lr=cfg.threshold_ema, input_norm="none", use_b_enc=cfg.use_b_enc,
-        seed=cfg.seed, hook_name="decoder_rows", model_name="meta-sae",
+        seed=cfg.seed, hook_name=_ROWS, model_name="meta-sae",
     ))
 
 
-class MetaSAE:
-    """A trained meta-SAE: the weights (a BatchTopK :class:`saelib.sae.core.SAE`) and its threshold.
-
-    Encoding is defined here (not by the SAE's own ``encode``) so that batch mode, threshold mode
-    and training share one rule: ``pre = relu((d - b_dec) @ W_enc [+ b_enc])``, then either the
-    top ``k * n_rows`` entries of the whole matrix (batch mode) or ``pre > threshold``.
-    """
-
-    def __init__(self, sae, threshold: float, cfg: MetaSAEConfig, history: list[dict] | None = None,
-                 n_steps: int = 0, converged: bool = False, wall_s: float = 0.0) -> None:
-        self.sae = sae
-        self.threshold = float(threshold)
-        self.cfg = cfg
-        self.history = history or []
-        self.n_steps = n_steps
-        self.converged = converged
-        self.wall_s = wall_s
-        self.s_per_step = wall_s / max(n_steps, 1)  # steady-state seconds per step (set by training)
-
-    # Shapes: W_enc [d_in, d_meta], W_dec [d_meta, d_in].
-    @property
-    def W_enc(self) -> torch.Tensor:
-        return self.sae.W_enc
-
-    @property
-    def W_dec(self) -> torch.Tensor:
-        return self.sae.W_dec
-
-    @property
-    def b_dec(self) -> torch.Tensor:
-        return self.sae.b_dec
-
-    @property
-    def b_enc(self) -> torch.Tensor | None:
-        return self.sae.b_enc if self.cfg.use_b_enc else None
-
-    @property
-    def d_meta(self) -> int:
-        return self.sae.W_dec.shape[0]
-
-    @property
-    def k(self) -> int:
-        return self.cfg.k
-
-    def __repr__(self) -> str:
-        return (f"MetaSAE(d_in={self.W_dec.shape[1]}, d_meta={self.d_meta}, k={self.k}, "
-                f"threshold={self.threshold:.4g}, steps={self.n_steps}, converged={self.converged})")
-
-    def save(self, path: str | Path) -> Path:
-        """Write the SAE (safetensors + cfg.json) and ``meta.json`` into folder ``path`` atomically."""
-        path = Path(path)
-        with atomic_folder(path) as tmp:
-            self.sae.save(tmp)
-            info = {"threshold": self.threshold, "cfg": asdict(self.cfg), "n_steps": self.n_steps,
-                    "converged": self.converged, "wall_s": self.wall_s, "history": self.history}
-            (tmp / "meta.json").write_text(json.dumps(info, indent=1))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> MetaSAE:
-        """Load a meta-SAE written by :meth:`save`."""
-        from saelib.sae.core import SAE
-
-        path = Path(path)
-        if not (path / "meta.json").exists():
-            raise FileNotFoundError(
-                f"No meta-SAE at {path} (meta.json missing): train one with train_meta_sae(...) "
-                "and save it with .save(path)."
-            )
-        info = json.loads((path / "meta.json").read_text())
-        sae = SAE.load(path)
-        if device is not None:
-            sae = sae.to(device)
-        cfg = MetaSAEConfig(**info["cfg"])
-        return cls(sae, info["threshold"], cfg, info.get("history"), info.get("n_steps", 0),
-                   info.get("converged", False), info.get("wall_s", 0.0))
-
-
-# --------------------------------------------------------------------------------------------
-# BatchTopK selection (exact, without sorting the whole batch)
-# --------------------------------------------------------------------------------------------
-
-
-def _batch_topk(pre: torch.Tensor, n: int, hint: float | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row, column and value of the ``n`` largest *positive* entries of ``pre [B, m]``.
-
-    A full ``topk`` over ``B * m`` entries is slow on a CPU (seconds for 16384 x 2304). Two exact
-    shortcuts: (1) with a ``hint`` (e.g. a bit below the previous batch's cut-off), every entry
-    above it is a candidate; if there are at least ``n`` of them, the top ``n`` are among them.
-    (2) Otherwise the global top ``n`` can only contain entries among the top ``c`` of their own row
-    as long as no row has *all* of its ``c`` candidates strictly above the cut-off; take per-row
-    candidates and widen ``c`` in the rare case a row is saturated.
-    """
-    B, m = pre.shape
-    n = min(n, B * m)
-    if hint is not None and hint > 0:
-        r, c = (pre > hint).nonzero(as_tuple=True)
-        if r.numel() >= n:
-            v, pos = pre[r, c].topk(n)
-            return r[pos], c[pos], v
-    c = min(m, max(4, 4 * math.ceil(n / max(B, 1))))
-    while True:
-        cand_v, cand_i = pre.topk(c, dim=-1)  # [B, c], sorted descending
-        flat_v, flat_pos = cand_v.flatten().topk(n)
-        cut = flat_v[-1]
-        if c == m or not bool((cand_v[:, -1] > cut).any()):
-            break
-        c = min(m, 4 * c)
-    rows = flat_pos // c
-    cols = cand_i.flatten()[flat_pos]
-    keep = flat_v > 0
-    return rows[keep], cols[keep], flat_v[keep]
-
-
-def _pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, b_enc: torch.Tensor | None,
-              dtype: torch.dtype = torch.float32, relu: bool = True) -> torch.Tensor:
-    """relu((x - b_dec) @ W_enc + b_enc) computed in ``dtype``, returned as float32. [B, m]
-
-    ``relu=False`` skips the ReLU (selection keeps positive entries only, so it is not needed)."""
-    xc = (x - b_dec).to(dtype)
-    pre = xc @ W_enc.to(dtype)
+def _pre_acts(x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor, b_enc: torch.Tensor | None) -> torch.Tensor:
+    """relu((x - b_dec) @ W_enc + b_enc) in float32. [B, m]"""
+    pre = (x - b_dec).float() @ W_enc.float()
     if b_enc is not None:
-        pre = pre + b_enc.to(dtype)
-    if relu:
-        pre = torch.relu_(pre)
-    return pre.float()
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------------
+        pre = pre + b_enc.float()
+    return torch.relu_(pre)
 
 
 def _prepare_rows(W_dec: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -347,65 +216,27 @@ def _prepare_rows(W_dec: torch.Tensor, normalize: bool) -> torch.Tensor:
     return W
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """CSR matrix from (row, col, value) triplets whose rows are sorted (cols sorted within rows)."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=rows.device)
-    crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-    with warnings.catch_warnings():  # PyTorch marks CSR "beta"; the ops used here are tested
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+def _row_batches(X: torch.Tensor, batch_size: int, seed: int):
+    """Endless batches ``{_ROWS: rows}``: shuffled passes over the rows of ``X``, a new seeded
+    permutation whenever fewer than ``batch_size`` rows are left (those are skipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    N = X.shape[0]
+    while True:
+        perm = torch.randperm(N, generator=gen).to(X.device)
+        for pos in range(0, N - batch_size + 1, batch_size):
+            yield {_ROWS: X[perm[pos:pos + batch_size]]}
 
 
-class _SparseCode(torch.autograd.Function):
-    """``x_hat = b_dec + sum_e vals_e * W_dec[cols_e]`` into row ``rows_e``, where
-    ``vals_e = relu((x[rows_e] - b_dec) . W_enc[:, cols_e] + b_enc[cols_e])``.
-
-    Only the ``n = k * B`` selected entries are touched, with sparse kernels: the values by a
-    sampled dense-dense product (SDDMM), the decoder and every gradient by CSR x dense products.
-    (Gathering rows and ``index_add_`` are 5-20x slower on CPU.) ``(rows, cols)`` must be sorted
-    by row, then column. Returns ``(x_hat [B, d], vals [n])``; ``vals`` carries no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W_enc, W_dec, b_dec, b_enc, rows, cols):
-        B, m = x.shape[0], W_dec.shape[0]
-        xc = x - b_dec
-        pattern = _csr(rows, cols, torch.ones(rows.numel(), dtype=x.dtype, device=x.device), (B, m))
-        vals = torch.sparse.sampled_addmm(pattern, xc, W_enc, beta=0.0).values()
-        if b_enc is not None:
-            vals = vals + b_enc[cols]
-        vals = vals.clamp(min=0)
-        x_hat = _csr(rows, cols, vals, (B, m)) @ W_dec + b_dec
-        # the transposed pattern (sorted by meta-latent) for the weight gradients
-        order = torch.argsort(cols, stable=True)
-        ctx.save_for_backward(xc, W_enc, W_dec, rows, cols, vals, order)
-        ctx.has_b_enc = b_enc is not None
-        ctx.mark_non_differentiable(vals)
-        return x_hat, vals
-
-    @staticmethod
-    def backward(ctx, g, _g_vals):
-        xc, W_enc, W_dec, rows, cols, vals, order = ctx.saved_tensors
-        B, m = xc.shape[0], W_dec.shape[0]
-        g = g.contiguous()
-        pattern = _csr(rows, cols, torch.ones_like(vals), (B, m))
-        g_vals = torch.sparse.sampled_addmm(pattern, g, W_dec.T, beta=0.0).values() * (vals > 0)
-        r_t, c_t = cols[order], rows[order]
-        g_W_dec = _csr(r_t, c_t, vals[order], (m, B)) @ g
-        g_W_encT = _csr(r_t, c_t, g_vals[order], (m, B)) @ xc
-        g_xc = _csr(rows, cols, g_vals, (B, m)) @ W_enc.T
-        g_b_dec = g.sum(0) - g_xc.sum(0)
-        g_b_enc = torch.bincount(cols, weights=g_vals, minlength=m).to(g.dtype) if ctx.has_b_enc else None
-        return g_xc, g_W_encT.T, g_W_dec, g_b_dec, g_b_enc, None, None
-
-
-def train_meta_sae(W_dec: torch.Tensor, cfg: MetaSAEConfig | None = None, **overrides: Any) -> MetaSAE:
+def train_meta_sae(W_dec: torch.Tensor, cfg: MetaSAEConfig | None = None, **overrides: Any) -> MetaTraining:
     """Train a BatchTopK meta-SAE on the rows of ``W_dec [n_latents, d_model]``.
 
     ``cfg`` fields can also be given as keyword arguments (``train_meta_sae(W, k=4, d_meta=2304)``).
-    Training stops at ``max_steps`` or when the mean training FVE of the last ``window`` steps
-    exceeds that of the window before by less than ``tol`` (after ``min_steps``). The inference
-    threshold is the EMA of the smallest activation that survived BatchTopK in each batch.
+    The training step is :func:`saelib.sae.train.train_saes`' (loss = MSE + aux_coeff * aux-k
+    loss; radial decoder gradient removed, Adam, rows renormalised). Training stops at
+    ``max_steps`` or, from ``max(min_steps, 2 * window)`` steps on, when the mean training FVE of
+    the last ``window`` steps exceeds that of the window before by less than ``tol`` (absolute),
+    checked every ``gcd(log_every, window)`` steps. The inference threshold is the SAE's BatchTopK
+    EMA of the smallest activation that survived each batch (rate ``threshold_ema``).
     """
     cfg = cfg or MetaSAEConfig()
     if overrides:
@@ -413,127 +244,31 @@ def train_meta_sae(W_dec: torch.Tensor, cfg: MetaSAEConfig | None = None, **over
     device = torch.device(cfg.device) if cfg.device else W_dec.device
     X = _prepare_rows(W_dec, cfg.normalize_rows).to(device)  # [N, d]
     N, d = X.shape
-    m = cfg.width_for(N)
     if N < 2:
         raise ValueError(f"A meta-SAE needs at least 2 decoder rows (got {N}).")
     B = min(cfg.batch_size, N)
-    sel_dtype = torch.bfloat16 if cfg.select_dtype == "bfloat16" else torch.float32
-
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    # The SAE's own seeded init: Kaiming-uniform W_enc, W_dec = W_enc^T with unit rows, zero biases
-    # (the authors' initialisation).
-    sae = _make_sae(d, m, cfg, B).to(device)
-    sae.train()
-    params = [sae.W_enc, sae.W_dec, sae.b_dec] + ([sae.b_enc] if cfg.use_b_enc else [])
-    for p in params:
-        p.requires_grad_(True)
-    opt = make_adam(params, lr=cfg.lr, betas=cfg.betas)
-
-    not_active = torch.zeros(m, dtype=torch.long, device=device)  # batches since last firing
-    hint = None  # a value a little below the last batch's BatchTopK cut-off
-    threshold = None
+    sae = _make_sae(d, cfg.width_for(N), cfg, B)
+    log_every = math.gcd(cfg.log_every, cfg.window)
+    tc = TrainConfig(batch_size=B, n_tokens=cfg.max_steps * B, lr=cfg.lr, betas=cfg.betas, log_every=log_every,
+                     dead_window_tokens=cfg.n_batches_to_dead * B, progress=cfg.progress, device=str(device),
+                     seed=cfg.seed, batchtopk_threshold="ema")
+    stop = EarlyStopping("fvu", min_improvement=cfg.tol, relative=False, window=cfg.window // log_every,
+                         min_step=max(cfg.min_steps, 2 * cfg.window))
     history: list[dict] = []
-    fves: list[float] = []
-    converged = False
-    perm = torch.randperm(N, generator=gen).to(device)
-    pos = 0
+
+    def record(step: int, records: dict[str, dict]) -> bool:
+        rec = records["meta"]
+        history.append({**rec, "fve": 1.0 - rec["fvu"], "n_dead": rec["dead"] or 0,
+                        "threshold": float(sae.threshold)})
+        return False
+
     start = time.perf_counter()
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, desc=f"meta-SAE {N}x{d} -> {m}, k={cfg.k}",
-               disable=not cfg.progress, leave=False, mininterval=2.0)
-    step = 0
-    for step in range(1, cfg.max_steps + 1):
-        if pos + B > N:  # new shuffled pass over the rows
-            perm = torch.randperm(N, generator=gen).to(device)
-            pos = 0
-        x = X[perm[pos:pos + B]]
-        pos += B
-        b_enc = sae.b_enc if cfg.use_b_enc else None
-
-        with torch.no_grad():
-            pre = _pre_acts(x, sae.W_enc, sae.b_dec, b_enc, sel_dtype, relu=False)
-            rows, cols, sel_v = _batch_topk(pre, cfg.k * B, hint)
-            hint = 0.9 * float(sel_v.min()) if sel_v.numel() else None
-            del pre
-            order = torch.argsort(rows * m + cols)  # CSR order
-            rows, cols = rows[order], cols[order]
-        # Sparse encode/decode with a hand-written backward over the k*B selected entries.
-        x_hat, vals = _SparseCode.apply(x, sae.W_enc, sae.W_dec, sae.b_dec, b_enc, rows, cols)
-        err = x_hat - x
-        mse = err.pow(2).mean()
-        xc = x - sae.b_dec
-
-        with torch.no_grad():
-            fired = torch.zeros(m, dtype=torch.bool, device=device)
-            fired[cols[vals > 0]] = True
-            not_active += 1
-            not_active[fired] = 0
-            dead = (not_active >= cfg.n_batches_to_dead).nonzero().squeeze(-1)
-            min_act = vals[vals > 0].min().item() if bool((vals > 0).any()) else 0.0
-            threshold = min_act if threshold is None else (
-                (1 - cfg.threshold_ema) * threshold + cfg.threshold_ema * min_act)
-
-        aux = torch.zeros((), device=device)
-        if cfg.aux_coeff > 0 and cfg.aux_k > 0 and dead.numel() > 0:
-            pre_dead = xc @ sae.W_enc[:, dead]
-            if b_enc is not None:
-                pre_dead = pre_dead + b_enc[dead]
-            pre_dead = torch.relu(pre_dead)
-            ka = min(cfg.aux_k, dead.numel())
-            top_v, top_i = pre_dead.topk(ka, dim=-1)
-            acts_aux = torch.zeros_like(pre_dead).scatter(-1, top_i, top_v)
-            aux = (acts_aux @ sae.W_dec[dead] - (x - x_hat).detach()).pow(2).mean()
-        loss = mse + cfg.aux_coeff * aux
-
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        # Keep decoder rows on the unit sphere: drop the radial gradient, step, renormalise.
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
-        with torch.no_grad():
-            total = (x - x.mean(0)).pow(2).sum()
-            batch_fve = 1.0 - (err.pow(2).sum() / total).item()
-        fves.append(batch_fve)
-        if step == 1:
-            t_first = time.perf_counter()  # steady-state timing excludes the first (warm-up) step
-
-        if step % cfg.log_every == 0 or step == 1:
-            history.append({"step": step, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(),
-                            "fve": batch_fve, "n_dead": int(dead.numel()), "threshold": threshold})
-            bar.set_postfix(fve=f"{batch_fve:.4f}", dead=int(dead.numel()), refresh=False)
-        bar.update(1)
-
-        w_ = cfg.window
-        if step >= max(cfg.min_steps, 2 * w_):
-            gain = float(np.mean(fves[-w_:]) - np.mean(fves[-2 * w_:-w_]))
-            if gain < cfg.tol:
-                converged = True
-                break
-    bar.close()
-    for p in params:
-        p.requires_grad_(False)
-    sae.eval()
-    if history and history[-1]["step"] != step:
-        history.append({"step": step, "loss": loss.item(), "mse": mse.item(), "aux": aux.item(),
-                        "fve": fves[-1], "n_dead": int(dead.numel()), "threshold": threshold})
-    _store_threshold(sae, threshold)
-    end = time.perf_counter()
-    out = MetaSAE(sae, threshold, cfg, history, step, converged, end - start)
-    out.s_per_step = (end - t_first) / (step - 1) if step > 1 else end - start
-    return out
-
-
-def _store_threshold(sae, threshold: float) -> None:
-    """Give the SAE's own BatchTopK inference threshold our estimate, when it has one."""
-    for name in ("threshold", "topk_threshold", "inference_threshold"):
-        buf = getattr(sae, name, None)
-        if isinstance(buf, torch.Tensor):
-            with torch.no_grad():
-                buf.fill_(threshold)
-            return
+    sae = train_saes({"meta": sae}, _row_batches(X, B, cfg.seed), tc, hooks=[stop, record])["meta"]
+    wall = time.perf_counter() - start
+    sae.requires_grad_(False)
+    steady = [B / h["tokens_per_s"] for h in history[1:]]
+    return MetaTraining(sae, history, history[-1]["step"], stop.converged, wall,
+                        sum(steady) / len(steady) if steady else wall / max(history[-1]["step"], 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,8 +313,8 @@ def _chunks(n: int, size: int):
 
 
 @torch.no_grad()
-def meta_codes(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
-               threshold: float | None = None, chunk_size: int = 8192) -> MetaCodes:
+def meta_codes(meta: SAE, W_dec: torch.Tensor, mode: str = "threshold", *,
+               threshold: float | None = None, chunk_size: int = 8192, normalize_rows: bool = True) -> MetaCodes:
     """Meta-codes of every row of ``W_dec`` (rows normalised as in training).
 
     ``mode="batch"``: BatchTopK with the whole matrix as one batch (mean L0 = k exactly).
@@ -587,16 +322,16 @@ def meta_codes(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
     """
     if mode not in ("batch", "threshold"):
         raise ValueError(f"mode must be 'batch' or 'threshold' (got {mode!r}).")
-    X = _prepare_rows(W_dec, meta.cfg.normalize_rows).to(meta.W_enc.device)
+    X = _prepare_rows(W_dec, normalize_rows).to(meta.W_enc.device)
     N = X.shape[0]
-    m = meta.d_meta
+    m = meta.cfg.d_sae
     if X.shape[1] != meta.W_enc.shape[0]:
         raise ValueError(
             f"W_dec has d_model {X.shape[1]} but the meta-SAE was trained on d_model "
             f"{meta.W_enc.shape[0]}: pass the decoder the meta-SAE was trained on."
         )
     if mode == "threshold":
-        thr = meta.threshold if threshold is None else float(threshold)
+        thr = float(meta.threshold) if threshold is None else float(threshold)
         rs, cs, vs = [], [], []
         for s, e in _chunks(N, chunk_size):
             pre = _pre_acts(X[s:e], meta.W_enc, meta.b_dec, meta.b_enc)
@@ -604,9 +339,9 @@ def meta_codes(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
             rs.append(r + s), cs.append(c), vs.append(pre[r, c])
         rows, cols, vals = torch.cat(rs), torch.cat(cs), torch.cat(vs)
     else:
-        n = meta.k * N
-        c = min(m, 4 * meta.k)
-        while True:  # same candidate trick as _batch_topk, chunked over rows
+        n = meta.cfg.k * N
+        c = min(m, 4 * meta.cfg.k)
+        while True:  # the top n are among each row's top c unless a row has all c above the cut
             cv, ci = [], []
             for s, e in _chunks(N, chunk_size):
                 v, i = _pre_acts(X[s:e], meta.W_enc, meta.b_dec, meta.b_enc).topk(c, dim=-1)
@@ -626,7 +361,7 @@ def meta_codes(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
 
 
 @torch.no_grad()
-def reconstruct(meta: MetaSAE, codes: MetaCodes) -> torch.Tensor:
+def reconstruct(meta: SAE, codes: MetaCodes) -> torch.Tensor:
     """Reconstructed decoder rows [n_latents, d_model] from sparse meta-codes."""
     W = meta.W_dec.detach().float().cpu()
     out = meta.b_dec.detach().float().cpu().expand(codes.n_latents, -1).clone()
@@ -645,15 +380,15 @@ class FVEResult(NamedTuple):
 
 
 @torch.no_grad()
-def fve(meta: MetaSAE, W_dec: torch.Tensor, mode: str = "threshold", *,
-        threshold: float | None = None, codes: MetaCodes | None = None) -> FVEResult:
+def fve(meta: SAE, W_dec: torch.Tensor, mode: str = "threshold", *,
+        threshold: float | None = None, codes: MetaCodes | None = None, normalize_rows: bool = True) -> FVEResult:
     """FVE = 1 - sum ||d - d_hat||^2 / sum ||d - d_mean||^2 over the rows of ``W_dec``."""
     codes = codes if codes is not None else meta_codes(meta, W_dec, mode, threshold=threshold)
-    X = _prepare_rows(W_dec, meta.cfg.normalize_rows).cpu()
+    X = _prepare_rows(W_dec, normalize_rows).cpu()
     err = (X - reconstruct(meta, codes)).pow(2).sum()
     total = (X - X.mean(0)).pow(2).sum()
     dead = float((codes.members_per_meta() == 0).float().mean())
-    thr = (meta.threshold if threshold is None else threshold) if codes.mode == "threshold" else None
+    thr = (float(meta.threshold) if threshold is None else threshold) if codes.mode == "threshold" else None
     return FVEResult(float(1 - err / total), codes.l0, dead, codes.mode, thr)
 
 
@@ -753,8 +488,7 @@ def fve_control(W: torch.Tensor, cfg: "MetaSAEConfig | None" = None, *, kind: st
                 mode: str = "batch", **overrides: Any) -> FVEResult:
     """FVE of the same meta-SAE recipe trained on random rows (:func:`random_rows`) of ``W``'s shape."""
     R = random_rows(W, kind, seed)
-    m = train_meta_sae(R, cfg, **overrides)
-    return fve(m, R, mode)
+    return fve(train_meta_sae(R, cfg, **overrides).sae, R, mode)
 
 
 class MaxCosStats(NamedTuple):
@@ -1004,7 +738,7 @@ def shared_meta_ratio(codes: MetaCodes, groups: dict[int, list[int]] | list[list
                          float(lo), float(hi), coverage, seed=int(seed), **extra)
 
 
-def split_recovery(meta: MetaSAE, codes: MetaCodes, W_large: torch.Tensor, W_small: torch.Tensor,
+def split_recovery(meta: SAE, codes: MetaCodes, W_large: torch.Tensor, W_small: torch.Tensor,
                    theta: float = 0.7, **kwargs: Any) -> SplitRecovery:
     """Split recovery of a meta-SAE trained on ``W_large`` against parents in ``W_small``.
 
