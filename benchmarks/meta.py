@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from saelib.analysis import meta as M
 from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.train import make_adam, train_step
 
 
 def make_decoder(kind: str, rows: int, d: int, n_hidden: int, k_hidden: int, noise: float, seed: int) -> torch.Tensor:
@@ -48,18 +49,13 @@ def bare_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int, sparse_k
                         aux_coeff=cfg.aux_coeff, dead_after_tokens=cfg.n_batches_to_dead * B, seed=cfg.seed))
     sae.sparse_kernels = sparse_kernels
     sae.train()
-    opt = torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
+    opt = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
     g = torch.Generator().manual_seed(0)
     times = []
     for _ in range(n_steps + 1):  # first step is warm-up
         x = W[torch.randperm(N, generator=g)[:B]]
         t = time.perf_counter()
-        out = sae(x)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
+        train_step(sae, opt, x)
         times.append(time.perf_counter() - t)
     return sum(times[1:]) / n_steps
 

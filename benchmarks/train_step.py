@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from saelib.sae.core import SAE, SAEConfig
-from saelib.sae.train import make_adam
+from saelib.sae.train import make_adam, train_step
 
 
 def peak_step_bytes(step) -> int:
@@ -107,13 +107,7 @@ def ours_step(sae: SAE, x: torch.Tensor):
     info = {}
 
     def step():
-        out = sae(x)
-        out.loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
-        opt.zero_grad(set_to_none=True)
-        info["l0"] = float(out.l0)
+        info["l0"] = float(train_step(sae, opt, x).l0)
     return step, info
 
 

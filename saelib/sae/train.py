@@ -5,7 +5,8 @@ points x activation rules x k x afa_coeff x seeds), so the language model runs o
 has its own Adam optimiser; SAE ``name`` reads ``batch[sae.cfg.hook_name]``. Every SAE in the
 package trains through this one step, meta-SAEs included (``saelib.analysis.meta``).
 
-Step order per SAE (Bussmann et al. / the top-AFA paper's code, see below for the one change)::
+Step order per SAE (:func:`train_step`; Bussmann et al. / the top-AFA paper's code, see below for
+the one change)::
 
     out = sae(x); out.loss.backward()
     clip_grad_norm_ (optional)
@@ -93,6 +94,7 @@ __all__ = [
     "TrainingDivergedError",
     "EarlyStopping",
     "make_adam",
+    "train_step",
     "train_saes",
     "evaluate_saes",
     "sweep_configs",
@@ -155,7 +157,7 @@ class TrainConfig:
     """Resume from ``<out_dir>/checkpoint.pt`` when it exists (see module docstring)."""
     out_dir: str | Path | None = None
     """Folder for ``<name>/metrics.jsonl``, ``<name>/eval.json``, final SAEs and ``metrics.csv``;
-    None keeps everything in memory (no metrics, no checkpoints)."""
+    None keeps everything in memory (no files, no checkpoints; hooks still get the records)."""
     progress: bool = True
     """Show a tqdm progress bar."""
     wandb_project: str | None = None
@@ -174,29 +176,16 @@ class TrainConfig:
     """Training batches (the last ones) that the "final" BatchTopK threshold averages over."""
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, allow_zero: bool = False) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < (0 if allow_zero else 1):
-                lo = "0" if allow_zero else "1"
+        for name in ("batch_size", "n_tokens", "log_every", "eps_every", "eps_block", "dead_window_tokens",
+                     "checkpoint_every", "warmup_steps", "decay_steps", "threshold_batches"):
+            v, lo = getattr(self, name), int(name not in ("eps_every", "checkpoint_every", "warmup_steps", "decay_steps"))
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {lo}, got {v!r}")
-
-        positive_int("batch_size")
-        positive_int("n_tokens")
-        positive_int("log_every")
-        positive_int("eps_every", allow_zero=True)
-        positive_int("eps_block")
-        positive_int("dead_window_tokens")
-        positive_int("checkpoint_every", allow_zero=True)
-        positive_int("warmup_steps", allow_zero=True)
-        positive_int("decay_steps", allow_zero=True)
-        positive_int("threshold_batches")
         if self.batchtopk_threshold not in ("final", "ema"):
             raise ValueError(f"TrainConfig.batchtopk_threshold must be 'final' or 'ema', got {self.batchtopk_threshold!r}")
         if self.n_tokens < self.batch_size:
-            raise ValueError(
-                f"TrainConfig.n_tokens ({self.n_tokens}) is smaller than batch_size ({self.batch_size}): "
-                "no step would run; raise n_tokens or lower batch_size"
-            )
+            raise ValueError(f"TrainConfig.n_tokens ({self.n_tokens}) is smaller than batch_size ({self.batch_size}): "
+                             "no step would run; raise n_tokens or lower batch_size")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")
         betas = tuple(self.betas)
@@ -208,17 +197,13 @@ class TrainConfig:
         if not 0.0 <= self.lr_end_factor <= 1.0:
             raise ValueError(f"TrainConfig.lr_end_factor must be in [0, 1], got {self.lr_end_factor!r}")
         if self.warmup_steps + self.decay_steps > self.n_steps:
-            raise ValueError(
-                f"TrainConfig.warmup_steps + decay_steps ({self.warmup_steps} + {self.decay_steps}) exceeds the "
-                f"{self.n_steps} training steps (n_tokens // batch_size); shorten the schedule or add tokens"
-            )
+            raise ValueError(f"TrainConfig.warmup_steps + decay_steps ({self.warmup_steps} + {self.decay_steps}) exceeds "
+                             f"the {self.n_steps} training steps (n_tokens // batch_size); shorten the schedule or add tokens")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None (no clipping), got {self.grad_clip!r}")
         if self.eps_every and self.eps_every % self.log_every:
-            raise ValueError(
-                f"TrainConfig.eps_every ({self.eps_every}) must be a multiple of log_every ({self.log_every}) "
-                "so each epsilon lands in a metrics record; e.g. eps_every = 10 * log_every"
-            )
+            raise ValueError(f"TrainConfig.eps_every ({self.eps_every}) must be a multiple of log_every ({self.log_every}) "
+                             "so each epsilon lands in a metrics record; e.g. eps_every = 10 * log_every")
         if self.checkpoint_every and self.out_dir is None:
             raise ValueError("TrainConfig.checkpoint_every > 0 needs an out_dir to write checkpoints to; set out_dir")
         if self.device is not None:
@@ -290,12 +275,7 @@ def _natural_key(s: str) -> list:
 
 def _loss_fields(out: Any) -> dict[str, Tensor]:
     """Scalar ``*loss`` tensors of an SAE output NamedTuple (None entries skipped)."""
-    items = out._asdict().items() if hasattr(out, "_asdict") else vars(out).items()
-    return {
-        k: v.detach()
-        for k, v in items
-        if k.endswith("loss") and isinstance(v, Tensor) and v.numel() == 1
-    }
+    return {k: v.detach() for k, v in out._asdict().items() if k.endswith("loss") and isinstance(v, Tensor) and v.numel() == 1}
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +290,23 @@ def make_adam(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[f
     fused = (len(devices) == 1 and devices <= {"cpu", "cuda"}
              and all(p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params))
     return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
+
+
+def train_step(sae: SAE, opt: torch.optim.Optimizer, x: Tensor, *, grad_clip: float | None = None,
+               check: Callable[[Tensor], None] | None = None) -> Any:
+    """One optimiser step of ``sae`` on the batch ``x`` in the order of the module docstring; returns
+    the SAE's output. ``check(loss)`` runs between the forward and the backward pass."""
+    out = sae(x)
+    if check is not None:
+        check(out.loss.detach())
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    sae.remove_gradient_parallel_to_decoder_directions()
+    opt.step()
+    sae.set_decoder_norm_to_unit_norm()
+    return out
 
 
 class _Run:
@@ -590,10 +587,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
             if i == len(lines) - 1:
                 warnings.warn(f"{path}: ignoring a torn last line (an interrupted append): {line[:60]!r}", stacklevel=3)
                 break
-            raise ValueError(
-                f"{path}:{i + 1} is not a JSON record ({e}); the metrics file is damaged: delete that line "
-                "(or the file, losing the training curve) and run again"
-            ) from None
+            raise ValueError(f"{path}:{i + 1} is not a JSON record ({e}); the metrics file is damaged: delete that "
+                             "line (or the file, losing the training curve) and run again") from None
         out.append((line, rec))
     return out
 
@@ -671,18 +666,8 @@ def _identity(runs: list[_Run], cfg: TrainConfig) -> dict[str, Any]:
 
 def _save_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, step: int, tokens: int,
                      stream: dict[str, Any]) -> None:
-    _atomic_torch_save(
-        {
-            "format": _CHECKPOINT_FORMAT,
-            "step": step,
-            "tokens": tokens,
-            "identity": _identity(runs, cfg),
-            "stream": stream,
-            "runs": {r.name: r.state() for r in runs},
-            "rng": _rng_state(),
-        },
-        path,
-    )
+    _atomic_torch_save({"format": _CHECKPOINT_FORMAT, "step": step, "tokens": tokens, "identity": _identity(runs, cfg),
+                        "stream": stream, "runs": {r.name: r.state() for r in runs}, "rng": _rng_state()}, path)
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -696,16 +681,12 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             head = f.read(4)
         if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # a torch archive or a pickle stream
-            raise ValueError(
-                f"{path} is not a saelib checkpoint: it holds pickled objects, which saelib never loads "
-                f"(they could run code). ({str(e).splitlines()[0][:200]}) Remove that file: {fix}"
-            ) from None
+            raise ValueError(f"{path} is not a saelib checkpoint: it holds pickled objects, which saelib never loads "
+                             f"(they could run code). ({str(e).splitlines()[0][:200]}) Remove that file: {fix}") from None
         raise ValueError(f"{path} is not a checkpoint (unrecognised bytes); it is corrupt: {fix}") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
-        raise ValueError(
-            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'truncated'}); "
-            f"it is truncated or corrupt: {fix}"
-        ) from None
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else 'truncated'}); it is truncated or corrupt: {fix}") from None
     if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT:
         got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         raise ValueError(f"{path} has checkpoint format {got!r}, this saelib reads format {_CHECKPOINT_FORMAT}: {fix}")
@@ -911,22 +892,16 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
                 x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype, non_blocking=True)
                 for g in r.opt.param_groups:
                     g["lr"] = lr
-                out = r.sae(x)
-                finite = torch.isfinite(out.loss.detach())
-                if device.type == "cpu":  # free to check at once: stop before the step spoils the weights
-                    if not bool(finite):
-                        r.bad_step.fill_(step)
-                        _check_finite(runs, cfg, step, weights=False)
-                else:  # no host sync per step: the first bad step is read at the next check point
-                    r.bad_step = torch.where(~finite & (r.bad_step < 0), step, r.bad_step)
-                r.opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(r.sae.parameters(), cfg.grad_clip)
-                r.sae.remove_gradient_parallel_to_decoder_directions()
-                r.opt.step()
-                r.sae.set_decoder_norm_to_unit_norm()
-                _accumulate(r, x, out)
+                def check(loss: Tensor, r: _Run = r) -> None:
+                    finite = torch.isfinite(loss)
+                    if device.type == "cpu":  # free to check at once: stop before the step spoils the weights
+                        if not bool(finite):
+                            r.bad_step.fill_(step)
+                            _check_finite(runs, cfg, step, weights=False)
+                    else:  # no host sync per step: the first bad step is read at the next check point
+                        r.bad_step = torch.where(~finite & (r.bad_step < 0), step, r.bad_step)
+
+                _accumulate(r, x, train_step(r.sae, r.opt, x, grad_clip=cfg.grad_clip, check=check))
             step += 1
             tokens += cfg.batch_size
             tok_window += cfg.batch_size
