@@ -64,6 +64,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -336,15 +337,9 @@ class _Run:
         self.acc[key] = self.acc[key] + v if key in self.acc else v
 
     def state(self) -> dict[str, Any]:
-        return {
-            "model": self.sae.state_dict(),
-            "optim": self.opt.state_dict(),
-            "since_fired": self.since_fired,
-            "tokens_seen": self.tokens_seen,
-            "acc": self.acc,
-            "l0_hist": self.l0_hist,
-            "n_steps_window": self.n_steps_window,
-        }
+        return {"model": self.sae.state_dict(), "optim": self.opt.state_dict(), "since_fired": self.since_fired,
+                "tokens_seen": self.tokens_seen, "acc": self.acc, "l0_hist": self.l0_hist,
+                "n_steps_window": self.n_steps_window}
 
     def load_state(self, st: Mapping[str, Any]) -> None:
         self.sae.load_state_dict(st["model"])
@@ -362,10 +357,8 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
     out: dict[str, torch.nn.Module] = {}
     for name, obj in saes.items():
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(
-                f"SAE name {name!r} is not a valid folder name: use letters, digits and . _ - + = only "
-                "(sweep_name() builds valid names)"
-            )
+            raise ValueError(f"SAE name {name!r} is not a valid folder name: use letters, digits and . _ - + = only "
+                             "(sweep_name() builds valid names)")
         if isinstance(obj, SAEConfig):
             sae = SAE(obj)
         elif isinstance(obj, SAE):
@@ -373,15 +366,11 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
         else:
             raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
         if sae.cfg.activation == "jumprelu":
-            raise ValueError(
-                f"saes[{name!r}] is a JumpReLU SAE, which saelib only runs for inference; "
-                "train 'batchtopk' instead (its eval-mode threshold makes it a JumpReLU-style SAE)"
-            )
+            raise ValueError(f"saes[{name!r}] is a JumpReLU SAE, which saelib only runs for inference; "
+                             "train 'batchtopk' instead (its eval-mode threshold makes it a JumpReLU-style SAE)")
         if not getattr(sae.cfg, "hook_name", None):
-            raise ValueError(
-                f"saes[{name!r}].cfg.hook_name is empty: set it to the batch key the SAE reads, "
-                "e.g. 'blocks.6.hook_resid_pre'"
-            )
+            raise ValueError(f"saes[{name!r}].cfg.hook_name is empty: set it to the batch key the SAE reads, "
+                             "e.g. 'blocks.6.hook_resid_pre'")
         out[name] = sae.to(device)
     return out
 
@@ -406,33 +395,25 @@ def _init_b_decs(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.de
 def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
     """Validate a stream batch; returns False for a short batch to drop."""
     if not isinstance(batch, Mapping):
-        raise ValueError(
-            f"the batch stream yielded a {type(batch).__name__}; expected dict[hook, Tensor[B, d]] "
-            "(ActivationCache.iter_batches / tensor_batches produce these)"
-        )
+        raise ValueError(f"the batch stream yielded a {type(batch).__name__}; expected dict[hook, Tensor[B, d]] "
+                         "(ActivationCache.iter_batches / tensor_batches produce these)")
     sizes = set()
     for r in runs:
         if r.hook not in batch:
-            raise ValueError(
-                f"SAE {r.name!r} reads hook {r.hook!r} but the batch has only {sorted(batch)}; "
-                "add that hook to the activation source or fix SAEConfig.hook_name"
-            )
+            raise ValueError(f"SAE {r.name!r} reads hook {r.hook!r} but the batch has only {sorted(batch)}; "
+                             "add that hook to the activation source or fix SAEConfig.hook_name")
         x = batch[r.hook]
         d_in = int(r.sae.cfg.d_in)
         if x.ndim != 2 or x.shape[1] != d_in:
-            raise ValueError(
-                f"batch[{r.hook!r}] has shape {tuple(x.shape)} but SAE {r.name!r} expects [B, {d_in}] "
-                "(flatten [B, S, d] activations to tokens first)"
-            )
+            raise ValueError(f"batch[{r.hook!r}] has shape {tuple(x.shape)} but SAE {r.name!r} expects [B, {d_in}] "
+                             "(flatten [B, S, d] activations to tokens first)")
         sizes.add(x.shape[0])
     if len(sizes) != 1:
         raise ValueError(f"hooks in one batch have different token counts {sorted(sizes)}; they must match")
     (b,) = sizes
     if b > cfg.batch_size:
-        raise ValueError(
-            f"the stream yielded a batch of {b} tokens but TrainConfig.batch_size is {cfg.batch_size}; "
-            "make the source yield batch_size rows (e.g. iter_batches(hooks, batch_size=cfg.batch_size))"
-        )
+        raise ValueError(f"the stream yielded a batch of {b} tokens but TrainConfig.batch_size is {cfg.batch_size}; "
+                         "make the source yield batch_size rows (e.g. iter_batches(hooks, batch_size=cfg.batch_size))")
     return b == cfg.batch_size
 
 
@@ -486,9 +467,7 @@ def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: d
     rec.update(extra)
     bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # never written as null: a non-finite metric means the run diverged
-        raise TrainingDivergedError(
-            f"SAE {run.name!r}: metrics {bad} are non-finite at step {step}; " + _DIVERGED_ADVICE
-        )
+        raise TrainingDivergedError(f"SAE {run.name!r}: metrics {bad} are non-finite at step {step}; " + _DIVERGED_ADVICE)
     return {k: _jsonable(v) for k, v in rec.items()}
 
 
@@ -703,10 +682,8 @@ def _load_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig) -> tuple[in
         have = ck.get("identity", {})
         diff = sorted(set(have.get("saes", {})) ^ set(want["saes"]))
         what = f"SAE names differ ({diff})" if diff else "SAE or training configs differ"
-        raise ValueError(
-            f"{path} belongs to a different run: {what}. Use another out_dir, delete the checkpoint, "
-            "or pass TrainConfig(resume=False) to start over"
-        )
+        raise ValueError(f"{path} belongs to a different run: {what}. Use another out_dir, delete the checkpoint, "
+                         "or pass TrainConfig(resume=False) to start over")
     for r in runs:
         r.load_state(ck["runs"][r.name])
     _set_rng_state(ck["rng"])
@@ -730,25 +707,29 @@ def _check_finite(runs: list[_Run], cfg: TrainConfig, n_done: int, *, weights: b
         bad = int(r.bad_step)
         bad_w = [n for n, p in r.sae.named_parameters() if not bool(torch.isfinite(p).all())] if weights else []
         if bad >= 0:
-            raise TrainingDivergedError(
-                f"SAE {r.name!r} diverged: its loss became non-finite (NaN/inf) at step {bad} "
-                f"(0-based, lr {cfg.lr_at(bad):.3g}); " + _DIVERGED_ADVICE
-            )
+            raise TrainingDivergedError(f"SAE {r.name!r} diverged: its loss became non-finite (NaN/inf) at step {bad} "
+                                        f"(0-based, lr {cfg.lr_at(bad):.3g}); " + _DIVERGED_ADVICE)
         if bad_w:
             raise TrainingDivergedError(
                 f"SAE {r.name!r} diverged: its weights {bad_w} are non-finite after step {n_done}; " + _DIVERGED_ADVICE
             )
 
 
+def _watch_loss(runs: list[_Run], r: _Run, cfg: TrainConfig, step: int, loss: Tensor) -> None:
+    """Record ``r``'s first non-finite loss: on CPU raise at once (before the step spoils the
+    weights); elsewhere without a host sync per step, read at the next check point."""
+    finite = torch.isfinite(loss)
+    if loss.device.type == "cpu":
+        if not bool(finite):
+            r.bad_step.fill_(step)
+            _check_finite(runs, cfg, step, weights=False)
+    else:
+        r.bad_step = torch.where(~finite & (r.bad_step < 0), step, r.bad_step)
+
+
 # --------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------
-def _resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device is not None:
-        return torch.device(cfg.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _lazy_wandb(cfg: TrainConfig, names: list[str]):
     if not cfg.wandb_project:
         return None
@@ -800,7 +781,7 @@ def train_saes(
 
 
 def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[str, torch.nn.Module]:
-    device = _resolve_device(cfg)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     modules = _prepare_saes(saes, device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
@@ -829,10 +810,8 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
             try:
                 b = next(it)
             except StopIteration:
-                raise ValueError(
-                    f"cannot resume at step {step}: the batch stream ended after {skipped} batches; "
-                    "pass the same (fresh) batch iterable as the interrupted run"
-                ) from None
+                raise ValueError(f"cannot resume at step {step}: the batch stream ended after {skipped} batches; "
+                                 "pass the same (fresh) batch iterable as the interrupted run") from None
             if _check_batch(b, runs, cfg):
                 for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
                     if skipped == at and stream.get(key) != _batch_fingerprint(b, hook_points):
@@ -892,16 +871,8 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
                 x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype, non_blocking=True)
                 for g in r.opt.param_groups:
                     g["lr"] = lr
-                def check(loss: Tensor, r: _Run = r) -> None:
-                    finite = torch.isfinite(loss)
-                    if device.type == "cpu":  # free to check at once: stop before the step spoils the weights
-                        if not bool(finite):
-                            r.bad_step.fill_(step)
-                            _check_finite(runs, cfg, step, weights=False)
-                    else:  # no host sync per step: the first bad step is read at the next check point
-                        r.bad_step = torch.where(~finite & (r.bad_step < 0), step, r.bad_step)
-
-                _accumulate(r, x, train_step(r.sae, r.opt, x, grad_clip=cfg.grad_clip, check=check))
+                out = train_step(r.sae, r.opt, x, grad_clip=cfg.grad_clip, check=functools.partial(_watch_loss, runs, r, cfg, step))
+                _accumulate(r, x, out)
             step += 1
             tokens += cfg.batch_size
             tok_window += cfg.batch_size
