@@ -37,6 +37,8 @@ def trained():
 def test_config_validation():
     with pytest.raises(ValueError, match="k must be"):
         M.MetaSAEConfig(k=0)
+    with pytest.raises(ValueError, match="log_every"):
+        M.MetaSAEConfig(log_every=0)
     assert M.MetaSAEConfig().width_for(49152) == 12288
     assert M.MetaSAEConfig(d_meta=2304).width_for(49152) == 2304
     with pytest.raises(ValueError, match="2-D"):

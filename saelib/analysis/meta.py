@@ -147,8 +147,8 @@ class MetaSAEConfig:
             raise ValueError("aux_k and aux_coeff must be >= 0 (set aux_coeff=0 to disable).")
         if self.n_batches_to_dead < 1:
             raise ValueError(f"n_batches_to_dead must be >= 1 (got {self.n_batches_to_dead}).")
-        if self.max_steps < 1 or self.min_steps < 0 or self.window < 1:
-            raise ValueError("max_steps and window must be >= 1 and min_steps >= 0.")
+        if self.max_steps < 1 or self.min_steps < 0 or self.window < 1 or self.log_every < 1:
+            raise ValueError("max_steps, window and log_every must be >= 1 and min_steps >= 0.")
         if self.tol < 0:
             raise ValueError(f"tol must be >= 0 (got {self.tol}).")
         if not 0 < self.threshold_ema <= 1:
