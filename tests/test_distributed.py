@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from saelib.sae import distributed
 from saelib.sae.distributed import DistributedActivationStore, plan_saes, rank_dir
+from saelib.sae.train import EarlyStopping, TrainConfig
 from saelib.sae.core import SAEConfig
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre"]
@@ -125,3 +127,12 @@ def test_store_epochs(epochs):
                                                                 buffer_tokens=32, model_batch_size=2)])
         key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
         assert key(got) == sorted(key(first) * 2)
+
+
+def test_hooks_refused_on_several_ranks(monkeypatch, tmp_path):
+    """Early stopping on one rank would leave the others waiting in the shared stream: refused."""
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    cfg = TrainConfig(batch_size=8, n_tokens=64, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="one process"):
+        distributed.train_sweep({"a": SAEConfig(d_in=4, d_sae=8, activation="topk", k=2)}, [], cfg,
+                                hooks=[EarlyStopping()])

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,7 @@ def train_sweep(
     cfg: Any,
     *,
     eval_batches: Iterable[Mapping[str, Tensor]] | None = None,
+    hooks: Sequence[Any] = (),
 ) -> dict[str, torch.nn.Module]:
     """Train a sweep with its SAEs spread over the ranks; returns this rank's trained SAEs.
 
@@ -181,12 +182,18 @@ def train_sweep(
             :class:`DistributedActivationStore`, or an ``ActivationCache.iter_batches(...)``.
         cfg: the :class:`saelib.sae.train.TrainConfig` (``out_dir`` required with more than one rank).
         eval_batches: held-out batches, the same on every rank (as for ``train_saes``).
+        hooks: ``train_saes`` hooks (early stopping); one process only: a rank that stopped early
+            would leave the others waiting in the shared stream's collectives.
 
     Every rank calls this with the same arguments. With one process it is ``train_saes``.
     """
     rank, n_ranks = world()
     if n_ranks == 1:
-        return train_saes(configs, batches, cfg, eval_batches=eval_batches)
+        return train_saes(configs, batches, cfg, eval_batches=eval_batches, hooks=hooks)
+    if hooks:
+        raise ValueError(f"train_sweep got {len(hooks)} training hook(s) on {n_ranks} ranks; hooks such as "
+                         "EarlyStopping may stop one rank while the others wait in the shared activation "
+                         "stream. Train with early stopping in one process (torchrun --nproc_per_node 1)")
     if cfg.out_dir is None:
         raise ValueError("train_sweep over several ranks needs TrainConfig.out_dir (per-rank checkpoints live there)")
     out_dir = Path(cfg.out_dir)
