@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, folder_lock, model_fingerprint, LOCK_FILE
-from saelib.lm.models import check_hook
+from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, file_sha256, folder_lock, model_fingerprint, LOCK_FILE
+from saelib.lm.models import check_hook, model_device
 
 __all__ = [
     "ActivationCache",
@@ -110,10 +110,6 @@ def _check_tokens(tokens: Tensor, exclude_bos: bool, model=None) -> Tensor:
     return tokens
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _forward_capture(model, tokens_BS: Tensor, hooks: list[str], exclude_bos: bool) -> dict[str, Tensor]:
     """Activations ``{hook: Tensor[B * S', d]}`` of one batch (S' = S - 1 without BOS), on the model's device."""
     captured: dict[str, Tensor] = {}
@@ -130,7 +126,7 @@ def _forward_capture(model, tokens_BS: Tensor, hooks: list[str], exclude_bos: bo
 
     with torch.inference_mode(), model.hooks(fwd_hooks=[(h, make(h)) for h in hooks]):
         try:
-            model(tokens_BS.to(_model_device(model)))
+            model(tokens_BS.to(model_device(model)))
         except _StopForward:
             pass
     missing = [h for h in hooks if h not in captured]
@@ -345,7 +341,7 @@ class ActivationStore:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1 (passes over the token rows), got {epochs!r}")
         self.epochs = epochs
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.dtype = dtype
         self.progress = progress
         self.n_tokens_seen = 0
@@ -613,11 +609,7 @@ class ActivationCache:
             info = s["files"][hook]
             f = self.path / info["file"]
             if self.verify and info["file"] not in self._verified:
-                h = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while block := fh.read(1 << 22):
-                        h.update(block)
-                if h.hexdigest() != info["sha256"]:
+                if file_sha256(f) != info["sha256"]:
                     raise ValueError(
                         f"Activation cache shard {shard} file {f} does not match its checksum (corrupted). "
                         f"Delete {self.path} and run ActivationCache.build again to rebuild it."
