@@ -51,3 +51,16 @@ def test_paper_comparison_matches_rule_and_knob():
     assert c.loc["k=10", "paper: NMSE"] == 0.05 and c.loc["λ=1/32", "paper: L0"] == 2000.0
     assert np.isnan(c.loc["k=100", "paper: L0"])
     assert (c["layer (paper/ours)"] == "6/3").all() and (c["ours: train NMSE"] == 0.9).all()
+
+
+def test_zf_stats_round_trip_through_arrays():
+    import torch
+
+    from saelib.analysis.afa import ZFStats, zf_stats
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1)
+    acts = torch.relu(torch.randn(32, 16, generator=g))
+    s = zf_stats(acts @ W + 0.01 * torch.randn(32, 8, generator=g), acts, W)
+    back = ZFStats.from_arrays({f: getattr(s, f).numpy() for f in ZFStats._fields[:-1]}, h=s.h)
+    assert back.h == s.h and all(torch.equal(getattr(back, f), getattr(s, f)) for f in ZFStats._fields[:-1])
