@@ -31,19 +31,19 @@ def frontier_at(l0: float, frontier: pd.DataFrame, y: str = "nmse") -> float:
     return float(np.exp(np.interp(np.log(l0), np.log(b["l0"]), np.log(b[y]))))
 
 
-def matched_l0(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per top-AFA run: its L0 and NMSE, each frontier's NMSE at that L0 and top-AFA's
-    relative difference ``nmse / frontier - 1`` (negative: top-AFA reconstructs better at equal L0)."""
+def matched_l0(table: pd.DataFrame, rule: str = "topafa", frontiers: tuple[str, ...] = FRONTIERS) -> pd.DataFrame:
+    """One row per run of ``rule``: its L0 and NMSE, each frontier's NMSE at that L0 and the run's
+    relative difference ``nmse / frontier - 1`` (negative: it reconstructs better at equal L0)."""
     rows = []
     for layer, sub in table.groupby("layer"):
-        for _, r in sub[sub["activation"] == "topafa"].sort_values("l0").iterrows():
+        for _, r in sub[sub["activation"] == rule].sort_values("l0").iterrows():
             row = {"layer": layer, "knob": r["knob"], "l0": r["l0"], "nmse": r["nmse"]}
-            for act in FRONTIERS:
+            for act in frontiers:
                 at = frontier_at(r["l0"], sub[sub["activation"] == act])
                 row[f"{act}_nmse"], row[f"vs_{act}"] = at, r["nmse"] / at - 1
             rows.append(row)
     return pd.DataFrame(rows, columns=["layer", "knob", "l0", "nmse",
-                                       *(c for a in FRONTIERS for c in (f"{a}_nmse", f"vs_{a}"))])
+                                       *(c for a in frontiers for c in (f"{a}_nmse", f"vs_{a}"))])
 
 
 def frontier_summary(table: pd.DataFrame) -> str:

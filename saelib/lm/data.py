@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,6 @@ __all__ = [
     "SPLITS",
     "corpus_checksum",
     "corpus_path",
-    "data_dir",
     "document_split",
     "iter_token_rows",
     "load_texts",
@@ -518,8 +518,6 @@ def token_rows(
             meta_path = cache.with_suffix(".json")
             n_stream = int(json.loads(meta_path.read_text())["n_stream_tokens"]) if meta_path.exists() else None
         except (ValueError, OSError, KeyError, TypeError, EOFError) as e:
-            import warnings
-
             warnings.warn(f"The token cache {cache} is unreadable ({e}); rebuilding it.", stacklevel=2)
             rows = None
     if rows is None:
@@ -533,8 +531,6 @@ def token_rows(
                     "bos": bos, "eos": eos, "n_rows": int(len(rows)), "n_stream_tokens": n_stream,
                 })
             except OSError as e:  # read-only or full disk: the rows are still right, only not cached
-                import warnings
-
                 warnings.warn(f"Could not write the token cache {cache} ({e}); continuing without it. "
                               "Pass cache_dir= a writable folder (or None) to silence this.", stacklevel=2)
 
