@@ -187,3 +187,4 @@ def test_model_device_reads_the_first_parameter():
     if torch.cuda.is_available():
         assert models.model_device(torch.nn.Linear(2, 2).cuda()).type == "cuda"
     assert models.model_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters
+    assert models.model_device(object()) == torch.device("cpu")  # not a module at all

@@ -252,8 +252,11 @@ class HubUnavailableError(OSError):
 
 
 def model_device(model) -> torch.device:
-    """Device of ``model``'s first parameter (CPU for a model without parameters)."""
-    return next(iter(model.parameters()), torch.empty(0)).device
+    """Device of ``model``'s first parameter (CPU for an object without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def _default_device(device: str | torch.device | None) -> str:
