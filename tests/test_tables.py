@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from saelib import bookhtml
-from saelib.plots.tables import show_table
+from saelib.plots.tables import mean_sd, show_table
 
 
 def test_show_table_formats_html_and_text_alike():
@@ -21,3 +21,10 @@ def test_show_table_formats_html_and_text_alike():
     assert "<table" in bookhtml.cut_wide_tables(html)
     with pytest.raises(TypeError, match="DataFrame"):
         show_table([1, 2])
+
+
+def test_mean_sd_merges_column_pairs():
+    df = pd.DataFrame({"rule": ["topk"], "fvu_mean": [0.12345], "fvu_sd": [0.01], "n": [3], "x_sd": [1.0]})
+    m = mean_sd(df)
+    assert list(m.columns) == ["rule", "fvu", "n", "x_sd"]  # an _sd without its _mean is kept as is
+    assert m.loc[0, "fvu"] == "0.123 ± 0.01" and m.loc[0, "n"] == 3

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pandas as pd
 
-__all__ = ["Table", "show_table"]
+__all__ = ["Table", "mean_sd", "show_table"]
 
 
 class Table:
@@ -36,3 +36,16 @@ def show_table(df: pd.DataFrame, float_format: str | Callable[[float], str] = "{
                index: bool = False, max_colwidth: int | None = None) -> Table:
     """``df`` as a :class:`Table` (``float_format``: a ``str.format`` pattern or a function)."""
     return Table(df, float_format, index, max_colwidth)
+
+
+def mean_sd(df: pd.DataFrame, fmt: str = "{:.3g}") -> pd.DataFrame:
+    """Merge every ``<c>_mean`` / ``<c>_sd`` column pair into one text column ``<c>`` holding
+    ``"mean ± sd"`` (each formatted with ``fmt``), in place of the pair; other columns are kept."""
+    out = {}
+    for c in df.columns:
+        if isinstance(c, str) and c.endswith("_mean") and f"{c[:-5]}_sd" in df.columns:
+            base = c[:-5]
+            out[base] = [f"{fmt.format(m)} ± {fmt.format(s)}" for m, s in zip(df[c], df[f"{base}_sd"])]
+        elif not (isinstance(c, str) and c.endswith("_sd") and f"{c[:-3]}_mean" in df.columns):
+            out[c] = df[c]
+    return pd.DataFrame(out, index=df.index)
