@@ -236,7 +236,7 @@ def model_fingerprint(model) -> str:
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file (read in chunks by ``hashlib.file_digest``)."""
+    """sha256 hex digest of a file (``hashlib.file_digest``: read in chunks, never whole)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
