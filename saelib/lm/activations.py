@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, file_sha256, folder_lock, model_fingerprint, LOCK_FILE
+from saelib.io import (ACTIVATION_CODE, LOCK_FILE, atomic_write_json, code_fingerprint, file_sha256, folder_lock,
+                       model_fingerprint)
 from saelib.lm.models import check_hook, model_device
 
 __all__ = [
