@@ -1,7 +1,7 @@
 """Sweep tables of chapter 3: top-AFA against the TopK/BatchTopK frontiers at matched L0, and the
 paper's GPT-2 numbers beside ours.
 
-The functions read the table of :func:`saelib.sae.train.sweep_table` with a ``layer`` column and
+The functions read a sweep table (``sweep_table``: one row per SAE) with a ``layer`` column and
 a ``knob`` label per run (``k=64``, ``λ=1/32``; :func:`knob_labels`).
 """
 
