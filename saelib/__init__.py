@@ -1,7 +1,10 @@
 """saelib: sparse autoencoders on language-model activations.
 
 Top-AFA, TopK, BatchTopK and ReLU SAEs, the AFA theory of quasi-orthogonality, SAE stitching
-and meta-SAEs, with the research book in ``notebooks/``.
+and meta-SAEs, with the research book in ``notebooks/``. Sub-packages by layer: ``saelib.lm``
+(models, data, activations), ``saelib.sae`` (core, rules, topafa, train, metrics),
+``saelib.analysis`` (afa, evaluate, stitching, meta, ...), ``saelib.runs`` (run folders), and
+``saelib.plots``; see the README's layout section.
 
 The most used names are importable from the top level (``from saelib import SAE, load_model``);
 they are imported on first use, so ``import saelib`` stays cheap.
@@ -14,6 +17,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "saelib.runs": ["runs_dir", "data_dir", "repo_root"],
     "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
     "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
     "saelib.lm.activations": [

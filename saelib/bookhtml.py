@@ -15,6 +15,9 @@ import re
 import shutil
 from pathlib import Path
 
+from bs4 import BeautifulSoup
+from markdown_it import MarkdownIt
+
 from saelib.io import atomic_write_text
 
 esc = html.escape
@@ -268,8 +271,6 @@ class _Renderer:
             if content:
                 return f'<div class="output"><div class="html">{cut_wide_tables(content)}</div></div>\n'
         if "text/markdown" in bundle:
-            from markdown_it import MarkdownIt
-
             md = MarkdownIt("commonmark", {"html": False}).enable("table")
             body = md.render(bundle["text/markdown"].get("content", "")).replace("<table>", '<table class="md-table">')
             return f'<div class="output"><div class="markdown">{body}</div></div>\n'
@@ -290,8 +291,6 @@ def cut_wide_tables(content: str, max_cols: int = MAX_TABLE_COLUMNS) -> str:
     """Cut HTML tables wider than ``max_cols`` to their first and last columns (an ellipsis between)."""
     if "<table" not in content:
         return content
-    from bs4 import BeautifulSoup
-
     soup = BeautifulSoup(content, "html.parser")
     changed = False
     for table in soup.find_all("table"):

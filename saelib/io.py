@@ -235,13 +235,10 @@ def model_fingerprint(model) -> str:
     return fp
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file (``hashlib.file_digest``: read in chunks, never whole)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_yaml(path: str | Path):

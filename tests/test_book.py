@@ -71,6 +71,7 @@ def test_runs_dir_is_rooted_at_the_repo(tmp_path: Path):
 
 
 EXPORTS = {  # written out here on purpose: the test must not read saelib's own table
+    "saelib.runs": ["runs_dir", "data_dir", "repo_root"],
     "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
     "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
     "saelib.lm.activations": ["harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path"],

@@ -9,6 +9,7 @@ text, or a link between pages that does not resolve. One screenshot per page is 
 import json
 
 import nbformat
+from PIL import Image
 
 from saelib import book
 from tests.book_helpers import ci_book
@@ -34,8 +35,6 @@ def test_every_page_reads_in_a_real_browser():
         assert "index.html" in page["links"], f"{stem} has no link back to the contents"
         assert (book.repo_root() / "_build" / "screenshots" / "ci" / f"{stem}.png").stat().st_size > 10_000
         # a tall page is captured in segments that together cover it (one capture would repeat its top)
-        from PIL import Image
-
         heights = [Image.open(p).size[1] for p in page["screenshots"]]
         assert max(heights) <= 4000 and sum(heights) == page["height"], (heights, page["height"])
     # previous / next links chain the chapters in toc order

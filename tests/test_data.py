@@ -18,6 +18,7 @@ import torch
 
 from saelib.lm import data
 from saelib.lm.data import document_split, load_texts, token_rows
+from saelib.runs import data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 BOS, EOS = 1, 2
@@ -297,7 +298,7 @@ def test_embedded_tokenizer_rows_decode_to_text(tmp_path):
 
     # The model cache of saelib.lm.models holds the same tokenizer as tokenizer.json (loads in
     # under a second); otherwise read it from the GGUF (~15 s).
-    cached = data.data_dir() / "models" / "smollm2-135m"
+    cached = data_dir() / "models" / "smollm2-135m"
     if (cached / "tokenizer.json").is_file():
         tok = AutoTokenizer.from_pretrained(cached)
     else:

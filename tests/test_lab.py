@@ -4,6 +4,7 @@ import asyncio
 import json
 
 import pytest
+from jupytext import AsyncTextFileContentsManager
 
 from saelib import book
 from tests.book_helpers import ci_book
@@ -12,8 +13,6 @@ from tests.book_helpers import ci_book
 def _get(path: str) -> dict:
     """``GET /api/contents/<path>`` as JupyterLab issues it: Jupytext's async contents manager
     (the one ``jupyter lab`` uses with jupyter_server 2), rooted at the repository."""
-    from jupytext import AsyncTextFileContentsManager
-
     cm = AsyncTextFileContentsManager(root_dir=str(book.repo_root()))
     return asyncio.run(cm.get(path, content=True))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -108,7 +109,7 @@ def _fake_cache(tmp_path):
     files = {}
     for name, content in {"model.safetensors": os.urandom(4096), "config.json": b"{}"}.items():
         (d / name).write_bytes(content)
-        files[name] = {"bytes": len(content), "sha256": models._sha256(d / name)}
+        files[name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
     (d / "manifest.json").write_text(json.dumps({"files": files}))
     return d
 
@@ -179,3 +180,11 @@ def test_transformerlens_processing_centres_the_residual_stream():
     assert means["transformerlens"] < 1e-5 < means["raw"]
     with pytest.raises(ValueError, match="processing"):
         load_model("tiny-gpt2", processing="folded")
+
+
+def test_model_device_reads_the_first_parameter():
+    assert models.model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert models.model_device(torch.nn.Linear(2, 2).cuda()).type == "cuda"
+    assert models.model_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters
+    assert models.model_device(object()) == torch.device("cpu")  # not a module at all

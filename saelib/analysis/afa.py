@@ -520,6 +520,11 @@ class ZFStats(NamedTuple):
     h: int
     """Dictionary size used in the εLBO denominators (h, not h+1, as in the paper)."""
 
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], h: int) -> ZFStats:
+        """Rebuild from per-token arrays stored by field name (e.g. ``EvalResult.zf``)."""
+        return cls(*[torch.as_tensor(arrays[f]) for f in cls._fields[:-1]], h=int(h))
+
 
 @torch.no_grad()
 def zf_stats(

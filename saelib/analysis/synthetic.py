@@ -52,6 +52,7 @@ __all__ = [
     "synthetic_rules",
     "run_synthetic",
     "summarize",
+    "paired_difference",
 ]
 
 HOOK = "synthetic"
@@ -314,3 +315,17 @@ def summarize(df: Any, by: Sequence[str] = ("superposition", "l0", "rule"),
     out.columns = [f"{c}_{'sd' if s == 'std' else s}" for c, s in out.columns]
     out["n"] = g.size()
     return out.reset_index()
+
+
+def paired_difference(df: Any, metric: str, a: str, b: str) -> Any:
+    """Per condition (``superposition, l0``): mean over seeds of ``metric(a) - metric(b)`` (rules
+    ``a``, ``b`` on the same seed), its standard error, the seed count and a verdict: ``"lower"`` /
+    ``"higher"`` when the mean difference is more than 2 standard errors from 0."""
+    import pandas as pd
+
+    piv = df.pivot_table(index=["superposition", "l0", "seed"], columns="rule", values=metric)
+    diff = (piv[a] - piv[b]).groupby(level=[0, 1])
+    out = pd.DataFrame({"mean_diff": diff.mean(), "se": diff.std() / np.sqrt(diff.count()), "n": diff.count()})
+    out["verdict"] = np.where(out["mean_diff"] + 2 * out["se"] < 0, "lower",
+                              np.where(out["mean_diff"] - 2 * out["se"] > 0, "higher", "no difference at this n"))
+    return out

@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, folder_lock, model_fingerprint, LOCK_FILE
-from saelib.lm.models import check_hook
+from saelib.io import (ACTIVATION_CODE, LOCK_FILE, atomic_write_json, code_fingerprint, file_sha256, folder_lock,
+                       model_fingerprint)
+from saelib.lm.models import check_hook, model_device
 
 __all__ = [
     "ActivationCache",
@@ -110,10 +111,6 @@ def _check_tokens(tokens: Tensor, exclude_bos: bool, model=None) -> Tensor:
     return tokens
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _forward_capture(model, tokens_BS: Tensor, hooks: list[str], exclude_bos: bool) -> dict[str, Tensor]:
     """Activations ``{hook: Tensor[B * S', d]}`` of one batch (S' = S - 1 without BOS), on the model's device."""
     captured: dict[str, Tensor] = {}
@@ -130,7 +127,7 @@ def _forward_capture(model, tokens_BS: Tensor, hooks: list[str], exclude_bos: bo
 
     with torch.inference_mode(), model.hooks(fwd_hooks=[(h, make(h)) for h in hooks]):
         try:
-            model(tokens_BS.to(_model_device(model)))
+            model(tokens_BS.to(model_device(model)))
         except _StopForward:
             pass
     missing = [h for h in hooks if h not in captured]
@@ -166,16 +163,11 @@ def harvest(
     progress: bool = True,
     device: str | torch.device = "cpu",
 ) -> dict[str, Tensor]:
-    """Run ``model`` over ``tokens`` and return ``{hook: Tensor[N, d]}`` with rows flattened to tokens.
+    """Run ``model`` over ``tokens`` (``LongTensor[n_rows, seq_len]``) and return ``{hook: Tensor[N, d]}``.
 
-    Args:
-        model: a ``TransformerBridge`` (from :func:`saelib.lm.models.load_model`).
-        tokens: ``LongTensor[n_rows, seq_len]``; with ``exclude_bos`` position 0 of each row is
-            dropped, so ``N = n_rows * (seq_len - 1)``.
-        hooks: one or several hook names, all filled by the same forward pass.
-        batch_size: rows per forward pass.
-        dtype: dtype of the returned activations.
-        device: where the result lives (CPU by default so large harvests do not fill the GPU).
+    Every hook is filled by the same forward passes of ``batch_size`` rows; with ``exclude_bos``
+    position 0 of each row is dropped, so ``N = n_rows * (seq_len - 1)``. The result lives on
+    ``device`` (CPU by default, so large harvests do not fill the GPU).
     """
     hooks = _as_hooks(model, hooks)
     tokens = _check_tokens(tokens, exclude_bos, model)
@@ -288,21 +280,9 @@ class ActivationStore:
 
     The model runs on chunks of ``model_batch_size`` rows; :meth:`_capture_chunks` is the one
     place that runs them (``saelib.sae.distributed.DistributedActivationStore`` spreads the chunks
-    of each fill over ranks and gathers them, so every rank serves the same stream).
-
-    Args:
-        model: a ``TransformerBridge``.
-        tokens: ``LongTensor[n_rows, seq_len]`` (BOS at position 0 when ``exclude_bos``).
-        hooks: hook names served together in every batch dict.
-        batch_size: activations per yielded batch.
-        buffer_tokens: mixing-buffer size per hook (default ``16 * batch_size``; at least
-            ``2 * batch_size``).
-        model_batch_size: rows per forward pass.
-        exclude_bos: drop position 0 of every row.
-        seed: shuffling seed (the whole stream is deterministic given it).
-        epochs: passes over the token rows.
-        device: where the buffer and batches live (default: the model's device).
-        dtype: activation dtype.
+    of each fill over ranks and gathers them, so every rank serves the same stream). The whole
+    stream is deterministic given ``seed``; ``buffer_tokens`` defaults to ``16 * batch_size``
+    (at least ``2 * batch_size``); buffer and batches live on ``device`` (default: the model's).
     """
 
     def __init__(
@@ -345,7 +325,7 @@ class ActivationStore:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1 (passes over the token rows), got {epochs!r}")
         self.epochs = epochs
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.dtype = dtype
         self.progress = progress
         self.n_tokens_seen = 0
@@ -613,11 +593,7 @@ class ActivationCache:
             info = s["files"][hook]
             f = self.path / info["file"]
             if self.verify and info["file"] not in self._verified:
-                h = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while block := fh.read(1 << 22):
-                        h.update(block)
-                if h.hexdigest() != info["sha256"]:
+                if file_sha256(f) != info["sha256"]:
                     raise ValueError(
                         f"Activation cache shard {shard} file {f} does not match its checksum (corrupted). "
                         f"Delete {self.path} and run ActivationCache.build again to rebuild it."
@@ -717,20 +693,15 @@ class ActivationCache:
     ) -> ActivationCache:
         """Harvest ``hooks`` over ``tokens`` into a sharded cache at ``path`` and open it.
 
-        A complete cache built from the same tokens, hooks, model weights and dtype is returned
-        as is; an interrupted build resumes after its last complete shard; a cache built from other
-        inputs (tokens, hooks, dtype, BOS handling, or a model with other weights: the identity
-        holds a fingerprint of every parameter) is an error (delete it or choose another path).
-        A cache made by other saelib code (the identity holds a fingerprint of this module and
-        saelib.lm.models) is rebuilt, with a warning. The build deletes only files it writes itself
-        (``manifest.json``, ``shard_*.bin`` and their temp names) and refuses a folder that holds
-        anything else. One process builds a folder at a time (an advisory lock; a second one gets
-        an error naming the first one's pid).
-
-        Args:
-            shard_tokens: target activations per shard (rounded to whole rows).
-            dtype: storage dtype (float32, float16 or bfloat16).
-            batch_size: rows per forward pass.
+        A complete cache of the same identity (tokens, hooks, dtype, BOS handling, a fingerprint
+        of every model parameter) is returned as is; an interrupted build resumes after its last
+        complete shard; a cache of another identity is an error (delete it or choose another
+        path); one made by other saelib code (the code fingerprint differs) is rebuilt with a
+        warning. The build deletes only its own files (``manifest.json``, ``shard_*.bin`` and
+        their temp names) and refuses a folder holding anything else. One process builds a folder
+        at a time (an advisory lock; a second one gets an error naming the first one's pid).
+        ``shard_tokens`` is rounded to whole rows; ``dtype`` is float32, float16 or bfloat16;
+        ``batch_size`` is rows per forward pass.
         """
         path = Path(path)
         hooks = _as_hooks(model, hooks)

@@ -26,14 +26,16 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from saelib.io import atomic_path, atomic_write_json
+from saelib.io import atomic_path, atomic_write_json, file_sha256
 from saelib.runs import data_dir, hub_offline
 
 __all__ = [
@@ -41,7 +43,6 @@ __all__ = [
     "SPLITS",
     "corpus_checksum",
     "corpus_path",
-    "data_dir",
     "document_split",
     "iter_token_rows",
     "load_texts",
@@ -122,7 +123,7 @@ def prepare_standin_corpus(*, force: bool = False) -> Path:
     file with a ``"text"`` column like the hub dataset. It is deterministic: the same embedded
     corpus gives the same file. It is *not* web text; only the code path is OpenWebText's.
     """
-    import pyarrow as pa
+    import pyarrow as pa  # optional heavy imports: only the parquet corpora need them
     import pyarrow.parquet as pq
 
     target = standin_corpus_path()
@@ -146,7 +147,7 @@ def prepare_standin_corpus(*, force: bool = False) -> Path:
 
 def _stream_docs(kind: str) -> Iterator[str]:
     """Documents of a stream corpus through ``datasets`` streaming (the hub, or the local stand-in)."""
-    import datasets
+    import datasets  # seconds to import; only the stream corpora need it
 
     if kind == "openwebtext-standin":
         source = str(prepare_standin_corpus())
@@ -213,7 +214,7 @@ def _jsonl_docs(path: Path) -> Iterator[str]:
 
 
 def _parquet_docs(path: Path) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional heavy import: only parquet corpora need it
 
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
@@ -291,11 +292,7 @@ def corpus_checksum(corpus: str | os.PathLike = "embedded") -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _CHECKSUMS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _CHECKSUMS[key] = h.hexdigest()
+        _CHECKSUMS[key] = file_sha256(path)
     return _CHECKSUMS[key]
 
 
@@ -333,10 +330,8 @@ def resolve_tokenizer(model_or_tokenizer: Any) -> tuple[Any, int, int]:
 
 
 def _is_hf(tok: Any) -> bool:
-    try:
-        from transformers import PreTrainedTokenizerBase
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
+    from transformers import PreTrainedTokenizerBase  # slow to import; needed only for HF tokenizers
+
     return isinstance(tok, PreTrainedTokenizerBase)
 
 
@@ -428,8 +423,6 @@ def iter_token_rows(
 def _build_rows(tok: Any, bos: int, eos: int, corpus, split: str, seq_len: int,
                 max_rows: int | None, progress: bool) -> tuple[np.ndarray, int]:
     """Unshuffled rows ``int32[n_rows, seq_len]`` of a split and the stream length in tokens."""
-    from tqdm.auto import tqdm
-
     body = seq_len - 1
     chunks: list[np.ndarray] = []
     n_stream = 0
@@ -525,8 +518,6 @@ def token_rows(
             meta_path = cache.with_suffix(".json")
             n_stream = int(json.loads(meta_path.read_text())["n_stream_tokens"]) if meta_path.exists() else None
         except (ValueError, OSError, KeyError, TypeError, EOFError) as e:
-            import warnings
-
             warnings.warn(f"The token cache {cache} is unreadable ({e}); rebuilding it.", stacklevel=2)
             rows = None
     if rows is None:
@@ -540,8 +531,6 @@ def token_rows(
                     "bos": bos, "eos": eos, "n_rows": int(len(rows)), "n_stream_tokens": n_stream,
                 })
             except OSError as e:  # read-only or full disk: the rows are still right, only not cached
-                import warnings
-
                 warnings.warn(f"Could not write the token cache {cache} ({e}); continuing without it. "
                               "Pass cache_dir= a writable folder (or None) to silence this.", stacklevel=2)
 

@@ -26,7 +26,6 @@ prepends BOS.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import json
 import os
@@ -37,8 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 
-from saelib.io import atomic_folder, atomic_write_json
+from saelib.io import atomic_folder, atomic_write_json, file_sha256
 from saelib.runs import data_dir, hub_offline
 
 if TYPE_CHECKING:  # the bridge import costs ~3 s; only pay it when a model is loaded
@@ -53,6 +53,7 @@ __all__ = [
     "hook_layer",
     "hook_name",
     "load_model",
+    "model_device",
     "prepare_embedded_model",
 ]
 
@@ -114,16 +115,9 @@ def gguf_path() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_from_gguf(*, tokenizer_only: bool = False):
     """Dequantize the GGUF into a float32 ``LlamaForCausalLM`` (slow: ~20 s) and its tokenizer."""
+    # transformers costs seconds to import: only the functions that build a model import it
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -174,7 +168,7 @@ def check_embedded_cache(cache_dir: Path, *, full: bool = False) -> None:
             raise ValueError(f"{path} has {st.st_size} bytes, the manifest says {info['bytes']}")
         stamp = [st.st_size, st.st_mtime_ns]
         if full or stamps.get(name) != stamp:
-            if _sha256(path) != info["sha256"]:
+            if file_sha256(path) != info["sha256"]:
                 raise ValueError(f"{path} does not match its sha256 in the manifest")
             stamps[name] = stamp
             changed = True
@@ -192,8 +186,6 @@ def prepare_embedded_model(
     rename, so an interrupted build never leaves a half cache behind. An existing valid cache is
     kept (pass ``force=True`` to rebuild); a corrupt one is rebuilt with a warning.
     """
-    from safetensors.torch import save_file
-
     target = Path(cache_dir) if cache_dir is not None else embedded_cache_dir()
     if target.exists() and not force:
         try:
@@ -221,7 +213,7 @@ def prepare_embedded_model(
         cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
@@ -236,7 +228,7 @@ def prepare_embedded_model(
 
 def _embedded_tokenizer(root: str | Path | None):
     """The SmolLM2 tokenizer: from the model cache, else a tokenizer-only cache, else the GGUF."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # slow import, paid only when a model is loaded
 
     cache = embedded_cache_dir(root)
     if (cache / _MANIFEST).is_file() and (cache / "tokenizer.json").is_file():
@@ -257,6 +249,14 @@ def _embedded_tokenizer(root: str | Path | None):
 
 class HubUnavailableError(OSError):
     """A hub model was requested but the Hugging Face Hub cannot be reached."""
+
+
+def model_device(model) -> torch.device:
+    """Device of ``model``'s first parameter (CPU for an object without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
 
 
 def _default_device(device: str | torch.device | None) -> str:
@@ -286,7 +286,7 @@ def _tiny_hf_model(name: str, vocab_size: int, bos: int, eos: int, seed: int):
 
 
 def _boot(hf_name: str, *, hf_model=None, tokenizer=None, device: str, dtype: torch.dtype):
-    from transformer_lens.model_bridge import TransformerBridge
+    from transformer_lens.model_bridge import TransformerBridge  # ~3 s import, paid only when loading
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*attn_implementation.*")
@@ -349,7 +349,7 @@ def load_model(
                     stacklevel=2,
                 )
             prepare_embedded_model(target, force=target.exists())
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, see _load_from_gguf
 
         tok = AutoTokenizer.from_pretrained(target)
         hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)

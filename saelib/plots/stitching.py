@@ -136,3 +136,21 @@ def family_sizes(sizes: Mapping[str, np.ndarray]) -> plt.Figure:
     else:
         ax.text(0.5, 0.5, "no swap families at this θ", ha="center", va="center", transform=ax.transAxes)
     return fig
+
+
+def stitched_paths(results: Mapping, trained, arch: str, *, y: str = "mse",
+                   ylabel: str = "MSE (per element)") -> plt.Figure:
+    """The stitched paths of one architecture's 2x pairs (``results``: ``{(arch, small, large):
+    PairAnalysis}``), monotone and full, against its trained SAEs (``trained``: one row per SAE
+    with ``arch, width`` and ``y``)."""
+    curves = []
+    for (ar, a, b), v in results.items():
+        if ar != arch or b != 2 * a or v.curve_monotone is None:
+            continue
+        curves.append({"n_latents": v.curve_monotone.n_latents, y: getattr(v.curve_monotone, y),
+                       "color": ARCH_COLORS.get(arch), "label": "stitched (monotone)" if not curves else None})
+        curves.append({"n_latents": v.curve_all.n_latents, y: getattr(v.curve_all, y), "color": "k", "ls": ":",
+                       "label": "stitched (all ops)" if len(curves) == 1 else None})
+    tr = [{"n_latents": row.width, y: row[y], "label": f"trained {arch}", "color": "white"}
+          for _, row in trained[trained.arch == arch].iterrows()]
+    return interpolation_curves(curves, tr, y=y, ylabel=ylabel, title=f"{arch}: stitched paths between widths")
