@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +43,7 @@ from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.train import TrainConfig, _cfg_dict, _identity, _natural_key, _read_jsonl, train_saes
 
 __all__ = [
-    "activation_cache_path", "activation_cache", "cache_request", "store_stream",
+    "activation_cache_path", "activation_cache", "cache_request", "sweep_data", "store_stream",
     "sweep_name", "sweep_configs", "ensure_sweep", "from_sweep", "train_or_reuse", "load_saes",
     "load_metrics", "load_evals", "sweep_table", "train_settings",
     "DEFAULT_LAYERS", "SAELENS_RELEASE", "WidthFamily", "member_name", "family_name", "family_eval_activations",
@@ -65,6 +66,17 @@ def cache_request(model_name: str, corpus: str, split: str, n_tokens: int, seq_l
     """What a cache's tokens are made of (the ``data`` of its stamp, and of a sweep trained on it)."""
     return {"model": str(model_name), "corpus": str(corpus), "split": str(split), "n_tokens": int(n_tokens),
             "seq_len": int(seq_len), "seed": int(seed)}
+
+
+def sweep_data(model_name: str, corpus: str, *, n_tokens: int, seq_len: int, seed: int, source: str = "cache",
+               eval_tokens: int | None = None) -> dict[str, Any]:
+    """The ``data`` of a sweep trained on ``n_tokens`` training tokens served from a cache or
+    streamed from the model (``source``: "cache" or "store"), evaluated on ``eval_tokens``
+    held-out tokens: ``{"train": ..., "eval": ...}`` (:func:`from_sweep` compares ``"train"``)."""
+    data = {"train": {**cache_request(model_name, corpus, "train", n_tokens, seq_len, seed), "source": source}}
+    if eval_tokens is not None:
+        data["eval"] = cache_request(model_name, corpus, "heldout", eval_tokens, seq_len, seed)
+    return data
 
 
 def activation_cache_path(runs_dir: str | Path, *, model_name: str, corpus: str, split: str, hooks: Sequence[str],
@@ -213,8 +225,6 @@ def load_metrics(out_dir: str | Path, *, as_frame: bool = True):
            for p in sorted(Path(out_dir).glob("*/metrics.jsonl"), key=lambda p: _natural_key(p.parent.name))}
     if not as_frame:
         return res
-    import pandas as pd
-
     return pd.DataFrame([{"name": n, **r} for n, recs in res.items() for r in recs])
 
 
@@ -226,8 +236,6 @@ def load_evals(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def sweep_table(out_dir: str | Path):
     """One row per evaluated SAE: config (hook, activation, k, afa_coeff, seed, d_sae) + eval metrics."""
-    import pandas as pd
-
     out_dir = Path(out_dir)
     rows = []
     for name, ev in load_evals(out_dir).items():

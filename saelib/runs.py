@@ -104,15 +104,13 @@ def read_stamp(path: str | Path) -> dict[str, Any] | None:
 def is_fresh(path: str | Path, want: Mapping[str, Any]) -> bool:
     """Whether the result stamped at ``path`` was made from ``want`` (a :func:`make_stamp`).
 
-    Same hash; or, when ``want["data"]`` is None (the caller does not name its data, e.g. a later
-    chapter reusing a sweep it did not build), the same config and recipe.
+    The same config, recipe and data (the parts are compared, not only the stored hash, so a
+    hand-edited stamp is not trusted); ``want["data"] = None`` (the caller does not name its
+    data, e.g. a later chapter reusing a sweep it did not build) leaves the data out.
     """
     have = read_stamp(path)
-    if have is None:
-        return False
-    if want["data"] is None:
-        return have["config"] == want["config"] and have["recipe"] == want["recipe"]
-    return have["hash"] == want["hash"]
+    parts = ("config", "recipe") if want["data"] is None else ("config", "recipe", "data")
+    return have is not None and all(have[k] == _canonical(want[k]) for k in parts)
 
 
 def write_stamp(path: str | Path, stamp: Mapping[str, Any]) -> Path:

@@ -57,8 +57,10 @@ def test_stamp_hash_parts_and_fresh(tmp_path):
     runs.write_stamp(tmp_path / "s.json", s)
     assert runs.is_fresh(tmp_path / "s.json", s)
     assert not runs.is_fresh(tmp_path / "s.json", runs.make_stamp({"lr": 2e-3}, {"n": 4}, {"model": "m"}))
-    assert not runs.is_fresh(tmp_path / "s.json", {**s, "hash": "0"})
-    assert runs.is_fresh(tmp_path / "s.json", {**s, "data": None, "hash": "0"})  # data not named: not compared
+    assert not runs.is_fresh(tmp_path / "s.json", {**s, "data": {"model": "other"}})
+    assert runs.is_fresh(tmp_path / "s.json", {**s, "data": None})  # data not named: not compared
+    (tmp_path / "s.json").write_text(json.dumps({**s, "recipe": {"code": "0"}}))  # edited: the hash is not trusted
+    assert not runs.is_fresh(tmp_path / "s.json", s)  # data not named: not compared
 
 
 def test_activation_cache_path_is_keyed_by_request(tmp_path):

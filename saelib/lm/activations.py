@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.io import ACTIVATION_CODE, atomic_write_json, code_fingerprint, folder_lock, model_fingerprint, LOCK_FILE
+from saelib.io import (ACTIVATION_CODE, LOCK_FILE, atomic_write_json, code_fingerprint, file_sha256, folder_lock,
+                       model_fingerprint)
 from saelib.lm.models import check_hook
 
 __all__ = [
@@ -582,11 +583,7 @@ class ActivationCache:
             info = s["files"][hook]
             f = self.path / info["file"]
             if self.verify and info["file"] not in self._verified:
-                h = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while block := fh.read(1 << 22):
-                        h.update(block)
-                if h.hexdigest() != info["sha256"]:
+                if file_sha256(f) != info["sha256"]:
                     raise ValueError(
                         f"Activation cache shard {shard} file {f} does not match its checksum (corrupted). "
                         f"Delete {self.path} and run ActivationCache.build again to rebuild it."

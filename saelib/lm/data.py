@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from saelib.io import atomic_path, atomic_write_json
+from saelib.io import atomic_path, atomic_write_json, file_sha256
 from saelib.runs import data_dir, hub_offline
 
 __all__ = [
@@ -291,11 +291,7 @@ def corpus_checksum(corpus: str | os.PathLike = "embedded") -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _CHECKSUMS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _CHECKSUMS[key] = h.hexdigest()
+        _CHECKSUMS[key] = file_sha256(path)
     return _CHECKSUMS[key]
 
 

@@ -26,7 +26,6 @@ prepends BOS.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import json
 import os
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from saelib.io import atomic_folder, atomic_write_json
+from saelib.io import atomic_folder, atomic_write_json, file_sha256
 from saelib.runs import data_dir, hub_offline
 
 if TYPE_CHECKING:  # the bridge import costs ~3 s; only pay it when a model is loaded
@@ -114,14 +113,6 @@ def gguf_path() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _load_from_gguf(*, tokenizer_only: bool = False):
     """Dequantize the GGUF into a float32 ``LlamaForCausalLM`` (slow: ~20 s) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -174,7 +165,7 @@ def check_embedded_cache(cache_dir: Path, *, full: bool = False) -> None:
             raise ValueError(f"{path} has {st.st_size} bytes, the manifest says {info['bytes']}")
         stamp = [st.st_size, st.st_mtime_ns]
         if full or stamps.get(name) != stamp:
-            if _sha256(path) != info["sha256"]:
+            if file_sha256(path) != info["sha256"]:
                 raise ValueError(f"{path} does not match its sha256 in the manifest")
             stamps[name] = stamp
             changed = True
@@ -221,7 +212,7 @@ def prepare_embedded_model(
         cfg.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         files = {
-            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in sorted(tmp.iterdir())
             if p.is_file()
         }
