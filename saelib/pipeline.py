@@ -43,11 +43,11 @@ from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.train import TrainConfig, _cfg_dict, _identity, _natural_key, _read_jsonl, train_saes
 
 __all__ = [
-    "activation_cache_path", "activation_cache", "cache_request", "sweep_data", "store_stream",
-    "sweep_name", "sweep_configs", "ensure_sweep", "from_sweep", "train_or_reuse", "load_saes",
-    "load_metrics", "load_evals", "sweep_table", "train_settings",
-    "DEFAULT_LAYERS", "SAELENS_RELEASE", "WidthFamily", "member_name", "family_name", "family_eval_activations",
-    "ensure_width_family", "WIDTH_FAMILY_PRESETS", "width_family_preset", "load_saelens_family",
+    "activation_cache_path", "activation_cache", "cache_request", "sweep_data", "store_stream", "sweep_name",
+    "sweep_configs", "ensure_sweep", "from_sweep", "train_or_reuse", "load_saes", "load_metrics", "load_evals",
+    "sweep_table", "train_settings", "DEFAULT_LAYERS", "SAELENS_RELEASE", "WidthFamily", "member_name", "family_name",
+    "family_eval_activations", "ensure_width_family", "WIDTH_FAMILY_PRESETS", "width_family_preset",
+    "load_saelens_family",
 ]
 
 SWEEP_STAMP = "sweep.json"
@@ -428,29 +428,12 @@ def family_eval_activations(runs_dir: str | Path, *, model_name: str = "embedded
 
 
 def ensure_width_family(
-    runs_dir: str | Path,
-    *,
-    model_name: str = "embedded",
-    corpus: str = "embedded",
-    layer: int | None = None,
-    multipliers: Sequence[int] = (1, 2, 4, 8),
-    architectures: Sequence[str] | Mapping[str, Sequence[int]] = ARCHITECTURES,
-    n_tokens: int = 131_072,
-    batch_size: int = 1024,
-    lr: float = 1e-3,
-    k: int = 32,
-    l1_coeff: float = 3e-3,
-    afa_coeff: float = 1 / 16,
-    afa_target: str = "consistent",
-    input_norm: str = "global",
-    train_tokens: int | None = None,
-    seq_len: int = 128,
-    seed: int = 0,
-    name: str | None = None,
-    device: str | None = None,
-    progress: bool = True,
-    model: Any = None,
-    release: str | None = None,
+    runs_dir: str | Path, *, model_name: str = "embedded", corpus: str = "embedded", layer: int | None = None,
+    multipliers: Sequence[int] = (1, 2, 4, 8), architectures: Sequence[str] | Mapping[str, Sequence[int]] = ARCHITECTURES,
+    n_tokens: int = 131_072, batch_size: int = 1024, lr: float = 1e-3, k: int = 32, l1_coeff: float = 3e-3,
+    afa_coeff: float = 1 / 16, afa_target: str = "consistent", input_norm: str = "global",
+    train_tokens: int | None = None, seq_len: int = 128, seed: int = 0, name: str | None = None,
+    device: str | None = None, progress: bool = True, model: Any = None, release: str | None = None,
 ) -> WidthFamily:
     """Load the width family from ``<runs_dir>/sae/<name>/``, training (in one pass) what is missing.
 

@@ -356,3 +356,14 @@ def test_myst_features_survive_into_the_offline_html(tmp_path: Path):
     assert 'class="katex"' in page and "$x^2$" not in page
     assert (out / "katex" / "katex.min.css").exists() and list((out / "katex" / "fonts").glob("*.woff2"))
     assert "A chapter" in (out / "index.html").read_text()
+
+
+def test_nothing_imports_the_book_runner():
+    """Chapters and library modules get check_parameters, rel and runs_dir from saelib.runs; only the
+    command line (python -m saelib.book) imports saelib.book."""
+    import re
+
+    pattern = re.compile(r"^\s*(from saelib\.book import|import saelib\.book|from saelib import book)", re.M)
+    sources = [*book.repo_root().glob("saelib/**/*.py"), *book.repo_root().glob("notebooks/*.md")]
+    offenders = [str(p.relative_to(book.repo_root())) for p in sources if pattern.search(p.read_text())]
+    assert offenders == [], offenders
