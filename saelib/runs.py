@@ -155,16 +155,15 @@ def chapters() -> list[str]:
 
 
 def chapter_source(stem: str) -> Path:
+    """``notebooks/<stem>.md``; a clear error when a chapter listed in ``myst.yml`` is missing."""
     src = repo_root() / "notebooks" / f"{stem}.md"
     if not src.exists():
         raise FileNotFoundError(f"Chapter source {rel(src)} is missing (listed in myst.yml).")
     return src
 
 
-# ---------------------------------------------------------------------------------------------
-# Chapter parameters: defaults from the chapter's parameters cell, checks
-
-def parameters_cell(nb, where: str):
+def parameters_cell(nb, where: str) -> int:
+    """Index of the chapter's one code cell tagged ``parameters`` (an error names ``where``)."""
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     if len(tagged) != 1:
         raise ValueError(f"{where} needs exactly one code cell tagged 'parameters' (found {len(tagged)}).")
