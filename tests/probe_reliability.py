@@ -233,10 +233,10 @@ API = [
     ("from_saelens saelib folder", lambda: from_saelens(saved_sae("fs")), ["SAE.load"]),
     ("SAE.load missing folder", lambda: SAE.load(ROOT / "none"), ["cfg.json"]),
     ("load_model unknown name", lambda: load_model("gpt-9"), ["Unknown model"]),
-    ("token_rows bad split", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, split="test"), ["split"]),
-    ("token_rows seq_len=1", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, seq_len=1), ["seq_len"]),
-    ("token_rows unknown corpus", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, "foo.csv"), [".jsonl"]),
-    ("token_rows missing file", lambda: __import__("saelib.lm.data").data.token_rows(MODEL, str(ROOT / "x.txt")),
+    ("token_rows bad split", lambda: __import__("saelib.lm.data").lm.data.token_rows(MODEL, split="test"), ["split"]),
+    ("token_rows seq_len=1", lambda: __import__("saelib.lm.data").lm.data.token_rows(MODEL, seq_len=1), ["seq_len"]),
+    ("token_rows unknown corpus", lambda: __import__("saelib.lm.data").lm.data.token_rows(MODEL, "foo.csv"), [".jsonl"]),
+    ("token_rows missing file", lambda: __import__("saelib.lm.data").lm.data.token_rows(MODEL, str(ROOT / "x.txt")),
      ["does not exist"]),
 ]
 for name, call, needles in API:
