@@ -38,17 +38,12 @@ from saelib.io import ACTIVATION_CODE, TRAINING_CODE, FolderInUseError, folder_l
 from saelib.lm.activations import MANIFEST, STAMP, ActivationCache, ActivationStore
 from saelib.lm.data import token_rows
 from saelib.lm.models import load_model
-from saelib.runs import is_fresh, make_stamp, read_stamp, runs_dir as resolve_runs, write_stamp
+from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, write_stamp
+from saelib.runs import runs_dir as resolve_runs
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.train import TrainConfig, _cfg_dict, _identity, _natural_key, _read_jsonl, train_saes
 
-__all__ = [
-    "activation_cache_path", "activation_cache", "cache_request", "sweep_data", "store_stream", "sweep_name",
-    "sweep_configs", "ensure_sweep", "from_sweep", "train_or_reuse", "load_saes", "load_metrics", "load_evals",
-    "sweep_table", "train_settings", "DEFAULT_LAYERS", "SAELENS_RELEASE", "WidthFamily", "member_name", "family_name",
-    "family_eval_activations", "ensure_width_family", "WIDTH_FAMILY_PRESETS", "width_family_preset",
-    "load_saelens_family",
-]
+__all__ = sorted(PIPELINE_NAMES)  # listed in saelib.runs, which forwards them
 
 SWEEP_STAMP = "sweep.json"
 
