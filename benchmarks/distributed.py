@@ -39,7 +39,8 @@ def worker(args) -> None:
     from saelib.lm.data import token_rows
     from saelib.sae.distributed import DistributedActivationStore, train_sweep
     from saelib.lm.models import hook_name, load_model
-    from saelib.sae.train import TrainConfig, sweep_configs
+    from saelib.pipeline import sweep_configs
+    from saelib.sae.train import TrainConfig
 
     rank, n_ranks = distributed.init()
     torch.set_num_threads(args.threads)
@@ -107,7 +108,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one = launch(args, 1, single, os.path.join(tmp, "one"))
         many = launch(args, args.nproc, args.threads, os.path.join(tmp, "many"))
-        from saelib.sae.train import load_saes
+        from saelib.pipeline import load_saes
 
         a, b = load_saes(os.path.join(tmp, "one")), load_saes(os.path.join(tmp, "many"))
         same = all(torch.equal(x, y) or (x.isnan().all() and y.isnan().all())

@@ -21,11 +21,14 @@ _EXPORTS = {
     "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
     "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
     "saelib.lm.activations": [
-        "harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path",
+        "harvest", "ActivationStore", "ActivationCache", "tensor_batches",
     ],
     "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
     "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
-    "saelib.sae.train": ["TrainConfig", "train_saes", "sweep_configs", "ensure_sweep", "load_saes"],
+    "saelib.sae.train": ["TrainConfig", "train_saes"],
+    "saelib.pipeline": [
+        "activation_cache", "activation_cache_path", "sweep_configs", "ensure_sweep", "load_saes", "ensure_width_family",
+    ],
     "saelib.interop": ["to_saelens", "from_saelens"],
     "saelib.analysis.afa": [
         "epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
@@ -33,7 +36,7 @@ _EXPORTS = {
     ],
     "saelib.analysis.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
     "saelib.analysis.stitching": [
-        "ensure_width_family", "decoder_cosine", "insertion_delta_mse", "classify_latents",
+        "decoder_cosine", "insertion_delta_mse", "classify_latents",
         "build_families", "stitch", "interpolation_curve",
     ],
     "saelib.analysis.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],

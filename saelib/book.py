@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
-import html as _html
 import json
 import os
 import re
@@ -41,9 +40,21 @@ from pathlib import Path
 import yaml
 
 from saelib.io import atomic_write_text, load_yaml
-from saelib.runs import repo_root, runs_dir
+from saelib.runs import (  # noqa: F401 - PROGRESS_ENV, check_parameters, runs_dir: the runner's API
+    PROFILES,
+    PROGRESS_ENV,
+    ParameterError,
+    chapter_source,
+    chapters,
+    check_parameters,
+    parameter_defaults,
+    parameters_cell,
+    rel,
+    repo_root,
+    runs_dir,
+    validate_parameters,
+)
 
-PROFILES = ("ci", "embedded", "gpt2", "smoke", "gpu")
 
 # `myst build --site` asks the network for the book theme's metadata. Offline, a stub theme is
 # placed where mystmd caches downloaded themes, inside the generated project folder.
@@ -53,45 +64,6 @@ title: Offline content build
 description: Stand-in used only while building the site content offline
 version: 0.0.0
 """
-
-# Environment variable set by the runner for its kernels: library progress bars then go to the
-# runner's terminal (stderr), never into the executed pages.
-PROGRESS_ENV = "SAELIB_TERMINAL_PROGRESS"
-
-
-class ParameterError(ValueError):
-    """A profile, command-line or papermill parameter that the chapter does not accept."""
-
-
-def rel(path: str | Path) -> str:
-    """``path`` relative to the repository root when it lies inside it (for printing)."""
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(repo_root()))
-    except ValueError:
-        return str(path)
-
-
-def chapters() -> list[str]:
-    """Chapter stems in table-of-contents order, read from ``myst.yml``."""
-    toc = yaml.safe_load((repo_root() / "myst.yml").read_text())["project"]["toc"]
-    stems = []
-
-    def walk(entries):
-        for entry in entries:
-            if "file" in entry and entry["file"].startswith("notebooks/"):
-                stems.append(Path(entry["file"]).stem)
-            walk(entry.get("children", []))
-
-    walk(toc)
-    return stems
-
-
-def chapter_source(stem: str) -> Path:
-    src = repo_root() / "notebooks" / f"{stem}.md"
-    if not src.exists():
-        raise FileNotFoundError(f"Chapter source {rel(src)} is missing (listed in myst.yml).")
-    return src
 
 
 def profile_name(profile: str | Path) -> str:
@@ -123,171 +95,7 @@ def profile_parameters(profile: str | Path, stem: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters: defaults from the chapter's parameters cell, checks, literal injection
-
-
-def _parameters_cell(nb, where: str):
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-    if len(tagged) != 1:
-        raise ValueError(f"{where} needs exactly one code cell tagged 'parameters' (found {len(tagged)}).")
-    return tagged[0]
-
-
-def parameter_defaults(stem: str) -> dict:
-    """Names and default values of a chapter's ``parameters`` cell (plain literal assignments)."""
-    import jupytext
-
-    src = chapter_source(stem)
-    nb = jupytext.read(src)
-    cell = nb.cells[_parameters_cell(nb, rel(src))]
-    defaults = {}
-    for node in ast.parse(cell.source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name)):
-            raise ValueError(f"The parameters cell of {rel(src)} may hold only `name = literal` lines.")
-        try:
-            defaults[node.targets[0].id] = _constant(node.value)
-        except ValueError:
-            raise ValueError(f"{rel(src)}: parameter {node.targets[0].id} must default to a literal.") from None
-    return defaults
-
-
-_ARITH = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-          ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b, ast.FloorDiv: lambda a, b: a // b}
-
-
-def _constant(node):
-    """A literal, allowing constant arithmetic such as ``1 / 32`` (nothing is executed)."""
-    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH:
-        return _ARITH[type(node.op)](_constant(node.left), _constant(node.right))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _constant(node.operand)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, (ast.List, ast.Tuple)):
-        return [_constant(e) for e in node.elts] if isinstance(node, ast.List) else tuple(_constant(e) for e in node.elts)
-    if isinstance(node, ast.Dict):
-        return {_constant(k): _constant(v) for k, v in zip(node.keys, node.values)}
-    return ast.literal_eval(node)
-
-
-_LITERAL_TYPES = (str, int, float, bool, type(None), list, tuple, dict)
-
-
-def _type_name(value) -> str:
-    return "None" if value is None else type(value).__name__
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
-
-
-def _check_literal(name: str, value, where: str) -> None:
-    if isinstance(value, float) and not (value == value and abs(value) != float("inf")):
-        raise ParameterError(f"{where}: parameter {name} = {value!r} is not a finite number.")
-    if not isinstance(value, _LITERAL_TYPES):
-        raise ParameterError(
-            f"{where}: parameter {name} has a value of type {type(value).__name__}; only strings, numbers, "
-            "booleans, null, lists and mappings of these can be passed (quote dates and other values)."
-        )
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            _check_literal(name, v, where)
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_literal(name, k, where)
-            _check_literal(name, v, where)
-
-
-def _compatible(value, default) -> bool:
-    if default is None or value is None:
-        return True  # None defaults mean "off" or "chosen by the chapter": any literal may replace them
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(value, bool) and isinstance(default, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
-
-
-def validate_parameters(stem: str, params: dict, where: str, defaults: dict | None = None) -> dict:
-    """Check ``params`` against the chapter's parameters cell: known names, matching types.
-
-    ``where`` names the file (or command-line option) the values came from; it starts every error.
-    Returns the parameters unchanged.
-    """
-    defaults = parameter_defaults(stem) if defaults is None else defaults
-    src = f"notebooks/{stem}.md"
-    for name, value in params.items():
-        if not isinstance(name, str) or name not in defaults:
-            close = difflib.get_close_matches(str(name), list(defaults), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ParameterError(
-                f"{where}: {name!r} is not a parameter of {src}.{hint} "
-                f"Its parameters are: {', '.join(defaults)}."
-            )
-        _check_literal(name, value, where)
-        if not _compatible(value, defaults[name]):
-            raise ParameterError(
-                f"{where}: parameter {name} must be {_a(_type_name(defaults[name]))} like its default "
-                f"{defaults[name]!r} in {src}, got {value!r} ({_type_name(value)})."
-            )
-    return params
-
-
-_KERNEL_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
-
-
-def check_parameters(stem: str, namespace: dict) -> None:
-    """The check a chapter runs right after its parameters (and papermill's injected cell).
-
-    Rejects a global the parameters cell does not define (a misspelt ``-p`` name) and a value of
-    the wrong type, naming the chapter and the parameter, before anything heavy runs. Inside a
-    run of ``python -m saelib.book`` it also sends library progress bars to the runner's terminal.
-    """
-    defaults = parameter_defaults(stem)
-    history = namespace.get("In")
-    fresh = not isinstance(history, list) or len(history) <= 4  # parameters, injected cell, this cell
-    given = {k: v for k, v in namespace.items()
-             if not k.startswith("_") and k not in _KERNEL_NAMES and not callable(v)
-             and type(v).__name__ != "module" and (fresh or k in defaults)}
-    validate_parameters(stem, given, f"parameters of {stem}", defaults)
-    if os.environ.get(PROGRESS_ENV):
-        _progress_to_terminal(stem)
-    try:  # wide tables: show the first and last columns, not a clipped row of 19
-        import pandas as pd
-
-        pd.set_option("display.max_columns", 10)  # + index + the "…" column: 12 cells
-    except ImportError:  # pragma: no cover - pandas is a dependency
-        pass
-
-
-def _progress_to_terminal(stem: str) -> None:
-    """Route every tqdm bar created from now on to the runner's stderr (counts, rate, ETA).
-
-    The runner starts kernels without file-descriptor capture, so fd 2 of the kernel is the
-    terminal of ``make book``; the executed notebook receives none of it. ``progress=False`` in
-    a chapter keeps bars out of the page; here they are shown in the terminal regardless.
-    """
-    import tqdm
-    import tqdm.auto
-    import tqdm.std
-
-    stream = os.fdopen(os.dup(2), "w", buffering=1)
-
-    class TerminalTqdm(tqdm.std.tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs.update(file=stream, disable=False, dynamic_ncols=False, ncols=110)
-            kwargs.setdefault("mininterval", 2.0)
-            kwargs["desc"] = f"  {stem}: {kwargs.get('desc') or ''}".rstrip(": ")
-            super().__init__(*args, **kwargs)
-
-    tqdm.auto.tqdm = TerminalTqdm
-    tqdm.tqdm = TerminalTqdm
-    for name, mod in list(sys.modules.items()):  # saelib modules that imported tqdm by name already
-        bar = getattr(mod, "tqdm", None)
-        if name.startswith("saelib") and isinstance(bar, type) and issubclass(bar, tqdm.std.tqdm):
-            mod.tqdm = TerminalTqdm
+# Parameters: literal injection
 
 
 def _literal(value) -> str:
@@ -309,7 +117,7 @@ def injected_notebook(stem: str, params: dict, where: str):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata.pop("jupytext", None)  # the executed copy is not a Jupytext pair
     nb.metadata["papermill"] = {"parameters": params}
-    i = _parameters_cell(nb, rel(src))
+    i = parameters_cell(nb, rel(src))
     if params:
         lines = [f"# Parameters from {where}"] + [f"{k} = {_literal(v)}" for k, v in params.items()]
         cell = nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": ["injected-parameters"]})

@@ -31,7 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from saelib import __version__
+from saelib.analysis import afa
+from saelib.analysis import stitching as st
 from saelib.io import atomic_write_text
+from saelib.runs import PROFILES, chapters
+from saelib.runs import runs_dir as resolve
+from saelib.sae.topafa import topafa_select_reference
 
 __all__ = ["MARKER", "ChapterCheck", "results_path", "introduction", "residual_stream", "theory", "training",
            "evaluation", "stitching", "meta_saes"]
@@ -41,8 +47,6 @@ MARKER = "SAELIB-RESULTS"
 
 def results_path(runs_dir: str | Path, chapter: str) -> Path:
     """``<runs_dir>/results/<chapter>.json`` (``runs_dir`` resolved as the chapters do)."""
-    from saelib.runs import runs_dir as resolve
-
     return resolve(runs_dir) / "results" / f"{chapter}.json"
 
 
@@ -96,8 +100,6 @@ class ChapterCheck:
         """Write the results file, print the marker line and the checks, raise if any failed."""
         doc = {"chapter": self.chapter, "written_unix": time.time(), "numbers": self.numbers,
                "checks": self.checks, "all_ok": all(c["ok"] for c in self.checks.values())}
-        from saelib import __version__
-
         doc["saelib_version"] = __version__
         path = results_path(self.runs_dir, self.chapter)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,8 +124,6 @@ def _finite(*vals: Any) -> bool:
 def introduction(runs_dir: str | Path, *, versions: Mapping[str, Any], profile_table: Any) -> dict:
     """Chapter 00: the environment table and the profile table are complete."""
     c = ChapterCheck("00_introduction", runs_dir)
-    from saelib import __version__
-    from saelib.book import PROFILES, chapters
 
     c.check("saelib version reported", versions.get("saelib") == __version__, str(versions.get("saelib")))
     stems = {s for s, _ in profile_table.index}
@@ -165,8 +165,6 @@ def residual_stream(runs_dir: str | Path, *, norms: torch.Tensor, tokens: torch.
 
 def theory(runs_dir: str | Path, *, eps_table: Any, sim_table: Any, zf_table: Any, f_tilde_err: float) -> dict:
     """Chapter 02: ε respects Welch, f̃ reproduces ẑ, random codes concentrate near ‖f‖ = ‖z‖."""
-    from saelib.analysis import afa
-
     c = ChapterCheck("02_theory", runs_dir)
     for (d, h), r in eps_table.iterrows():
         wb = afa.welch_bound(int(h), int(d))
@@ -214,8 +212,6 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
              n_check_tokens: int = 512) -> dict:
     """Chapter 03: TopK's L0 is k, BatchTopK's mean L0 ≈ k, top-AFA's masks equal the reference,
     held-out NMSE is in range and training lowered it."""
-    from saelib.sae.topafa import topafa_select_reference
-
     c = ChapterCheck("03_training", runs_dir)
     batch = next(iter(eval_batches))
     for n, s in saes.items():
@@ -285,8 +281,6 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
     """Chapter 05: the stitched path starts at S's MSE on the same tokens, insertion ΔMSE is finite,
     classifications are in range. (Whether the path is monotone is one of the paper's claims the
     chapter tests and reports, not an invariant.)"""
-    from saelib.analysis import stitching as st
-
     c = ChapterCheck("05_stitching", runs_dir)
     starts = {}
     for (arch, a, b), v in results.items():

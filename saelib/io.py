@@ -10,13 +10,22 @@
 
 from __future__ import annotations
 
+import ast
+import fcntl
 import hashlib
+import importlib
+import inspect
 import json
 import os
+import shutil
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+import yaml
 
 
 @contextmanager
@@ -50,8 +59,6 @@ def atomic_folder(dest: str | Path) -> Iterator[Path]:
     (between the two renames it is briefly absent). If the body raises, ``dest`` is untouched and
     the temporary folder is removed.
     """
-    import shutil
-
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
@@ -105,8 +112,6 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
     re-entrant within a process and disappears with the process (a crash never leaves a stale
     lock: the kernel releases it). ``what`` names the folder's role in messages.
     """
-    import fcntl
-
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -163,8 +168,6 @@ TRAINING_CODE = ("saelib.sae.core", "saelib.sae.topafa", "saelib.sae.train", *AC
 
 
 def _strip_docstrings(tree):
-    import ast
-
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
@@ -184,10 +187,6 @@ def code_fingerprint(*parts) -> str:
     (activation caches, sweeps, width families) record this and are reused only when it matches,
     so results left over from older code are never mistaken for current ones.
     """
-    import ast
-    import importlib
-    import inspect
-
     mods = tuple(importlib.import_module(p) if isinstance(p, str) else p for p in parts)
     names = [m.__name__ if inspect.ismodule(m) else f"{m.__module__}.{m.__qualname__}" for m in mods]
     key = tuple(names)
@@ -196,8 +195,6 @@ def code_fingerprint(*parts) -> str:
         for name, m in zip(names, mods):
             src = inspect.getsource(m)
             if not inspect.ismodule(m):
-                import textwrap
-
                 src = textwrap.dedent(src)
             h.update(name.encode() + b"\0")
             h.update(ast.dump(_strip_docstrings(ast.parse(src))).encode())
@@ -212,8 +209,6 @@ def model_fingerprint(model) -> str:
     Memoised on the model and recomputed when any tensor is modified in place (tensor version
     counters) or replaced.
     """
-    import torch
-
     tensors = [(n, t) for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
     key = tuple((n, t.data_ptr(), t._version) for n, t in tensors)
     memo = getattr(model, "_saelib_fingerprint", None)
@@ -243,8 +238,6 @@ def file_sha256(path: str | Path) -> str:
 
 def load_yaml(path: str | Path):
     """Parse a YAML file; a syntax error names the file, line and column and says how to fix it."""
-    import yaml
-
     path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:

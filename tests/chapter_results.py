@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from saelib.book import chapters, repo_root
+from saelib.runs import chapters, repo_root
 
 ROOT = repo_root()
 RESULTS = ROOT / "runs" / "ci" / "results"

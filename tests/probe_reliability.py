@@ -55,7 +55,8 @@ from saelib.lm.activations import ActivationCache, harvest, tensor_batches  # no
 from saelib.interop import from_saelens, to_saelens  # noqa: E402
 from saelib.lm.models import load_model  # noqa: E402
 from saelib.sae.core import SAE, SAEConfig  # noqa: E402
-from saelib.sae.train import TrainConfig, ensure_sweep, load_metrics, sweep_configs, train_saes  # noqa: E402
+from saelib.pipeline import ensure_sweep, load_metrics, sweep_configs  # noqa: E402
+from saelib.sae.train import TrainConfig, train_saes  # noqa: E402
 
 VERBOSE = "-v" in sys.argv
 D, H, HOOK = 16, 48, "blocks.1.hook_resid_pre"
@@ -530,7 +531,7 @@ def _():
     configs = sweep_configs([HOOK], D, H, topk_ks=(4,))
     ensure_sweep(configs, stream, cfg)
     stamp = json.loads((out / "sweep.json").read_text())
-    stamp["code"] = "0" * 16
+    stamp["recipe"]["code"] = "0" * 16
     (out / "sweep.json").write_text(json.dumps(stamp))
     return _retrains(configs, cfg, "old code's sweep reused")
 

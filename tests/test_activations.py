@@ -260,14 +260,3 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, model, tokens, ref, monkeyp
     monkeypatch.setattr(activations, "_write_bytes", real_write)
     cache = ActivationCache.build(tmp_path / "c", model, tokens, HOOKS, shard_tokens=SHARD, progress=False)
     assert all(torch.equal(cache.load(h), ref[h]) for h in HOOKS)
-
-
-def test_activation_cache_path_is_keyed_by_request(tmp_path, model, tokens):
-    from saelib.lm.activations import activation_cache_path
-
-    p = activation_cache_path(tmp_path, model, "embedded", "train", tokens, HOOKS[:1])
-    assert p.parent == tmp_path / "activations" / "tiny-llama" / "embedded" / "train"
-    assert p.name.startswith("12x17-")
-    assert p == activation_cache_path(tmp_path, model, "embedded", "train", tokens.clone(), HOOKS[:1])
-    assert p != activation_cache_path(tmp_path, model, "embedded", "train", tokens, HOOKS[:2])
-    assert p != activation_cache_path(tmp_path, model, "embedded", "train", tokens, HOOKS[:1], dtype=torch.float16)

@@ -74,15 +74,17 @@ EXPORTS = {  # written out here on purpose: the test must not read saelib's own 
     "saelib.runs": ["runs_dir", "data_dir", "repo_root"],
     "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
     "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
-    "saelib.lm.activations": ["harvest", "ActivationStore", "ActivationCache", "tensor_batches", "activation_cache_path"],
+    "saelib.lm.activations": ["harvest", "ActivationStore", "ActivationCache", "tensor_batches"],
     "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
     "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
-    "saelib.sae.train": ["TrainConfig", "train_saes", "sweep_configs", "ensure_sweep", "load_saes"],
+    "saelib.sae.train": ["TrainConfig", "train_saes"],
+    "saelib.pipeline": ["activation_cache", "activation_cache_path", "sweep_configs", "ensure_sweep", "load_saes",
+                        "ensure_width_family"],
     "saelib.interop": ["to_saelens", "from_saelens"],
     "saelib.analysis.afa": ["epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
                    "eps_lbo", "mdl_bits", "concentration_band"],
     "saelib.analysis.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
-    "saelib.analysis.stitching": ["ensure_width_family", "decoder_cosine", "insertion_delta_mse", "classify_latents",
+    "saelib.analysis.stitching": ["decoder_cosine", "insertion_delta_mse", "classify_latents",
                          "build_families", "stitch", "interpolation_curve"],
     "saelib.analysis.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
 }
@@ -296,7 +298,7 @@ def test_progress_bars_go_to_the_terminal_under_the_runner():
     import subprocess
     import sys
 
-    code = ("from saelib.book import check_parameters\n"
+    code = ("from saelib.runs import check_parameters\n"
             "check_parameters('00_introduction', {})\n"
             "from saelib.lm.activations import _progress\n"
             "b = _progress(1000, 'harvest', False)\nb.update(1000)\nb.close()\n")
@@ -355,3 +357,14 @@ def test_myst_features_survive_into_the_offline_html(tmp_path: Path):
     assert 'class="katex"' in page and "$x^2$" not in page
     assert (out / "katex" / "katex.min.css").exists() and list((out / "katex" / "fonts").glob("*.woff2"))
     assert "A chapter" in (out / "index.html").read_text()
+
+
+def test_nothing_imports_the_book_runner():
+    """Chapters and library modules get check_parameters, rel and runs_dir from saelib.runs; only the
+    command line (python -m saelib.book) imports saelib.book."""
+    import re
+
+    pattern = re.compile(r"^\s*(from saelib\.book import|import saelib\.book|from saelib import book)", re.M)
+    sources = [*book.repo_root().glob("saelib/**/*.py"), *book.repo_root().glob("notebooks/*.md")]
+    offenders = [str(p.relative_to(book.repo_root())) for p in sources if pattern.search(p.read_text())]
+    assert offenders == [], offenders

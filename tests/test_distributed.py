@@ -92,7 +92,8 @@ def test_plan_balances_cost_and_is_deterministic():
 
 def test_two_gloo_ranks_equal_one_process_bitwise(tmp_path):
     from saelib.lm.activations import ActivationStore
-    from saelib.sae.train import load_saes, train_saes
+    from saelib.pipeline import load_saes
+    from saelib.sae.train import train_saes
 
     mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
 

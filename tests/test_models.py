@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from saelib.io import file_sha256
 from saelib.lm import models
 from saelib.lm.models import (
     HubUnavailableError,
@@ -109,7 +110,7 @@ def _fake_cache(tmp_path):
     files = {}
     for name, content in {"model.safetensors": os.urandom(4096), "config.json": b"{}"}.items():
         (d / name).write_bytes(content)
-        files[name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+        files[name] = {"bytes": len(content), "sha256": file_sha256(d / name)}
     (d / "manifest.json").write_text(json.dumps({"files": files}))
     return d
 

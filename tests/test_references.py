@@ -198,7 +198,8 @@ def test_dead_latent_rule_boundary():
 
 def test_trainer_dead_metric_boundary(tmp_path):
     """The trainer's ``dead`` metric: silent on the last dead_window_tokens tokens (>=)."""
-    from saelib.sae.train import TrainConfig, load_metrics, train_saes
+    from saelib.pipeline import load_metrics
+    from saelib.sae.train import TrainConfig, train_saes
 
     import copy
 

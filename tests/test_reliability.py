@@ -23,12 +23,14 @@ import saelib
 from saelib.lm import activations
 from saelib.analysis import afa
 from saelib.sae import geometry
+from saelib import pipeline, runs
 from saelib.sae import train as train_mod
-from saelib.lm.activations import ActivationCache, activation_cache_path
+from saelib.lm.activations import ActivationCache
 from saelib.io import FolderInUseError, code_fingerprint, folder_lock, load_yaml
 from saelib.lm.models import load_model
 from saelib.sae.core import SAE, SAEConfig
-from saelib.sae.train import TrainConfig, TrainingDivergedError, ensure_sweep, load_metrics, sweep_configs, train_saes
+from saelib.pipeline import ensure_sweep, load_metrics, sweep_configs
+from saelib.sae.train import TrainConfig, TrainingDivergedError, train_saes
 
 D, H = 16, 48
 HOOK = "blocks.1.hook_resid_pre"
@@ -295,8 +297,13 @@ def test_folder_lock_is_reentrant_and_released(tmp_path):
 
 def test_cache_of_other_weights_is_an_error(tmp_path, model, tokens):
     other = load_model("tiny-gpt2", device="cpu", seed=1)
-    assert activation_cache_path(tmp_path, model, "c", "train", tokens, HOOK) != \
-        activation_cache_path(tmp_path, other, "c", "train", tokens, HOOK)
+    kw = dict(model_name="tiny-gpt2", corpus="embedded", split="train", hooks=[HOOK], n_tokens=64, seq_len=16,
+              seed=0, progress=False)
+    first = pipeline.activation_cache(tmp_path / "runs", model, **kw)
+    assert pipeline.activation_cache(tmp_path / "runs", lambda: 1 / 0, **kw).path == first.path  # reused: no model load
+    with pytest.warns(UserWarning, match="weights"):  # one name, other weights: rebuilt, never reused
+        second = pipeline.activation_cache(tmp_path / "runs", other, **kw)
+    assert second.manifest["model_sha256"] == saelib.io.model_fingerprint(other) != first.manifest["model_sha256"]
     a = ActivationCache.build(tmp_path / "c", model, tokens, HOOK, progress=False)
     with pytest.raises(ValueError, match="model weights"):
         ActivationCache.build(tmp_path / "c", other, tokens, HOOK, progress=False)
@@ -461,7 +468,7 @@ def test_results_of_other_code_are_not_reused(tmp_path, x, model, tokens, monkey
     ensure_sweep(configs, batches, cfg)
     ensure_sweep(configs, batches, cfg)
     assert len(calls) == 1
-    monkeypatch.setattr(train_mod, "code_fingerprint", _bump(train_mod.code_fingerprint))
+    monkeypatch.setattr(runs, "code_fingerprint", _bump(runs.code_fingerprint))
     with pytest.warns(UserWarning, match="saelib code"):
         ensure_sweep(configs, batches, cfg)
     assert len(calls) == 2
@@ -474,18 +481,15 @@ def test_results_of_other_code_are_not_reused(tmp_path, x, model, tokens, monkey
 
 
 def test_width_family_retrained_when_code_changes(tmp_path, monkeypatch):
-    from saelib import io
-    from saelib.analysis import stitching as st
-
     model = load_model("tiny-llama", device="cpu")
     kw = dict(model_name="tiny-llama", corpus="embedded", layer=1, architectures={"relu": (1,)}, n_tokens=256,
               batch_size=128, seq_len=32, progress=False, model=model)
-    fam = st.ensure_width_family(tmp_path, **kw)
-    weights = fam.path / st.member_name("relu", fam.widths[0]) / "sae.safetensors"
+    fam = pipeline.ensure_width_family(tmp_path, **kw)
+    weights = fam.path / pipeline.member_name("relu", fam.widths[0]) / "sae.safetensors"
     mtime = weights.stat().st_mtime_ns
-    assert json.loads((fam.path / "family.json").read_text())["code"]
-    st.ensure_width_family(tmp_path, **kw)
+    assert json.loads((fam.path / "sweep.json").read_text())["recipe"]["code"]
+    pipeline.ensure_width_family(tmp_path, **kw)
     assert weights.stat().st_mtime_ns == mtime
-    monkeypatch.setattr(io, "code_fingerprint", _bump(io.code_fingerprint))
-    st.ensure_width_family(tmp_path, **kw)
+    monkeypatch.setattr(runs, "code_fingerprint", _bump(runs.code_fingerprint))
+    pipeline.ensure_width_family(tmp_path, **kw)
     assert weights.stat().st_mtime_ns != mtime

@@ -132,7 +132,7 @@ def test_gpu_profile_is_complete_and_at_the_papers_scale():
     assert math.ceil(ch3["train_tokens"] / rows_tokens) >= 13
     # width family: the paper's widths d·2^n (ReLU up to 64·d) and meta-SAE ratio 2304/49152 = 3/64
     assert ch5["family_preset"] == ch6["family_preset"], "chapters 5 and 6 must share one family"
-    from saelib.analysis.stitching import width_family_preset
+    from saelib.pipeline import width_family_preset
 
     fam = width_family_preset(ch5["family_preset"])
     relu = list(fam["architectures"]["relu"])
@@ -238,7 +238,7 @@ def test_standin_release_is_written_by_sae_lens_and_loads_like_a_local_release(t
 
 def test_released_family_from_a_local_folder(tmp_path):
     from saelib import interop
-    from saelib.analysis.stitching import ensure_width_family
+    from saelib.pipeline import ensure_width_family
 
     folder = interop.write_standin_release("gpt2-small-res-jb-feature-splitting", tmp_path / "fs")
     fam = ensure_width_family(tmp_path / "runs", release=str(folder), multipliers=[1, 4])
@@ -266,7 +266,7 @@ def test_openwebtext_standin_is_a_stream_corpus(monkeypatch):
 
 
 def test_width_family_overrides_are_checked():
-    from saelib.analysis.stitching import width_family_preset
+    from saelib.pipeline import width_family_preset
 
     assert width_family_preset("gpu", {"n_tokens": 2048})["n_tokens"] == 2048
     assert width_family_preset("gpu")["n_tokens"] == 4_194_304  # the preset itself is untouched

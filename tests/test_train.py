@@ -9,17 +9,9 @@ import pytest
 import torch
 
 from saelib.sae.core import SAE, SAEConfig
+from saelib.pipeline import ensure_sweep, load_metrics, load_saes, sweep_configs, sweep_table
 from saelib.sae.geometry import max_cosine, pair_cosines
-from saelib.sae.train import (
-    EarlyStopping,
-    TrainConfig,
-    ensure_sweep,
-    load_metrics,
-    load_saes,
-    sweep_configs,
-    sweep_table,
-    train_saes,
-)
+from saelib.sae.train import EarlyStopping, TrainConfig, train_saes
 
 D, H = 16, 48
 HOOK_A, HOOK_B = "blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"
@@ -241,9 +233,9 @@ def test_ensure_sweep_trains_only_missing(tmp_path, data):
     assert len(load_metrics(tmp_path, as_frame=False)) == 3
     # other data (or training settings) -> the sweep is retrained, not silently reused
     with pytest.warns(UserWarning, match="retraining"):
-        ensure_sweep(more, batches, cfg, eval_batches=lambda: stream(data, 256, epochs=1), data_tag="other-rows")
+        ensure_sweep(more, batches, cfg, eval_batches=lambda: stream(data, 256, epochs=1), data="other-rows")
     assert len(calls) == 3
-    ensure_sweep(more, batches, cfg, eval_batches=lambda: stream(data, 256, epochs=1), data_tag="other-rows")
+    ensure_sweep(more, batches, cfg, eval_batches=lambda: stream(data, 256, epochs=1), data="other-rows")
     assert len(calls) == 3
 
 

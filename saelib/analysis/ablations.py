@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
@@ -112,8 +113,6 @@ def _rank(a: np.ndarray) -> np.ndarray:
 def l0_correlates(l0: Any, covariates: Mapping[str, Any]) -> Any:
     """Spearman correlation of per-token L0 with each covariate; returns a DataFrame with
     ``covariate, spearman, ci_low, ci_high, n``. A constant L0 or covariate gives NaN."""
-    import pandas as pd
-
     y = np.asarray(l0, dtype=np.float64)
     rows = []
     for name, c in covariates.items():
@@ -139,8 +138,6 @@ def factor_effects(df: Any, factors: Mapping[str, Sequence[str]], metrics: Seque
     metric(level 2) − metric(level 1), where a cell fixes every other factor and the ``unit``
     columns (the seed); the standard error is over those paired differences. Returns a DataFrame
     ``factor, level_a, level_b, metric, mean_a, mean_b, diff, se, n``."""
-    import pandas as pd
-
     rows = []
     for f, levels in factors.items():
         if len(levels) != 2:

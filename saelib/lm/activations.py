@@ -8,7 +8,7 @@ Three ways to feed SAEs, all yielding ``dict[hook_name, Tensor[batch, d]]``:
   dictionary_learning style): one model pass serves every hook and every SAE reading it.
 * :class:`ActivationCache` — activations written once to sharded files on disk and replayed
   many times through memory maps (sweeps that train many SAEs on the same tokens);
-  :func:`activation_cache_path` names the shared cache folder under ``<runs_dir>/activations``.
+  ``saelib.pipeline.activation_cache`` names, builds and reuses them under ``<runs_dir>/activations``.
 
 :func:`tensor_batches` serves in-memory tensors the same way, and :func:`residual_norms` keeps
 only ``||x||`` at every layer (chapter 1).
@@ -44,17 +44,17 @@ from saelib.lm.models import check_hook, model_device
 __all__ = [
     "ActivationCache",
     "ActivationStore",
-    "activation_cache_path",
     "harvest",
     "residual_norms",
     "tensor_batches",
 ]
 
 MANIFEST = "manifest.json"
+STAMP = "stamp.json"  # written beside the manifest by saelib.pipeline.activation_cache (its freshness stamp)
 _VERSION = 2  # 2: the identity holds the model's weights fingerprint and the code fingerprint
 # The only names ActivationCache.build ever writes in its folder (it deletes nothing else).
 _OWN_FILE = re.compile(
-    r"^(manifest\.json|shard_\d{5}\..+\.bin|\.shard_\d{5}\..+\.bin\.tmp|\.manifest\.json\..+\.tmp)$"
+    r"^(manifest\.json|stamp\.json|shard_\d{5}\..+\.bin|\.shard_\d{5}\..+\.bin\.tmp|\.(manifest|stamp)\.json\..+\.tmp)$"
 )
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # numpy has no bfloat16: those shards are stored and memory-mapped as int16 and viewed back.
@@ -479,37 +479,6 @@ def _check_manifest(m, mpath: Path) -> None:
                 raise ValueError(f"{mpath}: field 'dims' has no width for hook {h!r}; {fix}.")
 
 
-def activation_cache_path(
-    runs_dir: str | Path,
-    model,
-    corpus: str | os.PathLike,
-    split: str,
-    tokens: Tensor,
-    hooks: str | Sequence[str],
-    *,
-    dtype: torch.dtype = torch.float32,
-    exclude_bos: bool = True,
-) -> Path:
-    """Shared cache folder ``<runs_dir>/activations/<model>/<corpus>/<split>/<rows>x<seq>-<hash>``.
-
-    The hash covers the token ids, hooks, dtype and BOS handling and, when ``model`` is a model
-    object, a fingerprint of its weights, so chapters asking for the same activations share one
-    cache and different requests (or two models of one name with other weights) never collide.
-    """
-    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    model_name = model if isinstance(model, str) else _model_id(model)
-    corpus_name = Path(str(corpus)).stem if os.sep in str(corpus) else str(corpus)
-    key = [_tokens_fingerprint(tokens), hooks, _dtype_name(dtype), exclude_bos]
-    if not isinstance(model, str):
-        key.append(model_fingerprint(model))
-    h = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
-    safe = lambda x: x.replace("/", "--")  # noqa: E731 - hub ids contain slashes
-    return (
-        Path(runs_dir) / "activations" / safe(model_name) / safe(corpus_name) / split
-        / f"{tokens.shape[0]}x{tokens.shape[1]}-{h}"
-    )
-
-
 class ActivationCache:
     """Activations stored on disk in shards, read back through memory maps.
 
@@ -779,7 +748,7 @@ class ActivationCache:
         # Own files the manifest does not list are debris of an interrupted shard (or stale code's).
         listed = {info["file"] for s in manifest["shards"] for info in s["files"].values()}
         for f in path.iterdir():
-            if f.name not in (MANIFEST, LOCK_FILE) and f.name not in listed and _OWN_FILE.match(f.name) and f.is_file():
+            if f.name not in (MANIFEST, STAMP, LOCK_FILE) and f.name not in listed and _OWN_FILE.match(f.name) and f.is_file():
                 f.unlink()
         done = len(manifest["shards"])
         total_tokens = n_rows * per_row

@@ -50,7 +50,7 @@ def plot_frontier(
     """Log-log sparsity-fidelity frontier, one panel per hook (the paper's Fig. for E3).
 
     Args:
-        table: DataFrame from :func:`saelib.sae.train.sweep_table` (columns hook, activation, k,
+        table: DataFrame from :func:`saelib.pipeline.sweep_table` (columns hook, activation, k,
             afa_coeff, ``x``, ``y``).
         d_model: draw a vertical line at L0 = d (above it any SAE can reconstruct almost exactly).
         annotate: label each point with its k or λ.

@@ -28,7 +28,7 @@ same command after an interruption and every rank resumes from its own checkpoin
 stop at different steps; each replays the shared stream up to its own step). When all ranks
 are done each SAE folder is moved to ``<out_dir>/<name>/`` and rank 0 writes
 ``<out_dir>/metrics.csv`` and ``<out_dir>/distributed.json`` (the plan), so the sweep folder
-reads like a single-process one (:func:`saelib.sae.train.load_saes`).
+reads like a single-process one (:func:`saelib.pipeline.load_saes`).
 
 Launch::
 

@@ -66,7 +66,6 @@ import csv
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import math
 import pickle
@@ -85,8 +84,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.io import TRAINING_CODE, atomic_path, atomic_write_text, code_fingerprint, folder_lock
-from saelib.sae import core as sae_core
+from saelib.io import atomic_path, atomic_write_text, folder_lock
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.geometry import pair_cosines
 
@@ -98,14 +96,6 @@ __all__ = [
     "train_step",
     "train_saes",
     "evaluate_saes",
-    "sweep_configs",
-    "sweep_name",
-    "load_saes",
-    "load_metrics",
-    "load_evals",
-    "sweep_table",
-    "ensure_sweep",
-    "paper_gpt2_results",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -240,11 +230,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def _sae_module():
-    """saelib.sae.core (the sweep helpers at the end of this module read SAE/SAEConfig through it)."""
-    return sae_core
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     try:
         with atomic_path(path) as tmp:
@@ -582,8 +567,8 @@ def _truncate_jsonl(path: Path, max_step: int) -> None:
 
 def _write_combined_csv(out_dir: Path) -> Path | None:
     rows = []
-    for name, recs in load_metrics(out_dir, as_frame=False).items():
-        rows += [{"name": name, **r} for r in recs]
+    for p in sorted(out_dir.glob("*/metrics.jsonl"), key=lambda p: _natural_key(p.parent.name)):
+        rows += [{"name": p.parent.name, **r} for _, r in _read_jsonl(p)]
     if not rows:
         return None
     cols: list[str] = []
@@ -1017,247 +1002,3 @@ def evaluate_saes(
         }
         res[name] = r
     return res
-
-
-# --------------------------------------------------------------------------------------------
-# sweeps
-# --------------------------------------------------------------------------------------------
-def _fmt_num(v: float) -> str:
-    return f"{v:g}"
-
-
-def sweep_name(hook: str, activation: str, *, k: int | None = None, afa_coeff: float | None = None,
-               l1_coeff: float | None = None, seed: int = 0) -> str:
-    """Folder name of one sweep member, e.g. ``blocks.15.hook_resid_pre-topk-k32-s0``."""
-    if activation in ("topk", "batchtopk"):
-        knob = f"k{k}"
-    elif activation == "topafa":
-        knob = f"afa{_fmt_num(afa_coeff)}"
-    else:
-        knob = f"l1{_fmt_num(l1_coeff)}"
-    return f"{hook}-{activation}-{knob}-s{seed}"
-
-
-def sweep_configs(
-    hooks: Iterable[str],
-    d_in: int,
-    d_sae: int,
-    *,
-    topk_ks: Iterable[int] = (),
-    batchtopk_ks: Iterable[int] = (),
-    afa_coeffs: Iterable[float] = (),
-    relu_l1_coeffs: Iterable[float] = (),
-    seeds: Iterable[int] = (0,),
-    **common: Any,
-) -> dict[str, Any]:
-    """The grid hooks x {TopK over ``topk_ks``, BatchTopK over ``batchtopk_ks``, top-AFA over
-    ``afa_coeffs``, ReLU+L1 over ``relu_l1_coeffs``} x seeds, as ``{name: SAEConfig}``.
-
-    ``common`` goes to every ``SAEConfig`` (e.g. ``input_norm="token"``, ``model_name=...``).
-    The paper's grid: ``topk_ks = batchtopk_ks = (32, ..., 8192)``, ``afa_coeffs = (1/128, 1/64,
-    1/32, 1/24, 1/16)``. Names come from :func:`sweep_name`; ``seeds`` set ``SAEConfig.seed``
-    (the initialisation), so seed replicates differ only in their init.
-    """
-    SAEConfig = _sae_module().SAEConfig
-    hooks, seeds = list(hooks), list(seeds)
-    if not hooks:
-        raise ValueError("sweep_configs needs at least one hook name, e.g. ['blocks.6.hook_resid_pre']")
-    grid: list[tuple[str, dict[str, Any]]] = []
-    grid += [("topk", {"k": int(k)}) for k in topk_ks]
-    grid += [("batchtopk", {"k": int(k)}) for k in batchtopk_ks]
-    grid += [("topafa", {"afa_coeff": float(c)}) for c in afa_coeffs]
-    grid += [("relu", {"l1_coeff": float(c)}) for c in relu_l1_coeffs]
-    if not grid:
-        raise ValueError("sweep_configs got an empty grid: give topk_ks, batchtopk_ks, afa_coeffs or relu_l1_coeffs")
-    for act, knob in grid:
-        if "k" in knob and not 1 <= knob["k"] <= d_sae:
-            raise ValueError(f"{act} k={knob['k']} is outside [1, d_sae={d_sae}]; fix the k grid or d_sae")
-    out: dict[str, Any] = {}
-    for hook, (act, knob), seed in itertools.product(hooks, grid, seeds):
-        name = sweep_name(hook, act, seed=seed, **knob)
-        kw = {**common, **knob}
-        if act != "topafa":
-            kw.setdefault("afa_coeff", 0.0)
-        if act != "relu":
-            kw.setdefault("l1_coeff", 0.0)
-        out[name] = SAEConfig(d_in=d_in, d_sae=d_sae, activation=act, hook_name=hook, seed=seed, **kw)
-    return out
-
-
-def load_saes(out_dir: str | Path, names: Iterable[str] | None = None, *, device: str | None = None) -> dict[str, Any]:
-    """Load the final SAEs of a sweep folder (every ``<out_dir>/<name>/`` with ``cfg.json``)."""
-    SAE = _sae_module().SAE
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        raise FileNotFoundError(f"no sweep folder {out_dir}; train it first (train_saes / ensure_sweep)")
-    found = sorted((p.parent.name for p in out_dir.glob("*/cfg.json")), key=_natural_key)
-    if names is not None:
-        names = list(names)
-        missing = [n for n in names if n not in found]
-        if missing:
-            raise FileNotFoundError(f"{out_dir} has no trained SAE(s) {missing}; available: {found}")
-        found = names
-    saes = {}
-    for n in found:
-        sae = SAE.load(out_dir / n)
-        sae = sae.to(device) if device is not None else sae
-        saes[n] = sae.eval()  # eval mode: BatchTopK uses its inference threshold
-    return saes
-
-
-def load_metrics(out_dir: str | Path, *, as_frame: bool = True):
-    """Training records of every SAE in ``out_dir``: a pandas DataFrame (column ``name``) or a dict."""
-    out_dir = Path(out_dir)
-    res: dict[str, list[dict[str, Any]]] = {}
-    for p in sorted(out_dir.glob("*/metrics.jsonl"), key=lambda p: _natural_key(p.parent.name)):
-        res[p.parent.name] = [rec for _, rec in _read_jsonl(p)]
-    if not as_frame:
-        return res
-    import pandas as pd
-
-    rows = [{"name": n, **r} for n, recs in res.items() for r in recs]
-    return pd.DataFrame(rows)
-
-
-def load_evals(out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{name: eval.json contents}`` for every evaluated SAE of a sweep folder."""
-    out_dir = Path(out_dir)
-    return {
-        p.parent.name: json.loads(p.read_text())
-        for p in sorted(out_dir.glob("*/eval.json"), key=lambda p: _natural_key(p.parent.name))
-    }
-
-
-def sweep_table(out_dir: str | Path):
-    """One row per evaluated SAE: config (hook, activation, k, afa_coeff, seed, d_sae) + eval metrics."""
-    import pandas as pd
-
-    out_dir = Path(out_dir)
-    rows = []
-    for name, ev in load_evals(out_dir).items():
-        cfg = json.loads((out_dir / name / "cfg.json").read_text())
-        cfg = cfg.get("cfg", cfg)
-        act = cfg.get("activation")
-        rows.append(
-            {
-                "name": name,
-                "hook": cfg.get("hook_name"),
-                "activation": act,
-                "k": cfg.get("k") if act in ("topk", "batchtopk") else None,
-                "afa_coeff": cfg.get("afa_coeff") if act == "topafa" else None,
-                "l1_coeff": cfg.get("l1_coeff") if act == "relu" else None,
-                "seed": cfg.get("seed"),
-                "d_sae": cfg.get("d_sae"),
-                **{k: v for k, v in ev.items() if k != "l0_hist"},
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def _is_finished(folder: Path, cfg: Any, need_eval: bool) -> bool:
-    if not (folder / "cfg.json").exists() or not any(folder.glob("*.safetensors")):
-        return False
-    if need_eval and not (folder / "eval.json").exists():
-        return False
-    try:  # compare configs without loading the weights
-        doc = json.loads((folder / "cfg.json").read_text())
-        have = type(cfg).from_dict(doc.get("cfg", doc)) if hasattr(type(cfg), "from_dict") else None
-    except Exception:  # noqa: BLE001 - an unreadable folder is simply "not finished"
-        return False
-    if have is None or _cfg_dict(have) != _cfg_dict(cfg):
-        return False
-    try:  # the weights must load: checksum matches, all finite (a diverged SAE is never reused)
-        _sae_module().SAE.load(folder)
-    except (ValueError, OSError) as e:
-        warnings.warn(f"{folder} holds an unusable SAE ({e}); retraining it", stacklevel=3)
-        return False
-    return True
-
-
-def ensure_sweep(
-    configs: Mapping[str, Any],
-    batches: Callable[[], Iterable[Mapping[str, Tensor]]] | Iterable[Mapping[str, Tensor]],
-    cfg: TrainConfig,
-    *,
-    eval_batches: Callable[[], Iterable[Mapping[str, Tensor]]] | Iterable[Mapping[str, Tensor]] | None = None,
-    data_tag: str | None = None,
-) -> dict[str, Any]:
-    """Load a finished sweep from ``cfg.out_dir``, training (in one pass) only what is missing.
-
-    A member is finished when its folder holds the saved SAE with the same config, whose
-    weights load (checksum and finiteness checked), (and ``eval.json`` when ``eval_batches`` is
-    given) and the folder's ``sweep.json`` records the same training settings (tokens, batch size,
-    optimiser, schedule, seed), the same code (a fingerprint of saelib's SAE, top-AFA, trainer,
-    activation and model modules: results of older code are retrained) and ``data_tag`` (a
-    string naming the activation source, e.g. model/corpus/hooks/rows; ``None`` = do not check
-    the data, e.g. when a later chapter reuses a sweep it did not build). When those differ the
-    whole sweep is retrained (with a warning) rather than silently reusing stale SAEs.
-    ``batches`` / ``eval_batches`` may be zero-argument callables so no activations are
-    produced when nothing needs training. Returns ``{name: SAE}`` for every name in ``configs``.
-    """
-    if cfg.out_dir is None:
-        raise ValueError("ensure_sweep needs TrainConfig.out_dir (the sweep folder to load from / train into)")
-    from saelib.io import FolderInUseError
-
-    try:
-        lock = folder_lock(cfg.out_dir, "sweep folder")
-        lock.__enter__()
-    except FolderInUseError:
-        raise
-    except OSError as e:  # a read-only folder: fine as long as nothing needs training
-        return _ensure_sweep(configs, batches, cfg, eval_batches, data_tag, cannot_write=e)
-    try:
-        return _ensure_sweep(configs, batches, cfg, eval_batches, data_tag)
-    finally:
-        lock.__exit__(None, None, None)
-
-
-def _ensure_sweep(configs, batches, cfg: TrainConfig, eval_batches, data_tag, cannot_write=None) -> dict[str, Any]:
-    out_dir = Path(cfg.out_dir)
-    stamp = {"train": _identity([], cfg)["train"], "code": code_fingerprint(*TRAINING_CODE), "data_tag": data_tag}
-    stamp_path = out_dir / "sweep.json"
-    same = False
-    if stamp_path.exists():
-        try:
-            have = json.loads(stamp_path.read_text())
-        except ValueError:
-            have = {}  # unreadable: retrain rather than trust the folder
-        if not isinstance(have, dict):
-            have = {}
-        want = json.loads(json.dumps(stamp))
-        if data_tag is None:  # the caller does not name its data: compare the training settings only
-            have.pop("data_tag", None)
-            want.pop("data_tag", None)
-        same = have == want
-    if same:
-        missing = {n: c for n, c in configs.items() if not _is_finished(out_dir / n, c, eval_batches is not None)}
-    else:
-        if any(_is_finished(out_dir / n, c, False) for n, c in configs.items()):
-            warnings.warn(
-                f"{out_dir} holds SAEs trained with other settings, data or saelib code (sweep.json differs); "
-                "retraining the sweep",
-                stacklevel=2,
-            )
-        missing = dict(configs)
-    if missing and cannot_write is not None:
-        raise cannot_write
-    if missing:
-        b = batches() if callable(batches) else batches
-        e = eval_batches() if callable(eval_batches) else eval_batches
-        train_saes(missing, b, cfg, eval_batches=e)
-        if data_tag is None and stamp_path.exists():  # keep the data name a previous caller recorded
-            try:
-                stamp["data_tag"] = json.loads(stamp_path.read_text()).get("data_tag")
-            except (ValueError, AttributeError):
-                pass
-        atomic_write_text(stamp_path, json.dumps(stamp, indent=2))
-    return load_saes(out_dir, list(configs))
-
-
-# --------------------------------------------------------------------------------------------
-# the paper's numbers (for comparison tables; never used as targets)
-def paper_gpt2_results():
-    """The paper's E3 table (moved to :func:`saelib.paper.e3_results`, which names the source)."""
-    from saelib.paper import e3_results
-
-    return e3_results()
