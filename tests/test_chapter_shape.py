@@ -18,12 +18,7 @@ MAX_CODE_LINES = 25
 
 # Cells still to move into the library, with where they go; remove a chapter once it passes
 # (the xfail is strict, so a chapter that passes while listed here fails the suite).
-PENDING: dict[str, str] = {
-    "03_training": "the activation cell (cache paths, make_batches) moves to the pipeline module saelib/runs.py",
-    "04_evaluation": "the SAE-training cell (train_cfg, stream, store_stream, from_sweep, train_or_reuse) "
-                     "moves to the pipeline module saelib/runs.py",
-    "08_topafa_design": "recipe, stream and held_metrics move to the pipeline module saelib/runs.py",
-}
+PENDING: dict[str, str] = {}
 
 
 def code_cells(stem: str) -> list[tuple[int, str, bool]]:
