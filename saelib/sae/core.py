@@ -1,15 +1,7 @@
 """Sparse autoencoders: configuration, model, losses, save/load.
 
-One class, :class:`SAE`, covers the four activation rules the book compares:
-
-* ``"relu"``      ReLU SAE with an L1 penalty (Bricken et al. / "vanilla").
-* ``"topk"``      TopK SAE (Gao et al. 2024): keep the k largest ReLU pre-activations per token.
-* ``"batchtopk"`` BatchTopK SAE (Bussmann et al. 2024): keep the k·B largest over the batch in
-                  training; in eval mode a single learned threshold θ replaces the batch rule.
-* ``"topafa"``    top-AFA SAE (Lee et al. 2025): per token, keep the prefix of the
-                  decoder-scaled ranking whose cumulative norm is nearest to ||x - b_dec||.
-* ``"jumprelu"``  inference only (per-latent threshold); used to import SAELens JumpReLU SAEs and
-                  BatchTopK SAEs exported as JumpReLU.
+One class, :class:`SAE`, for every activation rule; each rule (ReLU+L1, TopK, BatchTopK, top-AFA,
+JumpReLU) lives in :mod:`saelib.sae.rules` with its selection, knob, losses and threshold update.
 
 Shapes: ``x`` [N, d_in], ``pre_acts``/``acts`` [N, d_sae], ``W_enc`` [d_in, d_sae],
 ``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in].
@@ -17,7 +9,7 @@ Shapes: ``x`` [N, d_in], ``pre_acts``/``acts`` [N, d_sae], ``W_enc`` [d_in, d_sa
 Forward pass (in the *normalised* space, see ``input_norm``)::
 
     pre  = relu((x_n - b_dec) @ W_enc + b_enc)      # b_enc only when cfg.use_b_enc
-    acts = select(pre)                               # activation rule
+    acts = select(pre)                               # the rule (SAE.rule)
     x_hat_n = acts @ W_dec + b_dec
 
 Input normalisation (``SAEConfig.input_norm``) and what "model space" means:
@@ -45,7 +37,8 @@ Losses (``SAEOutput``) are computed in the normalised space, as in the paper:
 * ``aux_loss`` = aux_coeff · mean over N·d_in of (e - r)^2, where r = x_n - x_hat_n is
   *detached* (Gao et al.; the paper's code does not detach, see ``aux_detach_residual``) and e
   is the reconstruction (no bias) from the top-``aux_k`` pre-activations among dead latents;
-* ``l1_loss``  = l1_coeff · mean over tokens of sum_i acts_i·||W_dec[i]|| (ReLU SAEs).
+* ``l1_loss``  = l1_coeff · mean over tokens of sum_i acts_i·||W_dec[i]|| (ReLU SAEs);
+* ``rule_loss`` = the rule's own term (JumpReLU's L0 penalty), 0 for the others.
 
 The decoder-row constraint is maintained by the trainer: after ``backward()`` call
 :meth:`SAE.remove_gradient_parallel_to_decoder_directions`, step, then
@@ -54,12 +47,7 @@ The decoder-row constraint is maintained by the trainer: after ``backward()`` ca
 
 Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
 
-* BatchTopK has an inference threshold θ; the paper's code applies the batch rule at evaluation
-  too. During training θ follows an EMA of the smallest kept activation (SAELens'
-  ``topk_threshold_lr``; dictionary_learning uses an EMA too, from step 1000); after training
-  the trainer re-estimates it with the final weights over the last training batches
-  (:meth:`SAE.calibrate_threshold`, ``TrainConfig.batchtopk_threshold="final"``), because in a
-  few hundred steps the EMA still lags the weights and remembers the first batch.
+* BatchTopK has an inference threshold θ (:mod:`saelib.sae.rules.batchtopk`).
 * ``b_dec_init`` (default "zeros", the paper) can start b_dec at the first batch's mean
   (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` is the
   top-AFA variant that keeps the shortest prefix reaching the target (paper: nearest prefix).
@@ -92,7 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.io import atomic_path, atomic_write_text, file_sha256
-from saelib.sae.topafa import topafa_select, topafa_select_first_crossing
+from saelib.sae.rules import RULES, Rule, get_rule
 
 __all__ = [
     "ACTIVATIONS",
@@ -103,7 +91,7 @@ __all__ = [
     "geometric_median",
 ]
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "topafa", "jumprelu")
+ACTIVATIONS = tuple(RULES)
 INPUT_NORMS = ("none", "global", "token")
 AFA_TARGETS = ("paper", "consistent")
 INIT_FAN_IN = ("paper", "d_in")
@@ -126,19 +114,26 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size h)."""
     activation: str = "topk"
-    """Activation rule: "relu", "topk", "batchtopk", "topafa" or "jumprelu" (inference only)."""
+    """Activation rule, a name in :data:`saelib.sae.rules.RULES`."""
     k: int | None = None
     """Latents per token for "topk"; average latents per token for "batchtopk". Required for
     those two, ignored (must be None) for the others."""
     afa_coeff: float | None = None
-    """Weight λ of the AFA norm-matching loss. None → 1/16 for "topafa" (the paper's most used
-    value), 0 otherwise. The term is always computed and logged."""
+    """Weight λ of the AFA norm-matching loss. None → 1/16 for "topafa", 0 otherwise. The term
+    is always computed and logged. (None for a coefficient = the rule's default when it is the
+    rule's knob, else 0.)"""
     afa_target: str = "paper"
     """"paper": the paper's code (selection targets ||x_n - b_dec||, the loss compares the unscaled
     ||f|| with ||x_n||). "consistent": selection and loss both target ||x_n - b_dec|| and the loss
     uses decoder-scaled activations (the f̃ view of the theory)."""
     l1_coeff: float | None = None
     """L1 sparsity weight (decoder-norm weighted). None → 5.0 for "relu", 0 otherwise."""
+    l0_coeff: float | None = None
+    """JumpReLU L0 penalty weight. None → 1e-3 for "jumprelu", 0 otherwise."""
+    jump_bandwidth: float = 0.05
+    """JumpReLU: bandwidth ε of the straight-through estimator's rectangle kernel."""
+    jump_init_threshold: float = 0.01
+    """JumpReLU: initial threshold θ of every latent."""
     aux_k: int = 512
     """Number of dead latents used by the auxiliary dead-latent loss (top_k_aux); 0 disables it."""
     aux_coeff: float = 1 / 32
@@ -155,9 +150,13 @@ class SAEConfig:
     input_norm: str = "none"
     """Input normalisation: "none", "global" (one fitted scalar; folded into the weights at save
     time) or "token" (the paper's per-token standardisation)."""
+    center_input: bool = False
+    """Subtract each token's mean over d_in before the SAE (and add it back after decoding): for
+    SAEs trained on TransformerLens-centred residual streams (``center_writing_weights``, e.g.
+    gpt2-small-res-jb) run on a model with raw weights, whose streams differ by exactly that mean."""
     use_b_enc: bool | None = None
-    """Use an encoder bias. None → False for topk/batchtopk/topafa (the paper's and Bussmann et
-    al.'s code have no encoder bias) and True for relu/jumprelu."""
+    """Use an encoder bias. None → the rule's default (``Rule.uses_b_enc``: False for
+    topk/batchtopk/topafa, as the paper's and Bussmann et al.'s code; True for relu/jumprelu)."""
     init_fan_in: str = "paper"
     """Kaiming-uniform fan-in for W_enc: "paper" uses PyTorch's fan_in = size(1) = d_sae of the
     [d_in, d_sae] matrix (the paper's code, 4x smaller than intended at 16x expansion); "d_in"
@@ -185,27 +184,19 @@ class SAEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {v!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is None:
-                raise ValueError(f"activation={self.activation!r} needs k (latents per token); pass e.g. k=64")
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
-                raise ValueError(f"k must be a positive int, got {self.k!r}")
-            if self.k > self.d_sae:
-                raise ValueError(f"k={self.k} > d_sae={self.d_sae}: cannot keep more latents than exist; lower k or raise d_sae")
-        elif self.k is not None:
-            raise ValueError(f"k={self.k} is only used by topk/batchtopk, not {self.activation!r}; pass k=None")
-        if self.afa_coeff is None:
-            self.afa_coeff = 1 / 16 if self.activation == "topafa" else 0.0
-        if not math.isfinite(self.afa_coeff) or self.afa_coeff < 0:
-            raise ValueError(f"afa_coeff must be a finite number >= 0, got {self.afa_coeff!r}")
+        rule = get_rule(self.activation)
+        rule.validate(self)
+        if rule.knob != "k" and self.k is not None:
+            uses = "/".join(r.name for r in RULES.values() if r.knob == "k")
+            raise ValueError(f"k={self.k} is only used by {uses}, not {self.activation!r}; pass k=None")
+        for f in ("afa_coeff", "l1_coeff", "l0_coeff"):
+            if getattr(self, f) is None:
+                setattr(self, f, rule.knob_default if rule.knob == f else 0.0)
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{f} must be a finite number >= 0, got {v!r}")
         if self.afa_target not in AFA_TARGETS:
             raise ValueError(f"Unknown afa_target {self.afa_target!r}; choose one of {AFA_TARGETS}")
-        if self.l1_coeff is None:
-            self.l1_coeff = 5.0 if self.activation == "relu" else 0.0
-        if not math.isfinite(self.l1_coeff) or self.l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be a finite number >= 0, got {self.l1_coeff!r}")
         if isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 0:
             raise ValueError(f"aux_k must be an int >= 0 (0 disables the aux loss), got {self.aux_k!r}")
         if not math.isfinite(self.aux_coeff) or self.aux_coeff < 0:
@@ -217,7 +208,7 @@ class SAEConfig:
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"Unknown input_norm {self.input_norm!r}; choose one of {INPUT_NORMS}")
         if self.use_b_enc is None:
-            self.use_b_enc = self.activation in ("relu", "jumprelu")
+            self.use_b_enc = rule.uses_b_enc
         if self.init_fan_in not in INIT_FAN_IN:
             raise ValueError(f"Unknown init_fan_in {self.init_fan_in!r}; choose one of {INIT_FAN_IN}")
         if self.dtype not in _DTYPES:
@@ -230,6 +221,10 @@ class SAEConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def rule(self) -> Rule:
+        return get_rule(self.activation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,6 +256,8 @@ class SAEOutput(NamedTuple):
     """Weighted auxiliary dead-latent loss (0 when no latent is dead or aux_k = 0)."""
     l1_loss: Tensor
     """Weighted L1 penalty."""
+    rule_loss: Tensor
+    """The rule's own weighted term (:meth:`Rule.loss`, e.g. JumpReLU's L0 penalty), else 0."""
     l0: Tensor
     """Mean number of non-zero activations per token (float scalar, no grad)."""
     pre_acts: Tensor
@@ -274,7 +271,7 @@ class SAEOutput(NamedTuple):
 
 
 class SAE(nn.Module):
-    """Sparse autoencoder with TopK / BatchTopK / top-AFA / ReLU / JumpReLU activations."""
+    """Sparse autoencoder; its activation rule is ``cfg.activation`` (:attr:`rule`)."""
 
     def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None):
         super().__init__()
@@ -297,13 +294,10 @@ class SAE(nn.Module):
             self.b_enc.requires_grad_(False)
         # "global" input normalisation scale s (x_n = s·x)
         self.register_buffer("input_scale", torch.ones((), dtype=dt))
-        # BatchTopK inference threshold θ (NaN until the first training step); JumpReLU per-latent threshold
+        # BatchTopK inference threshold θ (NaN until the first training step)
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=dt))
-        if cfg.activation == "jumprelu":
-            self.register_buffer("jump_threshold", torch.zeros(cfg.d_sae, dtype=dt))
-        else:
-            self.jump_threshold = None
         self._afa_k_hint: int | None = None  # top-AFA: where the next partial sort starts (speed only)
+        self.rule.init_state(self)
         self._last_dense = False  # the previous training batch took the dense path (speed only)
         # tokens since each latent last fired (training only)
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
@@ -311,6 +305,10 @@ class SAE(nn.Module):
             self.to(device)
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def rule(self) -> Rule:
+        return get_rule(self.cfg.activation)
+
     @property
     def device(self) -> torch.device:
         return self.W_dec.device
@@ -397,31 +395,10 @@ class SAE(nn.Module):
         self.b_dec.copy_(b.to(self.dtype))
         return self.b_dec.detach()
 
-    @torch.no_grad()
     def calibrate_threshold(self, batches: list[Tensor]) -> float:
-        """BatchTopK: set the inference threshold θ to the mean, over ``batches`` (model-space
-        [B, d_in] tensors, each a training batch), of the smallest activation the batch rule
-        keeps, computed with the *current* weights. This is the quantity the training EMA
-        tracks (SAELens, dictionary_learning), but without its lag behind the weights and
-        without the first batch's value it starts from. Returns θ."""
-        if self.cfg.activation != "batchtopk":
-            raise ValueError(f"calibrate_threshold is for batchtopk SAEs, this one is {self.cfg.activation!r}")
-        if not batches:
-            raise ValueError("calibrate_threshold needs at least one batch")
-        mins = []
-        for x in batches:
-            x_n, _ = self.normalize(self._flatten(self._check_input(x))[0])
-            pre = self._pre_acts_n(x_n).flatten()
-            kk = min(self.cfg.k * x_n.shape[0], pre.numel())
-            kept = pre.topk(kk, sorted=False).values
-            kept = kept[kept > 0]
-            if kept.numel():
-                mins.append(kept.min().double())
-        if not mins:
-            raise ValueError("calibrate_threshold: no positive activation in any batch (a dead SAE?)")
-        theta = float(torch.stack(mins).mean())
-        self.threshold.fill_(theta)
-        return theta
+        """Re-estimate the rule's inference threshold with the current weights over ``batches``
+        (model-space training batches; BatchTopK: :meth:`BatchTopK.calibrate`). Returns θ."""
+        return self.rule.calibrate(self, batches)
 
     # ------------------------------------------------------------------ encode/decode
     def _pre_acts_n(self, x_n: Tensor) -> Tensor:
@@ -447,47 +424,15 @@ class SAE(nn.Module):
 
     def _select_mask(self, pre: Tensor, x_n: Tensor, *, training: bool,
                      key_buffer: Tensor | None = None) -> Tensor | None:
-        """Boolean keep-mask [N, d_sae] (None = keep all, ReLU). ``key_buffer``: scratch tensor
-        like ``pre`` for the top-AFA ranking keys (overwritten)."""
-        act = self.cfg.activation
+        """Boolean keep-mask [N, d_sae] (None = keep all). ``key_buffer``: scratch like ``pre``."""
         with torch.no_grad():
-            if act == "relu":
-                return None
-            if act == "jumprelu":
-                return pre > self.jump_threshold
-            if act == "topk":
-                idx = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
-                return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, True)
-            if act == "batchtopk":
-                if training or torch.isnan(self.threshold):
-                    n = pre.shape[0]
-                    kk = min(self.cfg.k * n, pre.numel())
-                    idx = pre.flatten().topk(kk, sorted=False).indices
-                    mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
-                    mask[idx] = True
-                    return mask.view_as(pre)
-                return pre > self.threshold
-            if act == "topafa" and self.cfg.afa_rule == "first_crossing":
-                return topafa_select_first_crossing(pre, self.decoder_norms(), self._target_n(x_n))
-            if act == "topafa":
-                mask = topafa_select(pre, self.decoder_norms(), self._target_n(x_n), k_start=self._afa_k_hint,
-                                     key_buffer=key_buffer)
-                # next batch starts its partial sort near this batch's largest k (speed only; a
-                # strided sample of rows is enough, and forward() refines it from exact counts)
-                probe = mask[:: max(1, mask.shape[0] // 256)]
-                self._set_afa_hint(probe.view(torch.uint8).sum(-1, dtype=torch.int32))
-                return mask
-        raise AssertionError(act)
-
-    def _set_afa_hint(self, l0_tokens: Tensor) -> None:
-        """First K of the next batch's partial sort: 1.25x this batch's largest top-AFA k."""
-        self._afa_k_hint = int(l0_tokens.max()) * 5 // 4 + 16 if l0_tokens.numel() else None
+            return self.rule.mask(self, pre, x_n, training=training, key_buffer=key_buffer)
 
     def select(self, pre_acts: Tensor, x: Tensor | None = None) -> Tensor:
         """Apply the activation rule to ReLU pre-activations [N, d_sae]; ``x`` (model space) is
         needed for "topafa" (the target norm). Uses the eval-mode rule when not training."""
-        if self.cfg.activation == "topafa" and x is None:
-            raise ValueError("select() for topafa needs the input x (its norm is the target): select(pre_acts, x)")
+        if self.rule.needs_x and x is None:
+            raise ValueError(f"select() for {self.cfg.activation} needs the input x (its norm is the target): select(pre_acts, x)")
         x_n = None
         if x is not None:
             x = self._check_input(x)
@@ -547,15 +492,15 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> SAEOutput:
         """Full forward pass with losses; x [N, d_in] in model space. In training mode it also
         updates the dead-latent counters and (BatchTopK) the inference threshold."""
-        cfg = self.cfg
+        cfg, rule = self.cfg, self.rule
+        if self.training:
+            rule.before_step(self)
         x = self._check_input(x)
         x, _ = self._flatten(x)
         n = x.shape[0]
         x_n, stats = self.normalize(x)
         x_cent = x_n - self.b_dec.detach()
-        can_sparse = self.sparse_kernels and cfg.activation != "relu" and not x_n.requires_grad
-        if cfg.activation == "topk":
-            can_sparse = can_sparse and cfg.k <= self.sparse_max_density * cfg.d_sae
+        can_sparse = self.sparse_kernels and not x_n.requires_grad and rule.sparse_ok(self)
         pre_g = None
         acts_buf = None
         fused = self.sparse_kernels and not x_n.requires_grad
@@ -576,17 +521,17 @@ class SAE(nn.Module):
         else:
             with torch.no_grad():
                 pre = self._pre_acts_n(x_n)
-                if cfg.activation == "topk":  # no dense mask needed
+                picked = rule.sparse_select(self, pre)
+                if picked is not None:  # no dense mask needed (TopK)
                     mask = None
-                    cols = pre.topk(cfg.k, dim=-1, sorted=False).indices.flatten()
-                    rows = torch.arange(n, device=x.device).repeat_interleave(cfg.k)
+                    rows, cols = picked
                     use_sparse = True
                 else:
-                    # top-AFA's ranking keys go to the buffer that later holds the dense
+                    # ranking keys (top-AFA) go to the buffer that later holds the dense
                     # activations: one [N, d_sae] allocation serves both
-                    acts_buf = torch.empty_like(pre) if cfg.activation == "topafa" else None
+                    acts_buf = torch.empty_like(pre) if rule.uses_key_buffer else None
                     mask = self._select_mask(pre, x_n, training=self.training, key_buffer=acts_buf)
-                    if cfg.activation != "topafa":  # topafa_select already keeps positive latents only
+                    if not rule.mask_is_positive:
                         mask &= pre > 0
                     use_sparse = int(torch.count_nonzero(mask)) <= self.sparse_max_density * mask.numel()
                     if use_sparse:
@@ -612,7 +557,7 @@ class SAE(nn.Module):
             if pre_g is None:  # the sparse attempt found a dense selection: attach its pre-acts to the graph
                 acts_buf = None  # the keys are no longer needed
                 pre_g = encode_with_grad(pre)
-            acts = pre_g if mask is None else pre_g * mask
+            acts = rule.activate(self, pre_g, mask)
             x_hat_n = acts @ self.W_dec + self.b_dec
             with torch.no_grad():  # pre >= 0 (ReLU), so acts != 0 <=> selected and pre > 0
                 nz = pre > 0 if mask is None else mask & (pre > 0)
@@ -637,12 +582,10 @@ class SAE(nn.Module):
         else:
             l1 = x.new_zeros(())
 
-        if cfg.activation == "topafa":
-            self._set_afa_hint(l0_tokens)
+        rule.observe_l0(self, l0_tokens)
         if self.training:
             self._update_dead(fired, n)
-            if cfg.activation == "batchtopk":
-                self._update_threshold(vals.detach() if use_sparse else acts.detach())
+            rule.after_step(self, vals.detach() if use_sparse else acts.detach())
         dead = self.dead_mask()
         n_dead = dead.sum()
         aux = x.new_zeros(())
@@ -663,11 +606,14 @@ class SAE(nn.Module):
                 e = _sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
             aux = cfg.aux_coeff * (e - resid).pow(2).mean()
 
-        loss = mse + cfg.afa_coeff * afa + aux + l1
+        rule_loss = rule.loss(self, pre, n)
+        if rule_loss is None:
+            rule_loss = x.new_zeros(())
+        loss = mse + cfg.afa_coeff * afa + aux + l1 + rule_loss
         l0 = l0_tokens.float().mean()
         x_hat = self.denormalize(x_hat_n, stats)
         return SAEOutput(x_hat=x_hat, acts=acts, loss=loss, mse_loss=mse, afa_loss=afa, aux_loss=aux,
-                         l1_loss=l1, l0=l0, pre_acts=pre, n_dead=n_dead, l0_tokens=l0_tokens, fired=fired)
+                         l1_loss=l1, rule_loss=rule_loss, l0=l0, pre_acts=pre, n_dead=n_dead, l0_tokens=l0_tokens, fired=fired)
 
     aux_dense_min_density: float = 1 / 8
     """The aux loss decodes its dead latents with dense products over the gathered dead columns
@@ -709,17 +655,6 @@ class SAE(nn.Module):
         """``fired`` [d_sae] bool: latents active on some token of a batch of ``n_tokens``."""
         self.tokens_since_fired.add_(n_tokens)
         self.tokens_since_fired[fired] = 0
-
-    @torch.no_grad()
-    def _update_threshold(self, acts: Tensor) -> None:
-        pos = acts[acts > 0]
-        if pos.numel() == 0:
-            return
-        m = pos.min().to(self.threshold.dtype)
-        if torch.isnan(self.threshold):
-            self.threshold.copy_(m)
-        else:
-            self.threshold.lerp_(m, self.cfg.threshold_lr)
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool: latents that have not fired for ``dead_after_tokens`` training tokens."""

@@ -78,6 +78,7 @@ import torch
 from torch import Tensor
 
 from saelib.io import TRAINING_CODE, atomic_path, atomic_write_text, code_fingerprint, folder_lock
+from saelib.sae.rules import get_rule
 
 __all__ = [
     "TrainConfig",
@@ -408,11 +409,6 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
             sae = obj
         else:
             raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
-        if sae.cfg.activation == "jumprelu":
-            raise ValueError(
-                f"saes[{name!r}] is a JumpReLU SAE, which saelib only runs for inference; "
-                "train 'batchtopk' instead (its eval-mode threshold makes it a JumpReLU-style SAE)"
-            )
         if not getattr(sae.cfg, "hook_name", None):
             raise ValueError(
                 f"saes[{name!r}].cfg.hook_name is empty: set it to the batch key the SAE reads, "
@@ -815,7 +811,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
     hooks = [r.hook for r in runs]
     it: Iterator = iter(batches)
     # the last training batches of each BatchTopK hook, for the final inference threshold
-    calib_hooks = sorted({r.hook for r in runs if r.sae.cfg.activation == "batchtopk"}) \
+    calib_hooks = sorted({r.hook for r in runs if r.sae.rule.calibrates}) \
         if cfg.batchtopk_threshold == "final" else []
     recent: collections.deque = collections.deque(maxlen=cfg.threshold_batches)
     if step:  # replay the stream up to where the checkpoint left it
@@ -925,7 +921,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches) -> dict[str, torch.nn.
     if calib_hooks and recent:
         with torch.no_grad():
             for r in runs:
-                if r.sae.cfg.activation == "batchtopk":
+                if r.sae.rule.calibrates:
                     r.sae.calibrate_threshold([b[r.hook].to(device=device, dtype=r.sae.W_dec.dtype) for b in recent])
     result = {r.name: r.sae.eval() for r in runs}
     if out_dir is not None:
@@ -1045,16 +1041,12 @@ def _fmt_num(v: float) -> str:
     return f"{v:g}"
 
 
-def sweep_name(hook: str, activation: str, *, k: int | None = None, afa_coeff: float | None = None,
-               l1_coeff: float | None = None, seed: int = 0) -> str:
-    """Folder name of one sweep member, e.g. ``blocks.15.hook_resid_pre-topk-k32-s0``."""
-    if activation in ("topk", "batchtopk"):
-        knob = f"k{k}"
-    elif activation == "topafa":
-        knob = f"afa{_fmt_num(afa_coeff)}"
-    else:
-        knob = f"l1{_fmt_num(l1_coeff)}"
-    return f"{hook}-{activation}-{knob}-s{seed}"
+def sweep_name(hook: str, activation: str, *, seed: int = 0, **knob: Any) -> str:
+    """Folder name of one sweep member, e.g. ``blocks.15.hook_resid_pre-topk-k32-s0``: the rule's
+    knob tag and value (``k=32`` -> ``k32``, ``afa_coeff=0.0625`` -> ``afa0.0625``)."""
+    rule = get_rule(activation)
+    v = knob.get(rule.knob)
+    return f"{hook}-{activation}-{rule.knob_tag}{v if isinstance(v, int) else _fmt_num(v)}-s{seed}"
 
 
 def sweep_configs(
@@ -1066,11 +1058,13 @@ def sweep_configs(
     batchtopk_ks: Iterable[int] = (),
     afa_coeffs: Iterable[float] = (),
     relu_l1_coeffs: Iterable[float] = (),
+    knobs: Mapping[str, Iterable[float]] | None = None,
     seeds: Iterable[int] = (0,),
     **common: Any,
 ) -> dict[str, Any]:
     """The grid hooks x {TopK over ``topk_ks``, BatchTopK over ``batchtopk_ks``, top-AFA over
-    ``afa_coeffs``, ReLU+L1 over ``relu_l1_coeffs``} x seeds, as ``{name: SAEConfig}``.
+    ``afa_coeffs``, ReLU+L1 over ``relu_l1_coeffs``, any rule over ``knobs[rule]`` (values of
+    its knob, e.g. ``{"jumprelu": [1e-3]}``)} x seeds, as ``{name: SAEConfig}``.
 
     ``common`` goes to every ``SAEConfig`` (e.g. ``input_norm="token"``, ``model_name=...``).
     The paper's grid: ``topk_ks = batchtopk_ks = (32, ..., 8192)``, ``afa_coeffs = (1/128, 1/64,
@@ -1081,13 +1075,14 @@ def sweep_configs(
     hooks, seeds = list(hooks), list(seeds)
     if not hooks:
         raise ValueError("sweep_configs needs at least one hook name, e.g. ['blocks.6.hook_resid_pre']")
+    values = {"topk": topk_ks, "batchtopk": batchtopk_ks, "topafa": afa_coeffs, "relu": relu_l1_coeffs, **(knobs or {})}
     grid: list[tuple[str, dict[str, Any]]] = []
-    grid += [("topk", {"k": int(k)}) for k in topk_ks]
-    grid += [("batchtopk", {"k": int(k)}) for k in batchtopk_ks]
-    grid += [("topafa", {"afa_coeff": float(c)}) for c in afa_coeffs]
-    grid += [("relu", {"l1_coeff": float(c)}) for c in relu_l1_coeffs]
+    for act, vals in values.items():
+        rule = get_rule(act)
+        cast = int if rule.knob == "k" else float
+        grid += [(act, {rule.knob: cast(v)}) for v in vals]
     if not grid:
-        raise ValueError("sweep_configs got an empty grid: give topk_ks, batchtopk_ks, afa_coeffs or relu_l1_coeffs")
+        raise ValueError("sweep_configs got an empty grid: give topk_ks, batchtopk_ks, afa_coeffs, relu_l1_coeffs or knobs")
     for act, knob in grid:
         if "k" in knob and not 1 <= knob["k"] <= d_sae:
             raise ValueError(f"{act} k={knob['k']} is outside [1, d_sae={d_sae}]; fix the k grid or d_sae")
@@ -1095,10 +1090,6 @@ def sweep_configs(
     for hook, (act, knob), seed in itertools.product(hooks, grid, seeds):
         name = sweep_name(hook, act, seed=seed, **knob)
         kw = {**common, **knob}
-        if act != "topafa":
-            kw.setdefault("afa_coeff", 0.0)
-        if act != "relu":
-            kw.setdefault("l1_coeff", 0.0)
         out[name] = SAEConfig(d_in=d_in, d_sae=d_sae, activation=act, hook_name=hook, seed=seed, **kw)
     return out
 
@@ -1162,9 +1153,7 @@ def sweep_table(out_dir: str | Path):
                 "name": name,
                 "hook": cfg.get("hook_name"),
                 "activation": act,
-                "k": cfg.get("k") if act in ("topk", "batchtopk") else None,
-                "afa_coeff": cfg.get("afa_coeff") if act == "topafa" else None,
-                "l1_coeff": cfg.get("l1_coeff") if act == "relu" else None,
+                **{f: cfg.get(f) if get_rule(act).knob == f else None for f in ("k", "afa_coeff", "l1_coeff", "l0_coeff")},
                 "seed": cfg.get("seed"),
                 "d_sae": cfg.get("d_sae"),
                 **{k: v for k, v in ev.items() if k != "l0_hist"},

@@ -1,0 +1,38 @@
+"""Activation rules: one module per rule, each a :class:`~saelib.sae.rules.base.Rule` that owns
+its selection, its knob (config field, label, colour, line style), its encoder-bias default, its
+training-time state and losses, its threshold update and its SAELens mapping.
+
+``get_rule(name)`` returns the rule; ``SAE.rule`` is the SAE's own. A new rule is one module
+with a ``RULE`` object plus one ``register`` line below."""
+from __future__ import annotations
+
+from saelib.sae.rules import batchtopk, jumprelu, relu, topafa, topk
+from saelib.sae.rules.base import Rule
+
+__all__ = ["RULES", "Rule", "get_rule", "register"]
+
+RULES: dict[str, Rule] = {}
+
+
+def register(rule: Rule) -> Rule:
+    if not rule.name or rule.name in RULES:
+        raise ValueError(f"cannot register rule {rule.name!r}: the name is empty or taken ({sorted(RULES)})")
+    RULES[rule.name] = rule
+    return rule
+
+
+def get_rule(name: str | Rule) -> Rule:
+    """The rule called ``name`` (a Rule passes through)."""
+    if isinstance(name, Rule):
+        return name
+    try:
+        return RULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown activation {name!r}; choose one of {tuple(RULES)}") from None
+
+
+register(relu.RULE)
+register(topk.RULE)
+register(batchtopk.RULE)
+register(topafa.RULE)
+register(jumprelu.RULE)
