@@ -333,31 +333,33 @@ class SAE(nn.Module):
         lead = tuple(x.shape[:-1])
         return x.reshape(-1, x.shape[-1]), lead
 
-    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
         """Model space [N, d_in] → normalised space; returns (x_n, stats) where stats =
-        (mean [N,1], std [N,1]) in "token" mode, else None."""
-        mode = self.cfg.input_norm
-        if mode == "none":
-            return x, None
+        (mean [N,1], std [N,1]) in "token" mode, (mean, None) with ``center_input``, else None."""
+        mode, stats = self.cfg.input_norm, None
+        if self.cfg.center_input or mode == "token":
+            mean = x.mean(-1, keepdim=True)
+            x = x - mean
+            stats = (mean, None)
         if mode == "global":
-            return x * self.input_scale, None
-        mean = x.mean(-1, keepdim=True)
-        xc = x - mean
-        std = xc.std(-1, keepdim=True)
-        return xc / (std + _TOKEN_NORM_EPS), (mean, std)
+            return x * self.input_scale, stats
+        if mode == "token":
+            std = x.std(-1, keepdim=True)
+            return x / (std + _TOKEN_NORM_EPS), (mean, std)
+        return x, stats
 
     def denormalize(self, x_n: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
         """Inverse of :meth:`normalize`."""
         mode = self.cfg.input_norm
-        if mode == "none":
-            return x_n
         if mode == "global":
-            return x_n / self.input_scale
+            x_n = x_n / self.input_scale
+        if not (self.cfg.center_input or mode == "token"):
+            return x_n
         if stats is None:
-            raise ValueError("input_norm='token' needs the per-token mean/std of the original input to go back to "
-                             "model space: call decode(acts, x=x) or reconstruct(x)")
+            raise ValueError(f"input_norm={mode!r}, center_input={self.cfg.center_input} needs the per-token mean (and "
+                             "std) of the original input to go back to model space: call decode(acts, x=x) or reconstruct(x)")
         mean, std = stats
-        return x_n * std + mean  # the paper and SAELens' layer_norm: no eps on the way back
+        return (x_n if std is None else x_n * std) + mean  # the paper and SAELens' layer_norm: no eps on the way back
 
     @torch.no_grad()
     def fit_input_norm(self, x: Tensor) -> float:
@@ -373,6 +375,50 @@ class SAE(nn.Module):
         s = math.sqrt(self.cfg.d_in) / mean_norm
         self.input_scale.fill_(s)
         return s
+
+    def affine(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Model-space (W_enc [d_in, m], b_enc [m], W_dec [m, d_in], b_dec [d_in]), detached
+        copies, with pre = relu((x - b_dec) @ W_enc + b_enc) and x_hat = acts @ W_dec + b_dec:
+        a "global" scale s is folded in (W_enc·s, W_dec/s, b_dec/s) and b_enc is 0 when unused.
+        Per-token standardisation and centring depend on each token, so they have no affine view."""
+        if self.cfg.input_norm == "token" or self.cfg.center_input:
+            raise ValueError("an SAE with input_norm='token' or center_input=True is not affine in model space; "
+                             "use encode/decode (or retrain with input_norm='none'/'global')")
+        W_enc, b_enc = self.W_enc.detach().clone(), self.b_enc.detach().clone()
+        W_dec, b_dec = self.W_dec.detach().clone(), self.b_dec.detach().clone()
+        if not self.cfg.use_b_enc:
+            b_enc.zero_()
+        if self.cfg.input_norm == "global":
+            s = self.input_scale.detach()
+            W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+        return W_enc, b_enc, W_dec, b_dec
+
+    @classmethod
+    def from_affine(cls, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, like: "SAE",
+                    **overrides: Any) -> "SAE":
+        """An SAE in eval mode from model-space affine tensors (see :meth:`affine`), with the rule,
+        its state (thresholds) and the config of ``like``: d_sae = W_enc.shape[1], input_norm
+        "none", encoder bias on; ``overrides`` replace config fields (e.g. ``k``). Rule state of
+        per-latent size (JumpReLU's thresholds) must be passed as ``state={name: tensor}``."""
+        state = overrides.pop("state", {})
+        d_in, m = W_enc.shape
+        if W_dec.shape != (m, d_in) or b_enc.shape != (m,) or b_dec.shape != (d_in,):
+            raise ValueError(f"from_affine: shapes W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, W_dec "
+                             f"{tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)} do not fit [d_in, m], [m], [m, d_in], [d_in]")
+        cfg = SAEConfig.from_dict({**like.cfg.to_dict(), "d_in": d_in, "d_sae": m, "input_norm": "none",
+                                   "use_b_enc": True, **overrides})
+        sae = cls(cfg, device=W_dec.device)
+        with torch.no_grad():
+            for name, v in {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+                            "threshold": like.threshold, **state}.items():
+                getattr(sae, name).copy_(v.detach().to(sae.dtype))
+        return sae.eval()
+
+    def with_cfg(self, **changes: Any) -> "SAE":
+        """A copy with config fields replaced (e.g. ``center_input=True``), same weights and state."""
+        sae = type(self)(SAEConfig.from_dict({**self.cfg.to_dict(), **changes}), device=self.device)
+        sae.load_state_dict(self.state_dict())
+        return sae.train(self.training)
 
     def decoder_norms(self) -> Tensor:
         """[d_sae] row norms of W_dec (detached)."""
@@ -469,7 +515,7 @@ class SAE(nn.Module):
         a2, lead = self._flatten(acts.to(self.dtype))
         x_hat_n = a2 @ self.W_dec + self.b_dec
         stats = None
-        if self.cfg.input_norm == "token" and x is not None:
+        if (self.cfg.input_norm == "token" or self.cfg.center_input) and x is not None:
             x = self._check_input(x)
             _, stats = self.normalize(self._flatten(x)[0])
         return self.denormalize(x_hat_n, stats).reshape(*lead, self.cfg.d_in)

@@ -6,10 +6,12 @@ training-time state and losses, its threshold update and its SAELens mapping.
 with a ``RULE`` object plus one ``register`` line below."""
 from __future__ import annotations
 
+from typing import Any
+
 from saelib.sae.rules import batchtopk, jumprelu, relu, topafa, topk
 from saelib.sae.rules.base import Rule
 
-__all__ = ["RULES", "Rule", "get_rule", "register"]
+__all__ = ["RULES", "Rule", "get_rule", "register", "rule_attr", "rule_in"]
 
 RULES: dict[str, Rule] = {}
 
@@ -31,8 +33,19 @@ def get_rule(name: str | Rule) -> Rule:
         raise ValueError(f"Unknown activation {name!r}; choose one of {tuple(RULES)}") from None
 
 
-register(relu.RULE)
+def rule_attr(name: Any, attr: str, default: Any = None) -> Any:
+    """``get_rule(name).<attr>``, or ``default`` when ``name`` is no rule (e.g. an SAELens architecture)."""
+    r = RULES.get(name) if isinstance(name, str) else None
+    return default if r is None else getattr(r, attr)
+
+
+def rule_in(text: str) -> str | None:
+    """The rule whose name occurs in ``text`` (longest name first: "batchtopk" before "topk")."""
+    return next((n for n in sorted(RULES, key=len, reverse=True) if n in str(text)), None)
+
+
 register(topk.RULE)
 register(batchtopk.RULE)
 register(topafa.RULE)
+register(relu.RULE)
 register(jumprelu.RULE)

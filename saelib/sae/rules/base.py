@@ -16,7 +16,9 @@ class Rule:
 
     name: str = ""
     label: str = ""
-    """Human-readable name for tables and legends."""
+    """Human-readable name for legends."""
+    paper_label: str = ""
+    """The name in the top-AFA paper's tables ("Top-k", "Batch Top-k", "Top-AFA")."""
     color: str = "#333333"
     linestyle: str = "-"
     knob: str | None = None
@@ -63,7 +65,7 @@ class Rule:
 
     def knob_label(self, value: Any) -> str:
         """The knob as a short table label, e.g. ``k=32`` or ``λ=1/16``."""
-        return f"{self.knob}={value:g}" if isinstance(value, float) else f"{self.knob}={value}"
+        return f"{self.knob_tag}={value:g}"
 
     # ------------------------------------------------------------------ state and selection
     def init_state(self, sae: "SAE") -> None:

@@ -19,6 +19,7 @@ from saelib.sae.rules.base import Rule, batch_topk_mask, kept_min
 
 class BatchTopK(Rule):
     name, label, color, linestyle = "batchtopk", "BatchTopK", "#ff7f0e", "--"
+    paper_label = "Batch Top-k"
     knob, knob_tag = "k", "k"
     calibrates = True
     saelens_name = "jumprelu"

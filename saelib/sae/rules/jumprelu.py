@@ -67,6 +67,7 @@ class StepFn(torch.autograd.Function):
 
 class JumpReLU(Rule):
     name, label, color, linestyle = "jumprelu", "JumpReLU", "#9467bd", (0, (3, 1, 1, 1, 1, 1))
+    paper_label = "JumpReLU"
     knob, knob_tag, knob_default = "l0_coeff", "l0", 1e-3
     uses_b_enc = True
     saelens_name = "jumprelu"
@@ -78,9 +79,6 @@ class JumpReLU(Rule):
             v = getattr(cfg, f)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"SAEConfig.{f} must be a finite number > 0, got {v!r}")
-
-    def knob_label(self, value):
-        return f"l0={value:g}"
 
     def init_state(self, sae):
         sae.jump_threshold = nn.Parameter(torch.full((sae.cfg.d_sae,), float(sae.cfg.jump_init_threshold),

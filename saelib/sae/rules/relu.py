@@ -7,6 +7,7 @@ from saelib.sae.rules.base import Rule
 
 class ReLU(Rule):
     name, label, color, linestyle = "relu", "ReLU+L1", "#7f7f7f", ":"
+    paper_label = "ReLU"
     knob, knob_tag, knob_default = "l1_coeff", "l1", 5.0
     uses_b_enc = True
     saelens_name = "standard"

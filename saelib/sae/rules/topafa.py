@@ -16,6 +16,7 @@ from saelib.sae.topafa import topafa_select, topafa_select_first_crossing
 
 class TopAFA(Rule):
     name, label, color, linestyle = "topafa", "top-AFA", "#2ca02c", "-."
+    paper_label = "Top-AFA"
     knob, knob_tag, knob_default = "afa_coeff", "afa", 1 / 16
     competes = needs_x = True
     mask_is_positive = uses_key_buffer = True
@@ -26,7 +27,8 @@ class TopAFA(Rule):
                      "prefix, so its outputs would differ")
 
     def knob_label(self, value):
-        return f"λ=1/{1 / value:.0f}" if value else "λ=0"
+        inv = 1 / value if value > 0 else float("inf")
+        return f"λ=1/{inv:.0f}" if abs(inv - round(inv)) < 1e-6 else f"λ={value:g}"
 
     def mask(self, sae, pre, x_n, *, training, key_buffer=None):
         target = sae._target_n(x_n)

@@ -10,6 +10,7 @@ from saelib.sae.rules.base import Rule
 
 class TopK(Rule):
     name, label, color, linestyle = "topk", "TopK", "#1f77b4", "-"
+    paper_label = "Top-k"
     knob, knob_tag = "k", "k"
     competes = True
     saelens_name = "topk"
