@@ -214,21 +214,19 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
              n_check_tokens: int = 512) -> dict:
     """Chapter 03: TopK's L0 is k, BatchTopK's mean L0 ≈ k, top-AFA's masks equal the reference,
     held-out NMSE is in range and training lowered it."""
-    from saelib.sae.topafa import topafa_select_reference
-
     c = ChapterCheck("03_training", runs_dir)
     batch = next(iter(eval_batches))
     for n, s in saes.items():
-        e, act = evals[n], s.cfg.activation
-        if act == "topk":
+        e = evals[n]
+        if s.rule.per_token_k:
             _check_topk_l0(c, n, s, batch[s.cfg.hook_name][:n_check_tokens])
             c.check(f"{n}: held-out L0 ≤ k", e["l0_max"] <= s.cfg.k, f"L0 {e['l0_min']}–{e['l0_max']}, k {s.cfg.k}")
         c.check(f"{n}: 0 < NMSE < 1.5", 0 < e["nmse"] < 1.5, f"NMSE {e['nmse']:.4g}")
         c.check(f"{n}: 0 < L0 ≤ d_sae", 0 < e["l0"] <= d_sae, f"L0 {e['l0']:.1f}")
-    # the fast top-AFA selection against the full-sort reference on held-out activations
-    n_afa = 0
+    # fast selections (top-AFA) against their full-sort references on held-out activations
+    n_ref = 0
     for n, s in saes.items():
-        if s.cfg.activation != "topafa":
+        if not s.rule.has_reference:
             continue
         x = batch[s.cfg.hook_name][:n_check_tokens].to(s.W_dec.device, s.W_dec.dtype)
         with torch.no_grad():
@@ -236,11 +234,11 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
             acts = s.encode(x)
             x_n, _ = s.normalize(x)
             pre = s._pre_acts_n(x_n)
-            ref = topafa_select_reference(pre, s.decoder_norms(), s._target_n(x_n))
-        n_afa += 1
-        c.check(f"{n}: top-AFA mask = reference", bool(torch.equal(acts != 0, ref)),
+            ref = s.rule.reference_mask(s, pre, x_n)
+        n_ref += 1
+        c.check(f"{n}: {s.rule.label} mask = reference", bool(torch.equal(acts != 0, ref)),
                 f"{int((acts != 0).ne(ref).sum())} of {ref.numel()} entries differ on {x.shape[0]} tokens")
-    c.check("some top-AFA SAE was checked", n_afa > 0 or not any(s.cfg.activation == "topafa" for s in saes.values()))
+    c.check("some top-AFA SAE was checked", n_ref > 0 or not any(s.rule.has_reference for s in saes.values()))
     first = metrics.sort_values("step").groupby("name").head(1).set_index("name")
     last = metrics.sort_values("step").groupby("name").tail(1).set_index("name")
     dropped = [n for n in saes if last.loc[n, "nmse"] < first.loc[n, "nmse"]]

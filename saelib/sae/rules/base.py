@@ -33,6 +33,10 @@ class Rule:
     """Latents compete for a fixed budget (TopK, top-AFA): adding a latent can evict another."""
     needs_x: bool = False
     """The selection needs the input (top-AFA's target norm)."""
+    per_token_k: bool = False
+    """Each token keeps exactly min(k, its positive pre-activations) latents (a checked invariant)."""
+    has_reference = False
+    """:meth:`reference_mask` gives a slow reference of the fast selection (checked in the chapters)."""
     mask_is_positive: bool = False
     """The keep-mask already excludes zero pre-activations."""
     uses_key_buffer: bool = False
@@ -75,6 +79,9 @@ class Rule:
              key_buffer: Tensor | None = None) -> Tensor | None:
         """Boolean keep-mask [N, d_sae] of ReLU pre-activations ``pre`` (None = keep all); no grad."""
         return None
+
+    def reference_mask(self, sae: "SAE", pre: Tensor, x_n: Tensor) -> Tensor:
+        raise NotImplementedError(f"rule {self.name!r} has no reference selection")
 
     def sparse_ok(self, sae: "SAE") -> bool:
         """The training forward may take the sparse path (gathered selected latents)."""

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from saelib.sae.rules.base import Rule
-from saelib.sae.topafa import topafa_select, topafa_select_first_crossing
+from saelib.sae.topafa import topafa_select, topafa_select_first_crossing, topafa_select_reference
 
 
 class TopAFA(Rule):
     name, label, color, linestyle = "topafa", "top-AFA", "#2ca02c", "-."
     paper_label = "Top-AFA"
     knob, knob_tag, knob_default = "afa_coeff", "afa", 1 / 16
-    competes = needs_x = True
+    competes = needs_x = has_reference = True
     mask_is_positive = uses_key_buffer = True
     cost = 3.0  # its L0 and its selection make a step ~2-5x a TopK step (benchmarks/README.md)
     saelens_name = "standard"
@@ -39,6 +39,9 @@ class TopAFA(Rule):
         # sample of rows is enough, and observe_l0 refines it from exact counts)
         self.observe_l0(sae, mask[:: max(1, mask.shape[0] // 256)].view(torch.uint8).sum(-1, dtype=torch.int32))
         return mask
+
+    def reference_mask(self, sae, pre, x_n):
+        return topafa_select_reference(pre, sae.decoder_norms(), sae._target_n(x_n))
 
     def observe_l0(self, sae, l0_tokens):
         """First K of the next batch's partial sort: 1.25x this batch's largest k (speed only)."""

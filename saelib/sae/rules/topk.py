@@ -12,7 +12,7 @@ class TopK(Rule):
     name, label, color, linestyle = "topk", "TopK", "#1f77b4", "-"
     paper_label = "Top-k"
     knob, knob_tag = "k", "k"
-    competes = True
+    competes = per_token_k = True
     saelens_name = "topk"
     saelens_loads = ("topk",)
 
