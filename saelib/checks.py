@@ -295,7 +295,7 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
         if v.curve_monotone is None:
             continue
         small = family.saes[arch][a]
-        competing = st.sae_parts(small).rule in st._COMPETING
+        competing = small.rule.competes
         xs = x[: cfg.competing_tokens] if competing else x
         mse_S = st.reconstruction_stats(small, xs)["mse"]
         start = float(v.curve_monotone.mse[0])

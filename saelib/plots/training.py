@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from saelib.plots.style import count_formatter, log_ticks, figure_legend_below, legend_outside, metric_label
-from saelib.sae.rules import RULES, get_rule
+from saelib.sae.rules import RULES, knob_text
 
 __all__ = ["plot_frontier", "plot_l0_distribution", "plot_training_curves"]
 
@@ -17,12 +17,6 @@ __all__ = ["plot_frontier", "plot_l0_distribution", "plot_training_curves"]
 def _nice_log_ticks(axis) -> None:
     """Label a log axis at 1-2-5 steps whatever its range (see :func:`saelib.plots.style.log_ticks`)."""
     log_ticks(axis)
-
-
-def _knob_label(row: Mapping[str, Any]) -> str:
-    rule = get_rule(row["activation"])
-    v = row[rule.knob]
-    return rule.knob_label(int(v) if rule.knob == "k" else float(v))
 
 
 def _layer_of(hook: str) -> str:
@@ -61,7 +55,7 @@ def plot_frontier(
             ax.plot(s[x], s[y], ls=rule.linestyle, marker="o", ms=4, color=rule.color, label=rule.label)
             if annotate:
                 for _, r in s.iterrows():
-                    ax.annotate(_knob_label(r), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points", color=rule.color)
+                    ax.annotate(knob_text(r), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points", color=rule.color)
         if not sub.empty:
             best = sub.loc[sub[y].idxmin()]
             ax.plot([best[x]], [best[y]], "*", ms=14, color="k", zorder=5, label="lowest " + metric_label(y))

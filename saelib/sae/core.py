@@ -398,16 +398,20 @@ class SAE(nn.Module):
                     **overrides: Any) -> "SAE":
         """An SAE in eval mode from model-space affine tensors (see :meth:`affine`), with the rule,
         its state (thresholds) and the config of ``like``: d_sae = W_enc.shape[1], input_norm
-        "none", encoder bias on; ``overrides`` replace config fields (e.g. ``k``). Rule state of
-        per-latent size (JumpReLU's thresholds) must be passed as ``state={name: tensor}``."""
-        state = overrides.pop("state", {})
+        "none", encoder bias on; ``overrides`` replace config fields (e.g. ``k``). Per-latent rule
+        state (JumpReLU's thresholds) comes from ``like`` or ``state={name: tensor}``."""
+        state = overrides.pop("state", None)
         d_in, m = W_enc.shape
         if W_dec.shape != (m, d_in) or b_enc.shape != (m,) or b_dec.shape != (d_in,):
             raise ValueError(f"from_affine: shapes W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, W_dec "
                              f"{tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)} do not fit [d_in, m], [m], [m, d_in], [d_in]")
-        cfg = SAEConfig.from_dict({**like.cfg.to_dict(), "d_in": d_in, "d_sae": m, "input_norm": "none",
-                                   "use_b_enc": True, **overrides})
+        d = {**like.cfg.to_dict(), "d_in": d_in, "d_sae": m, "input_norm": "none", "use_b_enc": True, **overrides}
+        if get_rule(d["activation"]).knob != "k":  # another rule (stitched BatchTopK -> JumpReLU) drops k
+            d["k"] = None
+        cfg = SAEConfig.from_dict(d)
         sae = cls(cfg, device=W_dec.device)
+        if state is None:  # the rule's own per-latent state (same rule, same latents)
+            state = {n: getattr(like, n) for n in like.rule.state_names} if cfg.activation == like.cfg.activation else {}
         with torch.no_grad():
             for name, v in {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
                             "threshold": like.threshold, **state}.items():

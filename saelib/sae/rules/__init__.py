@@ -11,7 +11,7 @@ from typing import Any
 from saelib.sae.rules import batchtopk, jumprelu, relu, topafa, topk
 from saelib.sae.rules.base import Rule
 
-__all__ = ["RULES", "Rule", "get_rule", "register", "rule_attr", "rule_in"]
+__all__ = ["RULES", "Rule", "get_rule", "register", "knob_text", "rule_attr", "rule_in"]
 
 RULES: dict[str, Rule] = {}
 
@@ -37,6 +37,12 @@ def rule_attr(name: Any, attr: str, default: Any = None) -> Any:
     """``get_rule(name).<attr>``, or ``default`` when ``name`` is no rule (e.g. an SAELens architecture)."""
     r = RULES.get(name) if isinstance(name, str) else None
     return default if r is None else getattr(r, attr)
+
+
+def knob_text(row: Any) -> str:
+    """The knob of a sweep-table row or config mapping as a label, e.g. ``k=32``, ``λ=1/16``."""
+    rule = get_rule(row["activation"])
+    return rule.knob_label(row[rule.knob])
 
 
 def rule_in(text: str) -> str | None:

@@ -95,6 +95,20 @@ class Rule:
         """Activations with grad from pre-activations with grad ``pre_g`` and the keep-mask."""
         return pre_g if mask is None else pre_g * mask
 
+    # ------------------------------------------------------------------ stitching
+    state_names: tuple[str, ...] = ()
+    """Per-latent tensors the rule registers on an SAE (copied by :meth:`SAE.from_affine`)."""
+    stitched_as: str | None = None
+    """The rule a stitched SAE of this rule uses (None: this one)."""
+
+    def latent_state(self, sae: "SAE") -> dict[str, Tensor]:
+        """Per-latent state of ``sae`` in the form of the ``stitched_as`` rule (concatenated by stitching)."""
+        return {n: getattr(sae, n).detach() for n in self.state_names}
+
+    def competing_keys(self, pre: Tensor, dec_norms: Tensor) -> Tensor:
+        """The ranking keys of a competing selection (the latents with the largest keys win)."""
+        return pre
+
     # ------------------------------------------------------------------ training
     def before_step(self, sae: "SAE") -> None:
         """Called at the start of each training forward (e.g. to project parameters)."""

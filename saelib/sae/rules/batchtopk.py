@@ -22,6 +22,7 @@ class BatchTopK(Rule):
     paper_label = "Batch Top-k"
     knob, knob_tag = "k", "k"
     calibrates = True
+    stitched_as = "jumprelu"  # stitched latents keep their own SAE's θ: per-latent thresholds
     saelens_name = "jumprelu"
     saelens_loads = ("batchtopk",)
 
@@ -59,6 +60,12 @@ class BatchTopK(Rule):
         theta = float(torch.stack(mins).mean())
         sae.threshold.fill_(theta)
         return theta
+
+    def latent_state(self, sae):
+        if torch.isnan(sae.threshold):
+            raise ValueError("this BatchTopK SAE has no inference threshold yet (threshold is NaN); train it "
+                             "(the trainer's EMA sets it) before stitching")
+        return {"jump_threshold": torch.full((sae.cfg.d_sae,), float(sae.threshold), device=sae.device)}
 
     def to_saelens(self, sae, w):
         if torch.isnan(sae.threshold):

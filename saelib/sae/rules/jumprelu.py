@@ -70,6 +70,7 @@ class JumpReLU(Rule):
     paper_label = "JumpReLU"
     knob, knob_tag, knob_default = "l0_coeff", "l0", 1e-3
     uses_b_enc = True
+    state_names = ("jump_threshold",)
     saelens_name = "jumprelu"
     saelens_loads = ("jumprelu",)
 

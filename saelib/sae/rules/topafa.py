@@ -40,6 +40,9 @@ class TopAFA(Rule):
         self.observe_l0(sae, mask[:: max(1, mask.shape[0] // 256)].view(torch.uint8).sum(-1, dtype=torch.int32))
         return mask
 
+    def competing_keys(self, pre, dec_norms):
+        return (pre * dec_norms) ** 2
+
     def reference_mask(self, sae, pre, x_n):
         return topafa_select_reference(pre, sae.decoder_norms(), sae._target_n(x_n))
 
