@@ -261,7 +261,7 @@ def evaluation(runs_dir: str | Path, *, results: Any, saes: Mapping[str, Any], d
     r = results.set_index("name")
     for n, s in saes.items():
         row = r.loc[n]
-        if s.cfg.activation == "topk":
+        if s.rule.per_token_k:
             _check_topk_l0(c, n, s, held_acts[s.cfg.hook_name][:n_check_tokens])
             c.check(f"{n}: mean L0 ≤ k", row["l0_mean"] <= s.cfg.k, f"L0 {row['l0_mean']:.2f}, k {s.cfg.k}")
         c.expect(f"{n}: metrics in range",

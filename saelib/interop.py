@@ -32,7 +32,7 @@ import torch
 
 from saelib.io import atomic_folder
 from saelib.sae.core import SAE, SAEConfig
-from saelib.sae.rules import RULES, get_rule
+from saelib.sae.rules import RULES
 
 __all__ = ["to_saelens", "from_saelens", "SAELENS_ARCHITECTURE"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelib.analysis.synthetic import HOOK, SyntheticData, SyntheticSpec, recovery, synthetic_rules
+from saelib.analysis.synthetic import SyntheticData, SyntheticSpec, recovery, synthetic_rules
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.rules import get_rule
 from saelib.sae.rules.jumprelu import JumpReLUFn, StepFn

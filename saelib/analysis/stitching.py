@@ -35,7 +35,6 @@ Everything works on model-space float32 copies of the SAEs (:meth:`SAE.affine` /
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
@@ -47,6 +46,7 @@ from torch import Tensor
 
 from saelib.io import atomic_write_json
 from saelib.sae.core import SAE
+from saelib.sae.rules import RULES, get_rule
 
 __all__ = [
     "StitchConfig",
@@ -790,8 +790,6 @@ def cos_to_init(sae: Any) -> Tensor:
     saelib's SAEs are initialised from ``cfg.seed`` alone, so the initial decoder is rebuilt
     here. Near 1: the row has barely moved (short training); near 0: it has found its own
     direction (random directions in d dimensions have |cos| ≈ 1/√d)."""
-    from saelib.sae.core import SAE
-
     if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "seed"):
         raise ValueError("cos_to_init needs a saelib SAE (its init is rebuilt from cfg.seed); "
                          f"got {type(sae).__name__}")
@@ -969,9 +967,9 @@ def ensure_width_family(
 
     if not isinstance(architectures, Mapping):
         architectures = {a: tuple(multipliers) for a in architectures}
-    bad = [a for a in architectures if a not in ("relu", "topk", "batchtopk", "topafa")]
+    bad = [a for a in architectures if a not in RULES]
     if bad:
-        raise ValueError(f"unknown architectures {bad}; choose from relu, topk, batchtopk, topafa")
+        raise ValueError(f"unknown architectures {bad}; choose from {', '.join(RULES)}")
     for a, mults in architectures.items():
         if not mults or any(int(m) <= 0 for m in mults):
             raise ValueError(f"multipliers for {a} must be positive ints (width = d_model × m), got {tuple(mults)}")
@@ -997,13 +995,9 @@ def ensure_width_family(
         for w in widths_of[arch]:
             kw: dict[str, Any] = dict(d_in=d_model, d_sae=w, activation=arch, hook_name=hook, model_name=model_name,
                                       input_norm=input_norm, seed=seed)
-            if arch in ("topk", "batchtopk"):
-                kw["k"] = min(k, w)
-            elif arch == "topafa":
-                kw["afa_coeff"] = afa_coeff
-                kw["afa_target"] = afa_target
-            else:
-                kw["l1_coeff"] = l1_coeff
+            knob = get_rule(arch).knob  # its sparsity knob; a rule not listed here keeps its default
+            kw.update({"k": {"k": min(k, w)}, "afa_coeff": {"afa_coeff": afa_coeff, "afa_target": afa_target},
+                       "l1_coeff": {"l1_coeff": l1_coeff}}.get(knob, {}))
             configs[member_name(arch, w)] = SAEConfig(**kw)
     train_tokens = n_tokens if train_tokens is None else int(train_tokens)
     if train_tokens < batch_size:

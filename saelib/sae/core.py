@@ -12,63 +12,53 @@ Forward pass (in the *normalised* space, see ``input_norm``)::
     acts = select(pre)                               # the rule (SAE.rule)
     x_hat_n = acts @ W_dec + b_dec
 
-Input normalisation (``SAEConfig.input_norm``) and what "model space" means:
+Input normalisation (``SAEConfig.input_norm``); "model space" is the space of the model's x:
 
-* ``"none"``   x_n = x. Everything is in model space.
-* ``"global"`` x_n = s·x with one scalar s (buffer ``input_scale``) fitted by
-  :meth:`SAE.fit_input_norm` so that mean ||s·x|| = sqrt(d_in). :meth:`encode` and
-  :meth:`decode` take and return model-space tensors (decode divides by s). :meth:`save`
-  folds s into the weights (W_enc·s, W_dec/s, b_dec/s), so the file works in model space for
-  any tool; :meth:`load` unfolds it again so training can continue in the normalised space.
-* ``"token"``  the paper's per-token standardisation: x_n = (x - mean(x)) / (std(x) + 1e-5)
-  (std unbiased, over the d_in features of each token); back to model space with
-  x_hat = x_hat_n·std + mean (no eps, as the paper's code and SAELens' "layer_norm").
-  Every token then has ||x_n|| ≈ sqrt(d_in - 1). :meth:`encode` (model-space x) standardises first. The
-  de-standardisation needs the token's own mean and std, so :meth:`decode` needs the original
-  input: ``decode(acts, x=x)`` returns model space; ``decode(acts)`` without ``x`` raises.
-  :meth:`reconstruct` (``x -> x_hat``) and :meth:`forward` always return model space.
+* ``"none"``   x_n = x.
+* ``"global"`` x_n = s·x, one scalar s (buffer ``input_scale``) fitted by :meth:`SAE.fit_input_norm`
+  so that mean ||s·x|| = sqrt(d_in). :meth:`save` folds s into the weights (W_enc·s, W_dec/s,
+  b_dec/s), so the file works in model space for any tool; :meth:`load` unfolds it.
+* ``"token"``  the paper's per-token standardisation x_n = (x - mean(x)) / (std(x) + 1e-5) (std
+  unbiased, over d_in), back with x_hat = x_hat_n·std + mean (no eps, as the paper and SAELens'
+  "layer_norm"); ||x_n|| ≈ sqrt(d_in - 1). Undoing it needs the token's own mean and std, so
+  ``decode(acts, x=x)`` needs the input (without it, it raises; so does ``center_input``).
 
-Losses (``SAEOutput``) are computed in the normalised space, as in the paper:
+:meth:`encode`, :meth:`decode`, :meth:`reconstruct` and :meth:`forward` take and return model space.
+
+Losses (``SAEOutput``), in the normalised space as in the paper:
 
 * ``mse_loss`` = mean over N·d_in of (x_hat_n - x_n)^2 (the paper's "normalised MSE");
 * ``afa_loss`` = mean over tokens of (||f|| - target)^2, weighted by ``afa_coeff``
   (``afa_target="paper"``: f unscaled, target ||x_n||; ``"consistent"``: f decoder-scaled,
   target ||x_n - b_dec||, the same target the selection uses);
-* ``aux_loss`` = aux_coeff · mean over N·d_in of (e - r)^2, where r = x_n - x_hat_n is
-  *detached* (Gao et al.; the paper's code does not detach, see ``aux_detach_residual``) and e
-  is the reconstruction (no bias) from the top-``aux_k`` pre-activations among dead latents;
+* ``aux_loss`` = aux_coeff · mean over N·d_in of (e - r)^2, r = x_n - x_hat_n *detached* (Gao et
+  al.; the paper's code does not detach: ``aux_detach_residual``), e the reconstruction (no
+  bias) from the top-``aux_k`` pre-activations among dead latents;
 * ``l1_loss``  = l1_coeff · mean over tokens of sum_i acts_i·||W_dec[i]|| (ReLU SAEs);
 * ``rule_loss`` = the rule's own term (JumpReLU's L0 penalty), 0 for the others.
 
-The decoder-row constraint is maintained by the trainer: after ``backward()`` call
+The trainer keeps decoder rows at unit norm: after ``backward()``
 :meth:`SAE.remove_gradient_parallel_to_decoder_directions`, step, then
-:meth:`SAE.set_decoder_norm_to_unit_norm`. Decoder ε (max / mean |cos| between rows) is
-:func:`saelib.analysis.afa.epsilon`.
+:meth:`SAE.set_decoder_norm_to_unit_norm`.
 
 Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
 
 * BatchTopK has an inference threshold θ (:mod:`saelib.sae.rules.batchtopk`).
 * ``b_dec_init`` (default "zeros", the paper) can start b_dec at the first batch's mean
-  (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` is the
-  top-AFA variant that keeps the shortest prefix reaching the target (paper: nearest prefix).
-* The aux residual is detached by default (Gao et al.); ``aux_detach_residual=False`` restores
-  the paper's behaviour. Dead latents are counted in tokens, not batches (same default:
-  5 × 4096 tokens), with one comparison (``>=``) for both the loss and the count.
-* Top-AFA ties are broken by latent index and cumulative sums use float64 (see
-  :mod:`saelib.sae.topafa`); the selection runs without autograd.
+  (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` keeps the
+  shortest top-AFA prefix reaching the target (paper: nearest prefix).
+* The aux residual is detached by default (above). Dead latents are counted in tokens, not
+  batches (same default: 5 × 4096 tokens), with one comparison (``>=``) for loss and count.
+* Top-AFA ties are broken by latent index and cumulative sums use float64 (:mod:`saelib.sae.topafa`).
 * Defaults that keep the paper: no encoder bias for topk/batchtopk/topafa, the Kaiming fan-in
-  quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents, per-token
-  standardisation available as ``input_norm="token"`` (the default is "none": model space).
-* Training steps with few active latents use a sparse path (exact same maths, tested against the
-  dense one): the encoder backward and the decoder only touch the selected latents. The aux
-  loss touches only the dead latents (gathered encoder columns and decoder rows): its cost
-  grows with their number, not with d_sae (tested against the plain-autograd reference).
+  quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents.
+* Training steps with few active latents take a sparse path (:mod:`saelib.sae.kernels`; same
+  maths, tested against plain autograd): the encoder backward and the decoder touch only the
+  selected latents, the aux loss only the dead ones.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -79,7 +69,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelib.io import atomic_path, atomic_write_text, file_sha256
+from saelib.sae.checkpoint import CFG_FILE, load_files, save_files
+from saelib.sae.kernels import DenseEncode, GatheredDecode, GatherPreActs, safe_sqrt, sparse_decode
 from saelib.sae.rules import RULES, Rule, get_rule
 
 __all__ = [
@@ -99,10 +90,6 @@ B_DEC_INITS = ("zeros", "mean", "geometric_median")
 AFA_RULES = ("nearest", "first_crossing")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKEN_NORM_EPS = 1e-5  # the paper's x / (std + 1e-5)
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae.safetensors"
-FORMAT_NAME = "saelib.sae.core"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -448,6 +435,9 @@ class SAE(nn.Module):
     def calibrate_threshold(self, batches: list[Tensor]) -> float:
         """Re-estimate the rule's inference threshold with the current weights over ``batches``
         (model-space training batches; BatchTopK: :meth:`BatchTopK.calibrate`). Returns θ."""
+        if not self.rule.calibrates:
+            names = "/".join(n for n, r in RULES.items() if r.calibrates)
+            raise ValueError(f"calibrate_threshold is for {names} SAEs, this one is {self.cfg.activation!r}")
         return self.rule.calibrate(self, batches)
 
     # ------------------------------------------------------------------ encode/decode
@@ -557,7 +547,7 @@ class SAE(nn.Module):
 
         def encode_with_grad(pre_done: Tensor | None = None) -> Tensor:  # [N, d_sae] ReLU pre-acts with grad
             if fused:  # backward without the [N, d_in] input-gradient product; reuses pre_done
-                return _DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc, pre_done)
+                return DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc, pre_done)
             return self._pre_acts_n(x_n)
 
         if not can_sparse or self._last_dense:  # one encoder matmul, with grad
@@ -588,9 +578,9 @@ class SAE(nn.Module):
                         rows, cols = mask.nonzero(as_tuple=True)
             self._last_dense = not use_sparse
         if use_sparse:
-            vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, rows, cols,
+            vals = GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, rows, cols,
                                         pre[rows, cols], cfg.use_b_enc)
-            x_hat_n = _sparse_decode(self.W_dec, rows, cols, vals, n) + self.b_dec
+            x_hat_n = sparse_decode(self.W_dec, rows, cols, vals, n) + self.b_dec
             acts = acts_buf.zero_() if acts_buf is not None else vals.new_zeros(n, cfg.d_sae)
             acts.index_put_((rows, cols), vals)  # in place: no second [N, d_sae] buffer
             with torch.no_grad():  # per-token L0 and firing latents from the nnz entries, not [N, d_sae]
@@ -622,9 +612,9 @@ class SAE(nn.Module):
 
         mse = (x_hat_n - x_n).pow(2).mean()
         if cfg.afa_target == "paper":
-            afa = (_safe_sqrt(sq) - x_n.norm(dim=-1)).pow(2).mean()
+            afa = (safe_sqrt(sq) - x_n.norm(dim=-1)).pow(2).mean()
         else:
-            afa = (_safe_sqrt(sq_scaled) - x_cent.norm(dim=-1)).pow(2).mean()
+            afa = (safe_sqrt(sq_scaled) - x_cent.norm(dim=-1)).pow(2).mean()
         if cfg.l1_coeff > 0:
             if abs_scaled is None:
                 abs_scaled = vals.new_zeros(n).index_add(0, rows, vals * dn_sel)
@@ -653,7 +643,7 @@ class SAE(nn.Module):
                 a_rows = torch.arange(n, device=x.device).repeat_interleave(kk)
                 a_cols = dead_idx[top.flatten()]
                 a_vals = (pre_g if pre_g is not None else self._pre_acts_n(x_n))[a_rows, a_cols]
-                e = _sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
+                e = sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
             aux = cfg.aux_coeff * (e - resid).pow(2).mean()
 
         rule_loss = rule.loss(self, pre, n)
@@ -694,10 +684,10 @@ class SAE(nn.Module):
                 else:
                     acts_d = torch.zeros_like(acts_d).scatter_(-1, top.indices, top.values)
         if sparse:
-            a_vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, a_rows, a_cols,
+            a_vals = GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, a_rows, a_cols,
                                           top.values.flatten(), cfg.use_b_enc)
-            return _sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
-        return _GatheredDecode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx, acts_d,
+            return sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
+        return GatheredDecode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx, acts_d,
                                      cfg.use_b_enc)
 
     @torch.no_grad()
@@ -730,113 +720,49 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike, *, fold_input_norm: bool = True, metadata: dict | None = None) -> Path:
-        """Write ``path/sae.safetensors`` and ``path/cfg.json`` atomically (no pickle).
-
-        Each file is replaced by one rename; ``cfg.json`` (written second) records the weights'
-        sha256, which :meth:`load` checks, so a crash between the two renames, a truncated or a
-        bit-flipped file is an error, never a silently wrong SAE. Non-finite weights are refused.
-
-        With input_norm="global" and ``fold_input_norm`` (default) the stored weights work in
-        model space (W_enc·s, W_dec/s, b_dec/s); :meth:`load` unfolds them."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        bad = _non_finite(self.state_dict())
-        if bad:
-            raise ValueError(f"refusing to save an SAE with non-finite (NaN/inf) weights {bad} to {path}: it diverged; "
-                             "retrain it (lower the learning rate or normalise the inputs)")
-        path.mkdir(parents=True, exist_ok=True)
+        """Write ``path/sae.safetensors`` and ``path/cfg.json`` atomically (no pickle); see
+        :func:`saelib.sae.checkpoint.save_files`. With input_norm="global" and ``fold_input_norm``
+        (default) the stored weights work in model space (W_enc·s, W_dec/s, b_dec/s); :meth:`load`
+        unfolds them."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         folded = None
         if self.cfg.input_norm == "global" and fold_input_norm:
             s = self.input_scale.detach().cpu()
             folded = float(s)
-            tensors["W_enc"] = (tensors["W_enc"] * s).contiguous()
-            tensors["W_dec"] = (tensors["W_dec"] / s).contiguous()
-            tensors["b_dec"] = (tensors["b_dec"] / s).contiguous()
-            tensors["input_scale"] = torch.ones_like(tensors["input_scale"])
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "folded_input_scale": folded}
-        if metadata:
-            meta["metadata"] = metadata
-        with atomic_path(path / WEIGHTS_FILE) as tmp:
-            try:
-                save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-            except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors as SafetensorError
-                code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
-                raise OSError(code, f"could not write {path / WEIGHTS_FILE} ({e}); the files already there are kept. "
-                                    "Free disk space or save to another folder") from None
-            meta["weights_sha256"] = file_sha256(tmp)
-        # written second and naming the weights' checksum: a crash between the two renames leaves
-        # a pair that load() reports as mismatched, never one it silently uses
-        doc = {"saelib": meta, "cfg": self.cfg.to_dict()}
-        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=2))
-        return path
+            tensors.update(W_enc=(tensors["W_enc"] * s).contiguous(), W_dec=(tensors["W_dec"] / s).contiguous(),
+                           b_dec=(tensors["b_dec"] / s).contiguous(), input_scale=torch.ones_like(tensors["input_scale"]))
+        return save_files(Path(path), tensors, self.cfg.to_dict(), folded=folded, metadata=metadata,
+                          check=self.state_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
              expect: SAEConfig | dict | None = None) -> "SAE":
-        """Load an SAE written by :meth:`save`. ``expect`` (an SAEConfig or a dict of fields)
+        """Load an SAE written by :meth:`save` (checksums, config and shapes checked: see
+        :func:`saelib.sae.checkpoint.load_files`). ``expect`` (an SAEConfig or a dict of fields)
         is compared with the stored config; any mismatch raises ValueError. The module comes back
         in training mode (the nn.Module default): call ``.eval()`` before inference (BatchTopK
         then uses its threshold)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
-        if not cfg_path.exists() or not w_path.exists():
-            raise FileNotFoundError(f"No saelib SAE at {path}: expected {CFG_FILE} and {WEIGHTS_FILE}. "
-                                    f"For an SAELens folder use saelib.interop.from_saelens(path)")
-        try:
-            doc = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt, re-save it") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("saelib"), dict) or doc["saelib"].get("format") != FORMAT_NAME:
-            raise ValueError(f"{cfg_path} was not written by saelib.SAE.save (it looks like another library's "
-                             f"checkpoint, e.g. SAELens: use saelib.interop.from_saelens({str(path)!r}))")
-        if not isinstance(doc.get("cfg"), dict):
-            raise ValueError(f"{cfg_path} lacks its 'cfg' field (the SAEConfig); the file is damaged: re-save the SAE")
+        doc, read = load_files(path)
         try:
             cfg = SAEConfig.from_dict(doc["cfg"])
         except TypeError as e:  # a required field (d_in, d_sae) is missing
-            raise ValueError(f"{cfg_path}: field 'cfg' is incomplete ({e}); the file is damaged: re-save the SAE") from None
+            raise ValueError(f"{path / CFG_FILE}: field 'cfg' is incomplete ({e}); the file is damaged: re-save the SAE") from None
         except ValueError as e:
-            raise ValueError(f"{cfg_path}: field 'cfg' is invalid: {e}") from None
-        want_sha = doc["saelib"].get("weights_sha256")
-        if want_sha is not None and file_sha256(w_path) != want_sha:
-            raise ValueError(f"{w_path} does not match the checksum recorded in {cfg_path} (truncated, corrupted, or "
-                             "an interrupted save left a mismatched pair): re-save or retrain this SAE")
+            raise ValueError(f"{path / CFG_FILE}: field 'cfg' is invalid: {e}") from None
         if expect is not None:
             exp = expect.to_dict() if isinstance(expect, SAEConfig) else dict(expect)
-            diff = {k: (v, cfg.to_dict().get(k, "<missing>")) for k, v in exp.items() if cfg.to_dict().get(k, "<missing>") != v}
+            have = cfg.to_dict()
+            diff = {k: (v, have.get(k, "<missing>")) for k, v in exp.items() if have.get(k, "<missing>") != v}
             if diff:
                 raise ValueError(f"Checkpoint at {path} does not match the expected config: "
                                  + ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in diff.items()))
         sae = cls(cfg)
-        try:
-            tensors = load_file(str(w_path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for bad files
-            raise ValueError(f"{w_path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated "
-                             "or corrupt: re-save or retrain this SAE") from None
-        bad = _non_finite(tensors)
-        if bad:
-            raise ValueError(f"{w_path} holds non-finite (NaN/inf) values in {bad}: this SAE diverged in training; "
-                             "retrain it (lower the learning rate or normalise the inputs)")
-        own = sae.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise ValueError(f"Checkpoint at {path} does not fit a {cfg.activation!r} SAE: missing {missing}, "
-                             f"unexpected {extra}; it was saved by another architecture or version")
-        for k, v in tensors.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"Checkpoint tensor {k!r} has shape {tuple(v.shape)} but cfg.json implies "
-                                 f"{tuple(own[k].shape)}; cfg.json and sae.safetensors do not belong together")
+        tensors = read(sae.state_dict(), cfg.activation)
         s = doc["saelib"].get("folded_input_scale")
         if s is not None:
-            tensors["W_enc"] = tensors["W_enc"] / s
-            tensors["W_dec"] = tensors["W_dec"] * s
-            tensors["b_dec"] = tensors["b_dec"] * s
-            tensors["input_scale"] = torch.full_like(tensors["input_scale"], s)
+            tensors.update(W_enc=tensors["W_enc"] / s, W_dec=tensors["W_dec"] * s, b_dec=tensors["b_dec"] * s,
+                           input_scale=torch.full_like(tensors["input_scale"], s))
         sae.load_state_dict(tensors)
         if device is not None:
             sae.to(device)
@@ -845,19 +771,6 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}, k={c.k}, input_norm={c.input_norm!r}"
-
-
-def _non_finite(tensors: dict[str, Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN/inf (BatchTopK's ``threshold`` is NaN until it
-    is first estimated, which is allowed; inf is not)."""
-    bad = []
-    for k, v in tensors.items():
-        if not v.is_floating_point():
-            continue
-        ok = ~torch.isinf(v) if k == "threshold" else torch.isfinite(v)
-        if not bool(ok.all()):
-            bad.append(k)
-    return bad
 
 
 def load_sae(path: str | os.PathLike, **kw) -> SAE:
@@ -882,119 +795,3 @@ def geometric_median(points: Tensor, *, max_iter: int = 200, tol: float = 1e-7) 
         if done:
             break
     return m
-
-
-def _safe_sqrt(sq: Tensor) -> Tensor:
-    """sqrt with a zero (not NaN/inf) gradient at 0 (rows with no active latent)."""
-    pos = sq > 0
-    return torch.where(pos, sq.clamp_min(1e-30).sqrt(), sq.new_zeros(()))
-
-
-def _bag_sum(table: Tensor, bags: Tensor, index: Tensor, weights: Tensor, n_bags: int) -> Tensor:
-    """[n_bags, table cols]: out[b] = sum over entries j with bags[j] = b of weights_j ·
-    table[index_j]; ``bags`` must be sorted. ``embedding_bag`` sums the groups without the dense
-    [n_bags, table rows] matrix a matrix product would need."""
-    offsets = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
-    offsets[1:] = torch.bincount(bags, minlength=n_bags).cumsum(0)[:-1]
-    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
-
-
-def _sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> Tensor:
-    """sum_j vals_j · W_dec[cols_j] per row, [n, d_in]; rows must be sorted (row-major
-    nonzero order)."""
-    return _bag_sum(W_dec, rows, cols, vals, n)
-
-
-class _DenseEncode(torch.autograd.Function):
-    """relu(x_cent @ W_enc + b_enc) for a constant input: b_dec's gradient is
-    -W_enc @ (column sums of the pre-activation gradient), so the backward skips the dense
-    [N, d_sae] @ [d_sae, d_in] product autograd would spend on d/dx_cent."""
-
-    @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, use_b_enc, pre_done=None):
-        if pre_done is not None:  # computed without grad already (same expression): not again
-            pre = pre_done.view_as(pre_done)
-        else:
-            pre = x_cent @ W_enc
-            if use_b_enc:
-                pre = pre + b_enc
-            pre = pre.relu_()
-        ctx.save_for_backward(x_cent, W_enc, pre)
-        ctx.use_b_enc = use_b_enc
-        return pre
-
-    @staticmethod
-    def backward(ctx, g):
-        x_cent, W_enc, pre = ctx.saved_tensors
-        g = g * (pre > 0)
-        gW = x_cent.T @ g if ctx.needs_input_grad[1] else None
-        col_sum = g.sum(0)
-        gb_enc = col_sum if (ctx.use_b_enc and ctx.needs_input_grad[2]) else None
-        gb_dec = -(W_enc @ col_sum) if ctx.needs_input_grad[3] else None
-        return None, gW, gb_enc, gb_dec, None, None
-
-
-class _GatherPreActs(torch.autograd.Function):
-    """Selected ReLU pre-activations relu((x_cent @ W_enc + b_enc)[rows, cols]) with a sparse
-    backward: the gradients of W_enc, b_enc and b_dec only need the selected entries, so the
-    dense [N, d_sae] backward products of a naive implementation become O(nnz · d_in)."""
-
-    @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, rows, cols, vals, use_b_enc):
-        ctx.save_for_backward(x_cent, W_enc, rows, cols, vals)
-        ctx.use_b_enc = use_b_enc
-        ctx.h = W_enc.shape[1]
-        return vals.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        x_cent, W_enc, rows, cols, vals = ctx.saved_tensors
-        g = g * (vals > 0)  # ReLU
-        h = ctx.h
-        gW = gb_enc = gb_dec = None
-        col_sum = None
-        if ctx.needs_input_grad[1]:
-            # gW[:, c] = sum over entries e with cols[e] = c of g_e * x_cent[rows[e]]: group the
-            # entries by column and let embedding_bag sum each group (3x faster than sparse.mm)
-            order = torch.argsort(cols, stable=True)
-            gW = _bag_sum(x_cent, cols[order], rows[order], g[order], h).T
-        if (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]:
-            col_sum = g.new_zeros(h).index_add_(0, cols, g)
-        if ctx.use_b_enc and ctx.needs_input_grad[2]:
-            gb_enc = col_sum
-        if ctx.needs_input_grad[3]:
-            gb_dec = -(W_enc @ col_sum)
-        return None, gW, gb_enc, gb_dec, None, None, None, None
-
-
-class _GatheredDecode(torch.autograd.Function):
-    """e = acts_d @ W_dec[cols] for a few latents ``cols`` (D of them), where acts_d [N, D] are
-    the kept ReLU pre-activations relu(x_cent @ W_enc[:, cols] + b_enc[cols]) (zero where not
-    kept). The backward works on the gathered [d_in, D] / [D, d_in] slices: three dense
-    products of N·D·d_in each, and the gradients land in the ``cols`` columns/rows of W_enc,
-    b_enc and W_dec (``cols`` unique, so ``index_copy`` is exact and order-free)."""
-
-    @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, W_dec, cols, acts_d, use_b_enc):
-        W_dec_c = W_dec.index_select(0, cols)  # [D, d_in]
-        ctx.save_for_backward(x_cent, W_enc, W_dec_c, cols, acts_d)
-        ctx.use_b_enc = use_b_enc
-        return acts_d @ W_dec_c
-
-    @staticmethod
-    def backward(ctx, g):
-        x_cent, W_enc, W_dec_c, cols, acts_d = ctx.saved_tensors
-        gW_enc = gb_enc = gb_dec = gW_dec = None
-        if ctx.needs_input_grad[4]:
-            gW_dec = torch.zeros(W_enc.shape[1], W_dec_c.shape[1], dtype=g.dtype, device=g.device)
-            gW_dec.index_copy_(0, cols, acts_d.T @ g)
-        g_a = (g @ W_dec_c.T).mul_(acts_d > 0)  # [N, D]; ReLU and the kept set
-        if ctx.needs_input_grad[1]:
-            gW_enc = torch.zeros_like(W_enc).index_copy_(1, cols, x_cent.T @ g_a)
-        need_sum = (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]
-        col_sum = g_a.sum(0) if need_sum else None
-        if ctx.use_b_enc and ctx.needs_input_grad[2]:
-            gb_enc = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_copy_(0, cols, col_sum)
-        if ctx.needs_input_grad[3]:
-            gb_dec = -(W_enc.index_select(1, cols) @ col_sum)
-        return None, gW_enc, gb_enc, gb_dec, gW_dec, None, None, None

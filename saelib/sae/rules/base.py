@@ -124,7 +124,8 @@ class Rule:
         """Training-time update from the kept activations (values of the selected entries)."""
 
     def calibrate(self, sae: "SAE", batches: list[Tensor]) -> float:
-        raise ValueError(f"calibrate_threshold is for rules with an inference threshold, this SAE is {self.name!r}")
+        """Re-estimate the inference threshold with the current weights (rules with ``calibrates``)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ SAELens
     def to_saelens(self, sae: "SAE", w: dict[str, Tensor]) -> dict[str, Any]:
