@@ -64,11 +64,9 @@ def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | 
 
     classes = {"standard": (StandardSAE, StandardSAEConfig), "topk": (TopKSAE, TopKSAEConfig),
                "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}
-    if cfg.input_norm == "token":  # SAELens' layer_norm applies the same standardisation at run time
-        w = {k: v.detach().clone() for k, v in zip(("W_enc", "b_enc", "W_dec", "b_dec"),
-                                                   (sae.W_enc, sae.b_enc * cfg.use_b_enc, sae.W_dec, sae.b_dec))}
-    else:
-        w = dict(zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.affine()))
+    # "token": SAELens' layer_norm applies the same standardisation at run time, so the
+    # normalised-space tensors; otherwise model space ("global" folded in)
+    w = dict(zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.affine(normalised=cfg.input_norm == "token")))
     norm = {"none": "none", "global": "none", "token": "layer_norm"}[cfg.input_norm]
     meta = {"hook_name": cfg.hook_name, "model_name": cfg.model_name,
             "sae_lens_version": getattr(sae_lens, "__version__", "6.0.0"),

@@ -363,19 +363,20 @@ class SAE(nn.Module):
         self.input_scale.fill_(s)
         return s
 
-    def affine(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def affine(self, *, normalised: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Model-space (W_enc [d_in, m], b_enc [m], W_dec [m, d_in], b_dec [d_in]), detached
         copies, with pre = relu((x - b_dec) @ W_enc + b_enc) and x_hat = acts @ W_dec + b_dec:
         a "global" scale s is folded in (W_enc·s, W_dec/s, b_dec/s) and b_enc is 0 when unused.
-        Per-token standardisation and centring depend on each token, so they have no affine view."""
-        if self.cfg.input_norm == "token" or self.cfg.center_input:
+        Per-token standardisation and centring depend on each token, so they have no affine view;
+        ``normalised=True`` returns the tensors of the normalised space instead (any input_norm)."""
+        if not normalised and (self.cfg.input_norm == "token" or self.cfg.center_input):
             raise ValueError("an SAE with input_norm='token' or center_input=True is not affine in model space; "
                              "use encode/decode (or retrain with input_norm='none'/'global')")
         W_enc, b_enc = self.W_enc.detach().clone(), self.b_enc.detach().clone()
         W_dec, b_dec = self.W_dec.detach().clone(), self.b_dec.detach().clone()
         if not self.cfg.use_b_enc:
             b_enc.zero_()
-        if self.cfg.input_norm == "global":
+        if self.cfg.input_norm == "global" and not normalised:
             s = self.input_scale.detach()
             W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
         return W_enc, b_enc, W_dec, b_dec
