@@ -22,6 +22,7 @@ No Hugging Face Hub access is ever needed: pass objects or local folders.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -170,10 +171,9 @@ def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = Non
     extra = {}
     saved = meta_get("saelib_cfg")
     if isinstance(saved, dict) and saelib_arch == activation:
-        keep = {"afa_coeff", "afa_target", "l1_coeff", "l0_coeff", "jump_bandwidth", "jump_init_threshold", "aux_k",
-                "aux_coeff", "aux_detach_residual", "dead_after_tokens", "threshold_lr", "init_fan_in", "seed",
-                "b_dec_init", "afa_rule"}
-        extra = {k2: v for k2, v in saved.items() if k2 in keep}
+        fixed = {"d_in", "d_sae", "activation", "k", "input_norm", "center_input", "use_b_enc", "dtype", "hook_name",
+                 "model_name"}
+        extra = {k2: v for k2, v in saved.items() if k2 in {f.name for f in dataclasses.fields(SAEConfig)} and k2 not in fixed}
     cfg = SAEConfig(
         d_in=int(lcfg.d_in), d_sae=int(lcfg.d_sae), activation=activation, input_norm=input_norm,
         center_input=bool(center_input), **rule_cfg,
