@@ -760,7 +760,7 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
 
 @torch.no_grad()
 def reconstruction_stats(sae: Any, x: Tensor, *, chunk_tokens: int = 2048, device: str | None = None) -> dict[str, float]:
-    """MSE (per element), NMSE, L0 and latent count of an SAE (or parts) on activations x [N, d]."""
+    """MSE (per element), NMSE, L0 and latent count of an SAE on activations x [N, d]."""
     p = _view(sae, device)
     x = x.float()
     var = float(((x - x.mean(0)) ** 2).sum(dtype=torch.float64))
@@ -807,13 +807,13 @@ def cos_to_init(sae: Any) -> Tensor:
 def frankenstein(saes: Sequence[Any], x: Tensor, *, theta: float = 0.7, chunk_tokens: int = 2048):
     """Grow the first (smallest) SAE by each later SAE's novel latents (max cos < θ against the
     current dictionary; latents dead on ``x`` skipped), no swaps. Returns a pandas DataFrame with
-    one row per step: source width, latents, MSE, NMSE, L0; and the final parts."""
+    one row per step: source width, latents, MSE, NMSE, L0; and the final stitched SAE."""
     import pandas as pd
 
-    parts = [_view(s) for s in saes]
-    cur = parts[0]
-    rows = [{"step": 0, "source": parts[0].cfg.d_sae, "added": 0, **reconstruction_stats(cur, x, chunk_tokens=chunk_tokens)}]
-    for i, P in enumerate(parts[1:], start=1):
+    views = [_view(s) for s in saes]
+    cur = views[0]
+    rows = [{"step": 0, "source": views[0].cfg.d_sae, "added": 0, **reconstruction_stats(cur, x, chunk_tokens=chunk_tokens)}]
+    for i, P in enumerate(views[1:], start=1):
         mc = max_cosine(P.W_dec, cur.W_dec).values
         fired = firing_frequency(P, x, chunk_tokens=chunk_tokens) > 0
         add = (mc < theta) & fired
