@@ -215,16 +215,16 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
     c = ChapterCheck("03_training", runs_dir)
     batch = next(iter(eval_batches))
     for n, s in saes.items():
-        e, act = evals[n], s.cfg.activation
-        if act == "topk":
+        e = evals[n]
+        if s.rule.per_token_k:
             _check_topk_l0(c, n, s, batch[s.cfg.hook_name][:n_check_tokens])
             c.check(f"{n}: held-out L0 ≤ k", e["l0_max"] <= s.cfg.k, f"L0 {e['l0_min']}–{e['l0_max']}, k {s.cfg.k}")
         c.check(f"{n}: 0 < NMSE < 1.5", 0 < e["nmse"] < 1.5, f"NMSE {e['nmse']:.4g}")
         c.check(f"{n}: 0 < L0 ≤ d_sae", 0 < e["l0"] <= d_sae, f"L0 {e['l0']:.1f}")
-    # the fast top-AFA selection against the full-sort reference on held-out activations
-    n_afa = 0
+    # fast selections (top-AFA) against their full-sort references on held-out activations
+    n_ref = 0
     for n, s in saes.items():
-        if s.cfg.activation != "topafa":
+        if not s.rule.has_reference:
             continue
         x = batch[s.cfg.hook_name][:n_check_tokens].to(s.W_dec.device, s.W_dec.dtype)
         with torch.no_grad():
@@ -232,11 +232,11 @@ def training(runs_dir: str | Path, *, saes: Mapping[str, Any], evals: Mapping[st
             acts = s.encode(x)
             x_n, _ = s.normalize(x)
             pre = s._pre_acts_n(x_n)
-            ref = topafa_select_reference(pre, s.decoder_norms(), s._target_n(x_n))
-        n_afa += 1
-        c.check(f"{n}: top-AFA mask = reference", bool(torch.equal(acts != 0, ref)),
+            ref = s.rule.reference_mask(s, pre, x_n)
+        n_ref += 1
+        c.check(f"{n}: {s.rule.label} mask = reference", bool(torch.equal(acts != 0, ref)),
                 f"{int((acts != 0).ne(ref).sum())} of {ref.numel()} entries differ on {x.shape[0]} tokens")
-    c.check("some top-AFA SAE was checked", n_afa > 0 or not any(s.cfg.activation == "topafa" for s in saes.values()))
+    c.check("some top-AFA SAE was checked", n_ref > 0 or not any(s.rule.has_reference for s in saes.values()))
     first = metrics.sort_values("step").groupby("name").head(1).set_index("name")
     last = metrics.sort_values("step").groupby("name").tail(1).set_index("name")
     dropped = [n for n in saes if last.loc[n, "nmse"] < first.loc[n, "nmse"]]
@@ -259,7 +259,7 @@ def evaluation(runs_dir: str | Path, *, results: Any, saes: Mapping[str, Any], d
     r = results.set_index("name")
     for n, s in saes.items():
         row = r.loc[n]
-        if s.cfg.activation == "topk":
+        if s.rule.per_token_k:
             _check_topk_l0(c, n, s, held_acts[s.cfg.hook_name][:n_check_tokens])
             c.check(f"{n}: mean L0 ≤ k", row["l0_mean"] <= s.cfg.k, f"L0 {row['l0_mean']:.2f}, k {s.cfg.k}")
         c.expect(f"{n}: metrics in range",
@@ -291,7 +291,7 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
         if v.curve_monotone is None:
             continue
         small = family.saes[arch][a]
-        competing = st.sae_parts(small).rule in st._COMPETING
+        competing = small.rule.competes
         xs = x[: cfg.competing_tokens] if competing else x
         mse_S = st.reconstruction_stats(small, xs)["mse"]
         start = float(v.curve_monotone.mse[0])

@@ -1,23 +1,13 @@
 """Exchange SAEs with SAELens (``sae_lens`` 6.x): export to its on-disk format and import its SAEs.
 
 Export (:func:`to_saelens`) writes ``cfg.json`` + ``sae_weights.safetensors`` that
-``sae_lens.SAE.load_from_disk(path)`` reads back with the same reconstructions:
-
-=============  =====================================================================
-saelib         SAELens architecture
-=============  =====================================================================
-relu           "standard" (ReLU; b_enc as trained)
-topk           "topk" (``rescale_acts_by_decoder_norm=False``; b_enc = 0 when unused)
-batchtopk      "jumprelu" with every threshold = the learned inference threshold θ
-               (what SAELens itself does with BatchTopK SAEs)
-jumprelu       "jumprelu"
-topafa         refused by default: SAELens has no top-AFA activation, and loaded by SAELens
-               the weights run as a plain ReLU SAE (every positive pre-activation kept, so
-               L0 rises and reconstructions change). With ``allow_lossy=True`` it is written in
-               the "standard" layout with ``metadata.saelib_architecture = "topafa"`` and
-               ``metadata.saelib_lossy_export`` saying what SAELens computes instead;
-               :func:`from_saelens` reads the metadata and restores the top-AFA rule.
-=============  =====================================================================
+``sae_lens.SAE.load_from_disk(path)`` reads back with the same reconstructions. Each rule names
+its SAELens architecture (``Rule.saelens_name``) and adds what it needs (TopK's k, the
+thresholds of JumpReLU and BatchTopK, which exports as "jumprelu" with every threshold = θ, as
+SAELens does); see each module of :mod:`saelib.sae.rules`. A rule SAELens cannot represent
+(top-AFA: ``Rule.saelens_lossy``) is refused unless ``allow_lossy=True``, then written with
+``metadata.saelib_lossy_export`` saying what SAELens computes instead. ``metadata.saelib_architecture``
+lets :func:`from_saelens` restore the saelib rule.
 
 Input normalisation: "none" → "none"; "global" → folded into the weights, "none";
 "token" → SAELens "layer_norm" (same maths: x_n = (x-μ)/(σ+1e-5), back with x_n·σ+μ).
@@ -32,6 +22,7 @@ No Hugging Face Hub access is ever needed: pass objects or local folders.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -42,31 +33,11 @@ import torch
 
 from saelib.io import atomic_folder
 from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.rules import RULES
 
 __all__ = ["to_saelens", "from_saelens", "SAELENS_ARCHITECTURE"]
 
-SAELENS_ARCHITECTURE = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu",
-                        "jumprelu": "jumprelu", "topafa": "standard"}
-
-
-def _model_space_weights(sae: SAE) -> dict[str, torch.Tensor]:
-    """W_enc, b_enc, W_dec, b_dec with a "global" input scale folded in (model space)."""
-    W_enc, b_enc = sae.W_enc.detach().clone(), sae.b_enc.detach().clone()
-    W_dec, b_dec = sae.W_dec.detach().clone(), sae.b_dec.detach().clone()
-    if not sae.cfg.use_b_enc:
-        b_enc.zero_()
-    if sae.cfg.input_norm == "global":
-        s = sae.input_scale.detach()
-        W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
-    return {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
-
-
-# Activation rules SAELens cannot represent: what SAELens computes from the exported weights instead.
-LOSSY = {
-    "topafa": ("SAELens has no top-AFA activation: it would run these weights as a plain ReLU SAE, "
-               "ReLU(W_enc (x - b_dec)) with every positive pre-activation kept instead of the top-AFA "
-               "selection, so its L0 is higher and its reconstructions differ"),
-}
+SAELENS_ARCHITECTURE = {name: r.saelens_name for name, r in RULES.items()}
 
 
 def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | None = None,
@@ -80,44 +51,36 @@ def to_saelens(sae: SAE, path: str | os.PathLike, *, metadata: dict[str, Any] | 
     the exported metadata (``saelib_lossy_export``)."""
     if not isinstance(sae, SAE):
         raise TypeError(f"to_saelens expects a saelib.SAE, got {type(sae).__name__}")
-    cfg = sae.cfg
+    cfg, rule = sae.cfg, sae.rule
     act = cfg.activation
-    if act in LOSSY and not allow_lossy:
-        raise ValueError(f"Cannot export this {act!r} SAE to SAELens faithfully. {LOSSY[act]}. Keep it in saelib's "
-                         "format (SAE.save), or pass allow_lossy=True to export anyway (recorded in the metadata as "
-                         "saelib_lossy_export).")
+    if rule.saelens_lossy and not allow_lossy:
+        raise ValueError(f"Cannot export this {act!r} SAE to SAELens faithfully. {rule.saelens_lossy}. Keep it in "
+                         "saelib's format (SAE.save), or pass allow_lossy=True to export anyway (recorded in the "
+                         "metadata as saelib_lossy_export).")
+    if cfg.center_input:
+        raise ValueError("SAELens has no per-token centring without scaling: this SAE (center_input=True) cannot be "
+                         "exported; run it on centred activations in SAELens instead")
     import sae_lens
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
-    w = _model_space_weights(sae)
+    classes = {"standard": (StandardSAE, StandardSAEConfig), "topk": (TopKSAE, TopKSAEConfig),
+               "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig)}
+    # "token": SAELens' layer_norm applies the same standardisation at run time, so the
+    # normalised-space tensors; otherwise model space ("global" folded in)
+    w = dict(zip(("W_enc", "b_enc", "W_dec", "b_dec"), sae.affine(normalised=cfg.input_norm == "token")))
     norm = {"none": "none", "global": "none", "token": "layer_norm"}[cfg.input_norm]
     meta = {"hook_name": cfg.hook_name, "model_name": cfg.model_name,
             "sae_lens_version": getattr(sae_lens, "__version__", "6.0.0"),
             "saelib_architecture": act, "saelib_cfg": cfg.to_dict()}
-    if act in LOSSY:
-        meta["saelib_lossy_export"] = LOSSY[act]
+    if rule.saelens_lossy:
+        meta["saelib_lossy_export"] = rule.saelens_lossy
     if metadata:
         meta.update(metadata)
     common = dict(d_in=cfg.d_in, d_sae=cfg.d_sae, dtype=cfg.dtype, device="cpu",
                   apply_b_dec_to_input=True, normalize_activations=norm)
-    if act in ("relu", "topafa"):
-        lcfg = StandardSAEConfig(**common)
-        lsae = StandardSAE(lcfg)
-    elif act == "topk":
-        lcfg = TopKSAEConfig(k=cfg.k, rescale_acts_by_decoder_norm=False, **common)
-        lsae = TopKSAE(lcfg)
-    elif act in ("batchtopk", "jumprelu"):
-        if act == "batchtopk":
-            if torch.isnan(sae.threshold):
-                raise ValueError("This BatchTopK SAE has no inference threshold yet (it is estimated during "
-                                 "training); train it for at least one step before exporting to SAELens")
-            w["threshold"] = torch.full((cfg.d_sae,), float(sae.threshold), dtype=w["W_enc"].dtype)
-        else:
-            w["threshold"] = sae.jump_threshold.detach().clone()
-        lcfg = JumpReLUSAEConfig(**common)
-        lsae = JumpReLUSAE(lcfg)
-    else:  # pragma: no cover - SAEConfig validates activations
-        raise ValueError(f"Cannot export activation {act!r}")
+    lsae_cls, lcfg_cls = classes[rule.saelens_name]
+    lcfg = lcfg_cls(**rule.to_saelens(sae, w), **common)
+    lsae = lsae_cls(lcfg)
     for k, v in meta.items():
         lcfg.metadata[k] = v
     state = {k: v.detach().to("cpu", cfg.torch_dtype).contiguous() for k, v in w.items()}
@@ -151,13 +114,17 @@ def _as_saelens_object(obj: Any, device: str | None):
 
 @torch.no_grad()
 def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = None,
-                 hook_name: str | None = None, model_name: str | None = None) -> SAE:
+                 hook_name: str | None = None, model_name: str | None = None,
+                 center_input: bool = False) -> SAE:
     """Convert an SAELens SAE (object or folder) to a :class:`saelib.SAE` (eval mode).
 
     Supported architectures: standard (ReLU), topk, jumprelu, batchtopk (training object:
     uses its learned ``topk_threshold``), and saelib's own top-AFA exports. Others (gated,
     matryoshka, transcoders, hook_z reshaping, whitening, constant_norm_rescale) raise
-    ValueError."""
+    ValueError.
+
+    ``center_input=True`` sets ``SAEConfig.center_input`` for releases trained on
+    TransformerLens-centred streams (:func:`expects_centred_input`), to run them on raw-weight models."""
     lsae = _as_saelens_object(obj, device)
     if not hasattr(lsae, "cfg") or not hasattr(lsae, "W_dec"):
         raise TypeError(f"from_saelens expects an SAELens SAE or a folder, got {type(obj).__name__}")
@@ -189,41 +156,27 @@ def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = Non
         # selection on pre·||W_dec||, decode with acts/||W_dec||: fold into unit-norm rows
         n = W_dec.norm(dim=-1).clamp_min(1e-8)
         W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
-    threshold = None
-    k = None
-    if saelib_arch == "topafa":
-        activation = "topafa"
-    elif arch == "standard":
-        activation = "relu"
-    elif arch == "topk":
-        activation, k = "topk", int(lcfg.k)
-    elif arch == "jumprelu":
-        activation = "jumprelu"
-        threshold = lsae.threshold.detach().float().cpu().clone()
-        if getattr(lcfg, "rescale_acts_by_decoder_norm", False):  # pragma: no cover - not a SAELens option
-            threshold = threshold * n
-        if saelib_arch == "batchtopk" and bool((threshold == threshold[0]).all()):
-            activation = "batchtopk"
-    elif arch == "batchtopk":
-        if float(lcfg.k) != int(lcfg.k):
-            raise ValueError(f"BatchTopK with fractional k={lcfg.k} is not supported; round k")
-        activation, k = "batchtopk", int(lcfg.k)
-        threshold = lsae.topk_threshold.detach().float().cpu().reshape(())
+    if saelib_arch in RULES and RULES[saelib_arch].accepts_saelens(arch, lsae):
+        rule = RULES[saelib_arch]
     else:
-        raise ValueError(f"SAELens architecture {arch!r} is not supported; supported: standard, topk, jumprelu, batchtopk")
-    if activation == "batchtopk" and k is None:
-        k = int(meta_get("saelib_cfg", {}).get("k") or 1)
-    use_b_enc = bool(b_enc.abs().max() > 0) or activation in ("relu", "jumprelu")
+        rule = next((r for r in RULES.values() if arch in r.saelens_loads), None)
+        if rule is None:
+            supported = sorted({a for r in RULES.values() for a in r.saelens_loads})
+            raise ValueError(f"SAELens architecture {arch!r} is not supported; supported: {', '.join(supported)}")
+    activation = rule.name
+    rule_cfg, rule_state = rule.from_saelens(lsae, lcfg, dict(meta or {}))
+    use_b_enc = bool(b_enc.abs().max() > 0) or rule.uses_b_enc
     # training settings of a saelib export (afa_target, afa_coeff, aux, seed, ...) come back too;
     # everything the weights determine is set from the SAELens side
     extra = {}
     saved = meta_get("saelib_cfg")
     if isinstance(saved, dict) and saelib_arch == activation:
-        keep = {"afa_coeff", "afa_target", "l1_coeff", "aux_k", "aux_coeff", "aux_detach_residual",
-                "dead_after_tokens", "threshold_lr", "init_fan_in", "seed", "b_dec_init", "afa_rule"}
-        extra = {k2: v for k2, v in saved.items() if k2 in keep}
+        fixed = {"d_in", "d_sae", "activation", "k", "input_norm", "center_input", "use_b_enc", "dtype", "hook_name",
+                 "model_name"}
+        extra = {k2: v for k2, v in saved.items() if k2 in {f.name for f in dataclasses.fields(SAEConfig)} and k2 not in fixed}
     cfg = SAEConfig(
-        d_in=int(lcfg.d_in), d_sae=int(lcfg.d_sae), activation=activation, k=k, input_norm=input_norm,
+        d_in=int(lcfg.d_in), d_sae=int(lcfg.d_sae), activation=activation, input_norm=input_norm,
+        center_input=bool(center_input), **rule_cfg,
         use_b_enc=use_b_enc, dtype=dtype or "float32",
         hook_name=hook_name or meta_get("hook_name") or "blocks.0.hook_resid_pre",
         model_name=model_name or meta_get("model_name") or "",
@@ -235,10 +188,8 @@ def from_saelens(obj: Any, *, device: str | None = None, dtype: str | None = Non
     sae.W_dec.copy_(W_dec.to(dt))
     sae.b_dec.copy_(b_dec.to(dt))
     sae.b_enc.copy_(b_enc.to(dt))
-    if activation == "jumprelu":
-        sae.jump_threshold.copy_(threshold.to(dt))
-    elif activation == "batchtopk":
-        sae.threshold.fill_(float(threshold.flatten()[0]))
+    for name, v in rule_state.items():
+        getattr(sae, name).copy_(v.to(dt))
     sae.eval()
     if device is not None:
         sae.to(device)

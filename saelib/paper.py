@@ -232,8 +232,8 @@ def e3_results() -> pd.DataFrame:
     rows = []
     for (act, knob), per_layer in _PAPER_E3.items():
         for layer, (l0, nmse) in zip((6, 7, 8), per_layer):
-            rows.append({"activation": act, "k": knob if act != "topafa" else None,
-                         "afa_coeff": knob if act == "topafa" else None, "layer": layer, "l0": l0, "nmse": nmse})
+            rows.append({"activation": act, "k": knob if isinstance(knob, int) else None,  # k: int, λ_AFA: float
+                         "afa_coeff": knob if isinstance(knob, float) else None, "layer": layer, "l0": l0, "nmse": nmse})
     df = pd.DataFrame(rows)
     df.attrs["source"] = SOURCES["topafa:code"] + "; training CSV exports"
     return df

@@ -41,6 +41,7 @@ from saelib.lm.models import load_model
 from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, write_stamp
 from saelib.runs import runs_dir as resolve_runs
 from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.rules import RULES, get_rule
 from saelib.sae.train import TrainConfig, _cfg_dict, _identity, _natural_key, _read_jsonl, train_saes
 
 __all__ = sorted(PIPELINE_NAMES)  # listed in saelib.runs, which forwards them
@@ -146,23 +147,21 @@ def store_stream(model: nn.Module, rows: Tensor, hooks: str | Sequence[str], *, 
 # ============================================================================================
 # Sweeps
 # ============================================================================================
-def sweep_name(hook: str, activation: str, *, k: int | None = None, afa_coeff: float | None = None,
-               l1_coeff: float | None = None, seed: int = 0) -> str:
-    """Folder name of one sweep member, e.g. ``blocks.15.hook_resid_pre-topk-k32-s0``."""
-    if activation in ("topk", "batchtopk"):
-        knob = f"k{k}"
-    elif activation == "topafa":
-        knob = f"afa{afa_coeff:g}"
-    else:
-        knob = f"l1{l1_coeff:g}"
-    return f"{hook}-{activation}-{knob}-s{seed}"
+def sweep_name(hook: str, activation: str, *, seed: int = 0, **knob: Any) -> str:
+    """Folder name of one sweep member, e.g. ``blocks.15.hook_resid_pre-topk-k32-s0``: the rule's
+    knob tag and value (``k=32`` -> ``k32``, ``afa_coeff=0.0625`` -> ``afa0.0625``)."""
+    rule = get_rule(activation)
+    v = knob.get(rule.knob)
+    return f"{hook}-{activation}-{rule.knob_tag}{v if isinstance(v, int) else f'{v:g}'}-s{seed}"
 
 
 def sweep_configs(hooks: Iterable[str], d_in: int, d_sae: int, *, topk_ks: Iterable[int] = (),
                   batchtopk_ks: Iterable[int] = (), afa_coeffs: Iterable[float] = (),
-                  relu_l1_coeffs: Iterable[float] = (), seeds: Iterable[int] = (0,), **common: Any) -> dict[str, SAEConfig]:
+                  relu_l1_coeffs: Iterable[float] = (), knobs: Mapping[str, Iterable[float]] | None = None,
+                  seeds: Iterable[int] = (0,), **common: Any) -> dict[str, SAEConfig]:
     """The grid hooks x {TopK over ``topk_ks``, BatchTopK over ``batchtopk_ks``, top-AFA over
-    ``afa_coeffs``, ReLU+L1 over ``relu_l1_coeffs``} x seeds, as ``{name: SAEConfig}``.
+    ``afa_coeffs``, ReLU+L1 over ``relu_l1_coeffs``, any rule over ``knobs[rule]`` (values of its
+    knob, e.g. ``{"jumprelu": [1e-3]}``)} x seeds, as ``{name: SAEConfig}``.
 
     ``common`` goes to every ``SAEConfig`` (e.g. ``input_norm="token"``, ``model_name=...``).
     The paper's grid: ``topk_ks = batchtopk_ks = (32, ..., 8192)``, ``afa_coeffs = (1/128, 1/64,
@@ -172,26 +171,20 @@ def sweep_configs(hooks: Iterable[str], d_in: int, d_sae: int, *, topk_ks: Itera
     hooks, seeds = list(hooks), list(seeds)
     if not hooks:
         raise ValueError("sweep_configs needs at least one hook name, e.g. ['blocks.6.hook_resid_pre']")
+    values = {"topk": topk_ks, "batchtopk": batchtopk_ks, "topafa": afa_coeffs, "relu": relu_l1_coeffs, **(knobs or {})}
     grid: list[tuple[str, dict[str, Any]]] = []
-    grid += [("topk", {"k": int(k)}) for k in topk_ks]
-    grid += [("batchtopk", {"k": int(k)}) for k in batchtopk_ks]
-    grid += [("topafa", {"afa_coeff": float(c)}) for c in afa_coeffs]
-    grid += [("relu", {"l1_coeff": float(c)}) for c in relu_l1_coeffs]
+    for act, vals in values.items():
+        rule = get_rule(act)
+        cast = int if rule.knob == "k" else float
+        grid += [(act, {rule.knob: cast(v)}) for v in vals]
     if not grid:
-        raise ValueError("sweep_configs got an empty grid: give topk_ks, batchtopk_ks, afa_coeffs or relu_l1_coeffs")
+        raise ValueError("sweep_configs got an empty grid: give topk_ks, batchtopk_ks, afa_coeffs, relu_l1_coeffs or knobs")
     for act, knob in grid:
         if "k" in knob and not 1 <= knob["k"] <= d_sae:
             raise ValueError(f"{act} k={knob['k']} is outside [1, d_sae={d_sae}]; fix the k grid or d_sae")
-    out: dict[str, SAEConfig] = {}
-    for hook, (act, knob), seed in itertools.product(hooks, grid, seeds):
-        kw = {**common, **knob}
-        if act != "topafa":
-            kw.setdefault("afa_coeff", 0.0)
-        if act != "relu":
-            kw.setdefault("l1_coeff", 0.0)
-        out[sweep_name(hook, act, seed=seed, **knob)] = SAEConfig(d_in=d_in, d_sae=d_sae, activation=act,
-                                                                  hook_name=hook, seed=seed, **kw)
-    return out
+    return {sweep_name(hook, act, seed=seed, **knob): SAEConfig(d_in=d_in, d_sae=d_sae, activation=act, hook_name=hook,
+                                                               seed=seed, **{**common, **knob})
+            for hook, (act, knob), seed in itertools.product(hooks, grid, seeds)}
 
 
 def load_saes(out_dir: str | Path, names: Iterable[str] | None = None, *, device: str | None = None) -> dict[str, SAE]:
@@ -239,9 +232,7 @@ def sweep_table(out_dir: str | Path):
         act = cfg.get("activation")
         rows.append({
             "name": name, "hook": cfg.get("hook_name"), "activation": act,
-            "k": cfg.get("k") if act in ("topk", "batchtopk") else None,
-            "afa_coeff": cfg.get("afa_coeff") if act == "topafa" else None,
-            "l1_coeff": cfg.get("l1_coeff") if act == "relu" else None,
+            **{f: cfg.get(f) if get_rule(act).knob == f else None for f in ("k", "afa_coeff", "l1_coeff", "l0_coeff")},
             "seed": cfg.get("seed"), "d_sae": cfg.get("d_sae"),
             **{k: v for k, v in ev.items() if k != "l0_hist"},
         })
@@ -372,7 +363,6 @@ intermediate layer past the early token-level layers; the paper's relative depth
 block 20, which doubles the cost of every harvest on CPU (forwards stop at the hook)."""
 
 SAELENS_RELEASE = "gpt2-small-res-jb-feature-splitting"
-ARCHITECTURES = ("relu", "topk", "batchtopk", "topafa")
 
 
 class WidthFamily(NamedTuple):
@@ -424,7 +414,7 @@ def family_eval_activations(runs_dir: str | Path, *, model_name: str = "embedded
 
 def ensure_width_family(
     runs_dir: str | Path, *, model_name: str = "embedded", corpus: str = "embedded", layer: int | None = None,
-    multipliers: Sequence[int] = (1, 2, 4, 8), architectures: Sequence[str] | Mapping[str, Sequence[int]] = ARCHITECTURES,
+    multipliers: Sequence[int] = (1, 2, 4, 8), architectures: Sequence[str] | Mapping[str, Sequence[int]] = ("relu", "topk", "batchtopk", "topafa"),
     n_tokens: int = 131_072, batch_size: int = 1024, lr: float = 1e-3, k: int = 32, l1_coeff: float = 3e-3,
     afa_coeff: float = 1 / 16, afa_target: str = "consistent", input_norm: str = "global",
     train_tokens: int | None = None, seq_len: int = 128, seed: int = 0, name: str | None = None,
@@ -463,9 +453,9 @@ def ensure_width_family(
         return load_saelens_family(release, multipliers=multipliers, device=device, model_name=model_name)
     if not isinstance(architectures, Mapping):
         architectures = {a: tuple(multipliers) for a in architectures}
-    bad = [a for a in architectures if a not in ARCHITECTURES]
+    bad = [a for a in architectures if a not in RULES]
     if bad:
-        raise ValueError(f"unknown architectures {bad}; choose from {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unknown architectures {bad}; choose from {', '.join(RULES)}")
     for a, mults in architectures.items():
         if not mults or any(int(m) <= 0 for m in mults):
             raise ValueError(f"multipliers for {a} must be positive ints (width = d_model × m), got {tuple(mults)}")
@@ -487,12 +477,9 @@ def ensure_width_family(
         for w in widths_of[arch]:
             kw: dict[str, Any] = dict(d_in=d_model, d_sae=w, activation=arch, hook_name=hook, model_name=model_name,
                                       input_norm=input_norm, seed=seed)
-            if arch in ("topk", "batchtopk"):
-                kw["k"] = min(k, w)
-            elif arch == "topafa":
-                kw.update(afa_coeff=afa_coeff, afa_target=afa_target)
-            else:
-                kw["l1_coeff"] = l1_coeff
+            knob = get_rule(arch).knob  # its sparsity knob; a rule not listed here keeps its default
+            kw.update({"k": {"k": min(k, w)}, "afa_coeff": {"afa_coeff": afa_coeff, "afa_target": afa_target},
+                       "l1_coeff": {"l1_coeff": l1_coeff}}.get(knob, {}))
             configs[member_name(arch, w)] = SAEConfig(**kw)
     train_tokens = n_tokens if train_tokens is None else int(train_tokens)
     if train_tokens < batch_size:

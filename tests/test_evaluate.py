@@ -259,14 +259,12 @@ def test_saelens_sae_gives_the_same_metrics(tmp_path):
         assert theirs_l.metrics[key] == pytest.approx(ours_l.metrics[key], rel=1e-4, abs=1e-6), key
 
 
-def test_centered_input_wrapper_matches_centering_by_hand():
-    from saelib.analysis.evaluate import CenteredInputSAE
-
+def test_center_input_matches_centering_by_hand():
     torch.manual_seed(1)
     d = 12
     x = torch.randn(50, d) + 3.0  # a large per-token mean the inner SAE never saw
     inner = SAE(SAEConfig(d_in=d, d_sae=30, activation="topk", k=5, seed=5))
-    wrapped = CenteredInputSAE(inner)
+    wrapped = inner.with_cfg(center_input=True)
     xc = x - x.mean(-1, keepdim=True)
     with torch.no_grad():
         ref = inner.decode(inner.encode(xc)) + x.mean(-1, keepdim=True)

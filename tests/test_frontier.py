@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saelib.analysis.frontier import frontier_at, frontier_summary, knob_labels, matched_l0, paper_comparison
+from saelib.analysis.frontier import frontier_at, frontier_summary, matched_l0, paper_comparison
+from saelib.sae.rules import knob_text
 
 
 def _table():
@@ -17,12 +18,12 @@ def _table():
             ("topafa", 0, 1 / 32, 10 ** 1.5, 0.15)]
     t = pd.DataFrame(rows, columns=["activation", "k", "afa_coeff", "l0", "nmse"])
     t["layer"], t["name"], t["mse_loss"] = 3, [f"r{i}" for i in range(len(t))], 0.5
-    t["knob"] = knob_labels(t)
+    t["knob"] = [knob_text(r) for _, r in t.iterrows()]
     return t
 
 
 def test_knob_labels():
-    assert knob_labels(_table()) == ["k=10", "k=100", "k=20", "k=40", "λ=1/32"]
+    assert list(_table()["knob"]) == ["k=10", "k=100", "k=20", "k=40", "λ=1/32"]
 
 
 def test_frontier_is_interpolated_in_log_log():

@@ -50,8 +50,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from saelib.sae.rules import RULES, rule_attr
+
 __all__ = [
-    "CenteredInputSAE",
     "EvalResult",
     "MeanCI",
     "WelchResult",
@@ -152,51 +153,6 @@ def _encode_decode(sae: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     except TypeError:
         x_hat = sae.decode(acts)
     return acts, x_hat
-
-
-class CenteredInputSAE(torch.nn.Module):
-    """Wrap an SAE trained on *centred* residual streams so it runs on a raw (HF-weight) model.
-
-    TransformerLens' default weight processing (``center_writing_weights``), which SAELens
-    releases such as ``gpt2-small-res-jb`` were trained under, makes every residual-stream write
-    zero-mean over d_model, so its ``resid_pre`` equals the raw stream minus its per-token mean.
-    A model loaded with raw weights (``saelib.lm.models.load_model``) differs by exactly that mean,
-    which the next LayerNorm removes anyway. This wrapper encodes ``x − mean(x)`` and adds the
-    mean back after decoding, so the SAE sees its training distribution and splicing is exact.
-    ZF statistics are taken in the centred space (the paper's).
-    """
-
-    def __init__(self, sae: Any):
-        super().__init__()
-        self.inner = _as_sae(sae)
-        self.cfg = getattr(self.inner, "cfg", None)
-
-    @property
-    def W_dec(self) -> torch.Tensor:
-        return self.inner.W_dec
-
-    @property
-    def b_dec(self) -> torch.Tensor:
-        return self.inner.b_dec
-
-    def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Raw x → the inner SAE's decoder space (centred, then the inner normalisation)."""
-        xc = x - x.mean(-1, keepdim=True)
-        return _decoder_space(self.inner, xc), None
-
-    def denormalize(self, x_n: torch.Tensor, stats: None) -> torch.Tensor:  # pragma: no cover - marker only
-        raise NotImplementedError("use decode(acts, x=x)")
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.encode(x - x.mean(-1, keepdim=True))
-
-    def decode(self, acts: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
-        xc = None if x is None else x - x.mean(-1, keepdim=True)
-        try:
-            out = self.inner.decode(acts, x=xc)
-        except TypeError:
-            out = self.inner.decode(acts)
-        return out if x is None else out + x.mean(-1, keepdim=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,8 +818,6 @@ def welch_ttest(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray
 # Tables in the paper's format
 # --------------------------------------------------------------------------------------------
 
-_ACT_LABEL = {"topk": "Top-k", "batchtopk": "Batch Top-k", "topafa": "Top-AFA", "relu": "ReLU",
-              "jumprelu": "JumpReLU"}
 
 
 def _frac(x: Any) -> str:
@@ -895,9 +849,9 @@ def comparison_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str 
         k = r.get("k")
         rows.append({
             "Layer": int(r["layer"]),
-            "Activation": _ACT_LABEL.get(act, act),
-            "k": int(k) if act in ("topk", "batchtopk") and k is not None and not pd.isna(k) else "-",
-            "λ_AFA": _frac(r.get("afa_coeff")) if act == "topafa" else "-",
+            "Activation": rule_attr(act, "paper_label", act),
+            "k": int(k) if rule_attr(act, "knob") == "k" and k is not None and not pd.isna(k) else "-",
+            "λ_AFA": _frac(r.get("afa_coeff")) if rule_attr(act, "knob") == "afa_coeff" else "-",
             "L0": float(r[l0]),
             "NMSE": float(r[metric]),
             "±": float(r[ci]) if ci is not None and ci in frame.columns else float("nan"),
@@ -906,7 +860,7 @@ def comparison_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str 
     if ci is None:
         out = out.drop(columns="±")
     out["best"] = out.groupby("Layer")["NMSE"].transform("min") == out["NMSE"]
-    order = {v: i for i, v in enumerate(_ACT_LABEL.values())}
+    order = {r.paper_label: i for i, r in enumerate(RULES.values())}
     out["_o"] = out["Activation"].map(order).fillna(99)
     return out.sort_values(["Layer", "_o", "L0"]).drop(columns="_o").reset_index(drop=True)
 
@@ -997,11 +951,11 @@ def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_m
     rows = []
     for _, r in df.iterrows():
         act = str(r["activation"])
-        knob = (f" (k={int(r['k'])})" if act in ("topk", "batchtopk") and not pd.isna(r.get("k"))
-                else f" ({_frac(r.get('afa_coeff'))})" if act == "topafa" else "")
+        knob = {"k": f" (k={int(r['k'])})" if not pd.isna(r.get("k")) else "",
+                "afa_coeff": f" ({_frac(r.get('afa_coeff'))})"}.get(rule_attr(act, "knob"), "")
         rows.append({
             "layer": int(r["layer"]),
-            "method": _ACT_LABEL.get(act, act) + knob,
+            "method": rule_attr(act, "paper_label", act) + knob,
             "tolerance (NMSE)": float(r[metric]),
             "L0": float(r[l0]),
             "MDL (bits)": float(mdl_bits(float(r[l0]), bits_per_value=bits_per_float, dict_size=int(r["d_sae"]))),

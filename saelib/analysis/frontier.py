@@ -2,7 +2,7 @@
 paper's GPT-2 numbers beside ours.
 
 The functions read a sweep table (``sweep_table``: one row per SAE) with a ``layer`` column and
-a ``knob`` label per run (``k=64``, ``λ=1/32``; :func:`knob_labels`).
+a ``knob`` label per run (``k=64``, ``λ=1/32``; :func:`saelib.sae.rules.knob_text`).
 """
 
 from __future__ import annotations
@@ -10,16 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["frontier_at", "frontier_summary", "knob_labels", "matched_l0", "paper_comparison"]
+__all__ = ["frontier_at", "frontier_summary", "matched_l0", "paper_comparison"]
 
 FRONTIERS = ("topk", "batchtopk")
 """The fixed-budget rules whose (L0, NMSE) points form the frontiers top-AFA is compared with."""
-
-
-def knob_labels(table: pd.DataFrame) -> list[str]:
-    """The sparsity knob of every run: ``k=<k>`` for the fixed-budget rules, ``λ=1/<1/afa_coeff>`` for top-AFA."""
-    return [f"k={int(k)}" if a != "topafa" else f"λ=1/{1 / c:.0f}"
-            for a, k, c in zip(table["activation"], table["k"], table["afa_coeff"])]
 
 
 def frontier_at(l0: float, frontier: pd.DataFrame, y: str = "nmse") -> float:

@@ -15,9 +15,9 @@ Pipeline, for a smaller SAE S (m_S latents) and a larger SAE L (m_L latents) on 
    dead latents (never fire on the eval set) excluded; the max-cosine proxy swept over θ.
 4. **Families** (:func:`build_families`): connected components of the bipartite graph
    cos > θ over alive latents; kinds "insert" (L only), "swap" (S and L), "small_only".
-5. **Stitched SAE** (:func:`stitch`, :class:`StitchedSAE`): encoder columns, folded encoder
-   biases (b'_enc = b_enc − W_enc·b_dec: each latent keeps its own input centring), decoder rows
-   of the kept latents, and S's decoder bias only.
+5. **Stitched SAE** (:func:`stitch`, an :class:`~saelib.sae.core.SAE`): encoder columns, encoder
+   biases re-centred on the stitched decoder bias (b'_enc = b_enc + W_enc·(b_dec' − b_dec): each
+   latent keeps its own input centring), decoder rows of the kept latents, and S's decoder bias only.
 6. **Interpolation** (:func:`interpolation_curve`): operations ordered by their own ΔMSE (most
    negative first), applied cumulatively with a running reconstruction; MSE and L0 per point.
 7. **Frankenstein** (:func:`frankenstein`): grow the smallest SAE by the novel latents (max cos < θ
@@ -26,32 +26,26 @@ Pipeline, for a smaller SAE S (m_S latents) and a larger SAE L (m_L latents) on 
 Conventions (printed by the chapter, see :class:`StitchConfig`): MSE is per element (mean over
 tokens and dimensions, SAELens' ``l2_loss``), in model space; BOS positions are excluded upstream
 (``saelib.lm.activations.harvest``); BatchTopK SAEs are used in inference mode (one global
-threshold θ, so their latents do not compete, like JumpReLU); the stitched SAE applies the
-smaller SAE's activation rule (and k) to all its latents.
+threshold θ, so their latents do not compete, like JumpReLU; stitched, they become a JumpReLU
+SAE with per-latent thresholds); the stitched SAE applies the smaller SAE's rule (and k) to all
+its latents, whether they compete is ``Rule.competes``.
 
-Everything works on :class:`SAEParts`, the activation-space view of an SAE
-(``pre = relu(x @ W_enc + b_enc)``, ``x_hat = acts @ W_dec + b_dec``), extracted from a saelib
-:class:`~saelib.sae.core.SAE` (input_norm "none" or "global") by :func:`sae_parts`.
+Everything works on model-space float32 copies of the SAEs (:meth:`SAE.affine` /
+:meth:`SAE.from_affine`, input_norm "none" or "global"), with each SAE's own selection rule.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from saelib.sae.core import SAE
 __all__ = [
-    "RULES",
     "StitchConfig",
-    "SAEParts",
-    "sae_parts",
-    "parts_pre_acts",
-    "parts_encode",
-    "parts_decode",
     "MaxCosine",
     "max_cosine",
     "CosineMatch",
@@ -67,7 +61,6 @@ __all__ = [
     "family_summary",
     "op_delta_mse",
     "stitch",
-    "StitchedSAE",
     "Curve",
     "interpolation_curve",
     "reconstruction_stats",
@@ -79,8 +72,6 @@ __all__ = [
     "log_interp",
 ]
 
-RULES = ("relu", "threshold", "topk", "topafa")
-_COMPETING = ("topk", "topafa")
 _SENTINEL = 1e8  # top-AFA: the last cumulative entry (squared norm) is replaced by this (paper's code)
 
 
@@ -124,137 +115,38 @@ class StitchConfig:
 
 
 # ============================================================================================
-# Activation-space view of an SAE
+# Model-space views of SAEs
 # ============================================================================================
 
 
-class SAEParts(NamedTuple):
-    """An SAE as plain tensors in model space, input centring folded into the encoder bias.
-
-    ``pre = relu(x @ W_enc + b_enc)``; ``acts = rule(pre)``; ``x_hat = acts @ W_dec + b_dec``.
-    """
-
-    W_enc: Tensor
-    """[d_in, m] encoder."""
-    b_enc: Tensor
-    """[m] encoder bias with the input centring folded in (b_enc − b_dec @ W_enc)."""
-    W_dec: Tensor
-    """[m, d_in] decoder rows."""
-    b_dec: Tensor
-    """[d_in] decoder bias (also the centre of the top-AFA target ‖x − b_dec‖)."""
-    rule: str
-    """"relu", "threshold" (JumpReLU / BatchTopK at inference), "topk" or "topafa"."""
-    k: int | None = None
-    """Latents per token for "topk"."""
-    threshold: Tensor | None = None
-    """[m] per-latent threshold for "threshold" (a latent fires when pre > threshold)."""
-
-    @property
-    def m(self) -> int:
-        return self.W_dec.shape[0]
-
-    @property
-    def d_in(self) -> int:
-        return self.W_dec.shape[1]
-
-    def to(self, device=None, dtype=None) -> "SAEParts":
-        def mv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
-
-        return self._replace(W_enc=mv(self.W_enc), b_enc=mv(self.b_enc), W_dec=mv(self.W_dec),
-                             b_dec=mv(self.b_dec), threshold=mv(self.threshold))
-
-
-def sae_parts(sae: Any) -> SAEParts:
-    """The activation-space :class:`SAEParts` of a saelib ``SAE`` (or return ``SAEParts`` as is).
-
-    Handles ``input_norm`` "none" and "global" (the scale s is folded: W_enc·s, W_dec/s, b_dec/s).
-    BatchTopK SAEs are taken in inference mode (their global threshold θ); SAELens SAEs must first
-    be converted with ``saelib.interop``.
-    """
-    if isinstance(sae, SAEParts):
+def _view(sae: Any, device=None) -> SAE:
+    """``sae`` as a float32 model-space SAE (input_norm "none") in eval mode, on ``device``."""
+    if not isinstance(sae, SAE):
+        raise TypeError(f"stitching expects saelib SAEs, got {type(sae).__name__}; convert SAELens SAEs with "
+                        "saelib.interop.from_saelens first")
+    c = sae.cfg
+    if c.input_norm == "none" and c.dtype == "float32" and not sae.training and (device is None or sae.device == torch.device(device)):
         return sae
-    cfg = getattr(sae, "cfg", None)
-    if cfg is None or not all(hasattr(sae, n) for n in ("W_enc", "W_dec", "b_dec")):
-        raise TypeError(f"sae_parts expects a saelib SAE or SAEParts, got {type(sae).__name__}; convert "
-                        f"SAELens SAEs with saelib.interop first")
-    norm = getattr(cfg, "input_norm", "none")
-    if norm == "token":
+    if c.input_norm == "token":
         raise ValueError("stitching needs an SAE that is affine in model space, but this one uses per-token "
                          "input standardisation (input_norm='token'); train the width family with "
                          "input_norm='none' or 'global'")
-    with torch.no_grad():
-        s = float(getattr(sae, "input_scale", torch.tensor(1.0))) if norm == "global" else 1.0
-        W_enc = sae.W_enc.detach().float() * s
-        b_dec_n = sae.b_dec.detach().float()
-        b_enc = sae.b_enc.detach().float() if getattr(cfg, "use_b_enc", True) else torch.zeros_like(sae.b_enc.detach().float())
-        # pre = relu((s x − b_dec) W_enc + b_enc) = relu(x (s W_enc) + b_enc − b_dec W_enc)
-        b_enc = b_enc - b_dec_n @ sae.W_enc.detach().float()
-        W_dec = sae.W_dec.detach().float() / s
-        b_dec = b_dec_n / s
-    act = cfg.activation
-    threshold = None
-    k = None
-    if act == "relu":
-        rule = "relu"
-    elif act == "topk":
-        rule, k = "topk", int(cfg.k)
-    elif act == "topafa":
-        rule = "topafa"
-    elif act == "batchtopk":
-        th = float(sae.threshold)
-        if math.isnan(th):
-            raise ValueError("this BatchTopK SAE has no inference threshold yet (threshold is NaN); train it "
-                             "(the trainer's EMA sets it) before stitching")
-        rule, threshold = "threshold", torch.full((W_dec.shape[0],), th)
-    elif act == "jumprelu":
-        rule, threshold = "threshold", sae.jump_threshold.detach().float().clone()
-    else:
-        raise ValueError(f"cannot stitch activation {act!r}; supported: relu, topk, batchtopk, topafa, jumprelu")
-    return SAEParts(W_enc.contiguous(), b_enc.contiguous(), W_dec.contiguous(), b_dec.contiguous(), rule, k, threshold)
+    sae.rule.latent_state(sae)  # refuses a rule state that cannot be stitched (a NaN BatchTopK threshold)
+    return SAE.from_affine(*(t.float().to(device) for t in sae.affine()), like=sae, dtype="float32")
 
 
-def parts_pre_acts(p: SAEParts, x: Tensor) -> Tensor:
-    """ReLU pre-activations [N, m] (before the selection rule)."""
-    return F.relu(x @ p.W_enc + p.b_enc)
+def _select(S: SAE, pre: Tensor, x: Tensor) -> Tensor:
+    mask = S.rule.mask(S, pre, x, training=False)
+    return pre if mask is None else pre * mask
 
 
-def _topafa_mask(pre: Tensor, dec_norms: Tensor, target: Tensor) -> Tensor:
-    try:
-        from saelib.sae.topafa import topafa_select
-    except ImportError:  # pragma: no cover - the package always ships it
-        topafa_select = None
-    if topafa_select is not None:
-        return topafa_select(pre, dec_norms, target)
-    raise ImportError("saelib.sae.topafa is missing")
+def _encode(S: SAE, x: Tensor) -> Tensor:
+    """Activations [N, m] of model-space x [N, d_in] under S's rule."""
+    return _select(S, S._pre_acts_n(x), x)
 
 
-def _select(p: SAEParts, pre: Tensor, x: Tensor) -> Tensor:
-    if p.rule == "relu":
-        return pre
-    if p.rule == "threshold":
-        return pre * (pre > p.threshold)
-    if p.rule == "topk":
-        idx = pre.topk(min(p.k, pre.shape[1]), dim=-1, sorted=False).indices
-        return pre * torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, True)
-    if p.rule == "topafa":
-        return pre * _topafa_mask(pre, p.W_dec.norm(dim=-1), (x - p.b_dec).norm(dim=-1))
-    raise ValueError(f"unknown rule {p.rule!r}; one of {RULES}")
-
-
-def parts_encode(p: SAEParts, x: Tensor) -> Tensor:
-    """Activations [N, m] of model-space x [N, d_in] under the parts' rule."""
-    return _select(p, parts_pre_acts(p, x), x)
-
-
-def parts_decode(p: SAEParts, acts: Tensor) -> Tensor:
-    """Reconstruction [N, d_in] of activations [N, m]."""
-    return acts @ p.W_dec + p.b_dec
-
-
-def _as_parts(sae: Any, device=None) -> SAEParts:
-    p = sae_parts(sae)
-    return p.to(device=device, dtype=torch.float32) if device is not None else p.to(dtype=torch.float32)
+def _decode(S: SAE, acts: Tensor) -> Tensor:
+    return acts @ S.W_dec + S.b_dec
 
 
 def _chunks(x: Tensor | Iterable[Tensor], chunk: int, device=None) -> Iterator[Tensor]:
@@ -272,12 +164,16 @@ def _chunks(x: Tensor | Iterable[Tensor], chunk: int, device=None) -> Iterator[T
             yield b[s:s + chunk].to(device=device, dtype=torch.float32)
 
 
-def _check_pair(S: SAEParts, L: SAEParts) -> None:
-    if S.d_in != L.d_in:
-        raise ValueError(f"the two SAEs read different widths (d_in {S.d_in} vs {L.d_in}); stitch SAEs of one hook")
-    if S.rule != L.rule:
-        raise ValueError(f"cannot stitch a {S.rule!r} SAE with a {L.rule!r} SAE: the stitched SAE applies one "
-                         f"activation rule; pick SAEs of the same architecture")
+def _stitched_rule(S: SAE) -> str:
+    return S.rule.stitched_as or S.cfg.activation
+
+
+def _check_pair(S: SAE, L: SAE) -> None:
+    if S.cfg.d_in != L.cfg.d_in:
+        raise ValueError(f"the two SAEs read different widths (d_in {S.cfg.d_in} vs {L.cfg.d_in}); stitch SAEs of one hook")
+    if _stitched_rule(S) != _stitched_rule(L):
+        raise ValueError(f"cannot stitch a {S.cfg.activation!r} SAE with a {L.cfg.activation!r} SAE: the stitched SAE "
+                         f"applies one activation rule; pick SAEs of the same architecture")
 
 
 # ============================================================================================
@@ -327,12 +223,12 @@ class CosineMatch(NamedTuple):
 def decoder_cosine(small: Any, large: Any, *, theta_min: float = 0.5, block: int = 4096,
                    device: str | None = None) -> CosineMatch:
     """Blockwise decoder cosines between L's rows and S's rows: max, argmax and sparse edges."""
-    S, L = _as_parts(small, device), _as_parts(large, device)
+    S, L = _view(small, device), _view(large, device)
     dS = F.normalize(S.W_dec, dim=1)
     dL = F.normalize(L.W_dec, dim=1)
     mx, am, edges, ecos = [], [], [], []
-    mx_s = torch.full((S.m,), -2.0, device=dS.device)
-    for s in range(0, L.m, block):
+    mx_s = torch.full((S.cfg.d_sae,), -2.0, device=dS.device)
+    for s in range(0, L.cfg.d_sae, block):
         C = dL[s:s + block] @ dS.T  # [block, m_S]
         v, i = C.max(dim=1)
         mx.append(v)
@@ -371,7 +267,7 @@ class InsertionResult(NamedTuple):
     """Eval tokens used."""
 
 
-def _competing_dse(S: SAEParts, L: SAEParts, x: Tensor, pre_S: Tensor, acts_S: Tensor, pre_L: Tensor,
+def _competing_dse(S: SAE, L: SAE, x: Tensor, pre_S: Tensor, acts_S: Tensor, pre_L: Tensor,
                    r: Tensor, P: Tensor, pair_batch: int = 1 << 16, mem_floats: int = 1 << 24) -> Tensor:
     """ΔSE [T, m_L] of inserting each L latent into S when latents compete (TopK, top-AFA).
 
@@ -384,10 +280,7 @@ def _competing_dse(S: SAEParts, L: SAEParts, x: Tensor, pre_S: Tensor, acts_S: T
     T, mS = pre_S.shape
     dn_S = S.W_dec.norm(dim=1)
     dn_L = L.W_dec.norm(dim=1)
-    if S.rule == "topk":
-        key_S, key_L = pre_S, pre_L
-    else:
-        key_S, key_L = (pre_S * dn_S) ** 2, (pre_L * dn_L) ** 2
+    key_S, key_L = S.rule.competing_keys(pre_S, dn_S), S.rule.competing_keys(pre_L, dn_L)
     vals, order = torch.sort(key_S, dim=1, descending=True, stable=True)  # [T, m_S]
     asc = vals.flip(1).contiguous()
     # q = number of S keys >= e (S latents win ties: they have lower indices in the stitched SAE)
@@ -395,8 +288,8 @@ def _competing_dse(S: SAEParts, L: SAEParts, x: Tensor, pre_S: Tensor, acts_S: T
     n_pos_S = (pre_S > 0).sum(1, keepdim=True)  # [T, 1]
     n_S = (acts_S > 0).sum(1, keepdim=True)  # [T, 1] kept positive S latents = top n_S ranks
     pos_L = key_L > 0
-    if S.rule == "topk":
-        k = min(S.k, mS + 1)
+    if S.rule.per_token_k:  # a fixed count k (TopK); else top-AFA's nearest cumulative norm
+        k = min(S.cfg.k, mS + 1)
         enter = (q < k) & pos_L
         n_new = k - enter.long()
     else:
@@ -481,12 +374,12 @@ def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *,
     """
     if mode not in INSERTION_MODES:
         raise ValueError(f"mode must be one of {INSERTION_MODES}, got {mode!r}")
-    S, L = _as_parts(small, device), _as_parts(large, device)
+    S, L = _view(small, device), _view(large, device)
     _check_pair(S, L)
     dev = S.W_dec.device
-    dse = torch.zeros(L.m, dtype=torch.float64, device=dev)
-    fL = torch.zeros(L.m, dtype=torch.float64, device=dev)
-    fS = torch.zeros(S.m, dtype=torch.float64, device=dev)
+    dse = torch.zeros(L.cfg.d_sae, dtype=torch.float64, device=dev)
+    fL = torch.zeros(L.cfg.d_sae, dtype=torch.float64, device=dev)
+    fS = torch.zeros(S.cfg.d_sae, dtype=torch.float64, device=dev)
     se_S = se_L = l0_S = l0_L = 0.0
     n = 0
     it = _chunks(x, chunk_tokens, dev)
@@ -496,13 +389,13 @@ def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *,
         it = tqdm(it, desc="insertion ΔMSE", leave=False)
     dn2_L = (L.W_dec ** 2).sum(1)
     for xc in it:
-        pre_S = parts_pre_acts(S, xc)
+        pre_S = S._pre_acts_n(xc)
         acts_S = _select(S, pre_S, xc)
-        r = xc - parts_decode(S, acts_S)
-        pre_L = parts_pre_acts(L, xc)
+        r = xc - _decode(S, acts_S)
+        pre_L = L._pre_acts_n(xc)
         acts_L = _select(L, pre_L, xc)
         P = r @ L.W_dec.T  # [T, m_L]  r·d_j
-        if S.rule in _COMPETING and mode == "rule":
+        if S.rule.competes and mode == "rule":
             d = _competing_dse(S, L, xc, pre_S, acts_S, pre_L, r, P)
         else:
             d = acts_L * acts_L * dn2_L - 2 * acts_L * P
@@ -510,13 +403,13 @@ def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *,
         fL += (acts_L > 0).sum(0)
         fS += (acts_S > 0).sum(0)
         se_S += float((r ** 2).sum(dtype=torch.float64))
-        se_L += float(((xc - parts_decode(L, acts_L)) ** 2).sum(dtype=torch.float64))
+        se_L += float(((xc - _decode(L, acts_L)) ** 2).sum(dtype=torch.float64))
         l0_S += float((acts_S > 0).sum())
         l0_L += float((acts_L > 0).sum())
         n += xc.shape[0]
     if n == 0:
         raise ValueError("insertion_delta_mse got no tokens; pass activations [N, d_in] with N > 0")
-    D = S.d_in
+    D = S.cfg.d_in
     return InsertionResult((dse / (n * D)).cpu(), (fL / n).cpu(), (fS / n).cpu(), se_S / (n * D), se_L / (n * D),
                            l0_S / n, l0_L / n, n)
 
@@ -525,20 +418,20 @@ def insertion_delta_mse(small: Any, large: Any, x: Tensor | Iterable[Tensor], *,
 def insertion_delta_mse_bruteforce(small: Any, large: Any, x: Tensor, latents: Sequence[int] | Tensor, *,
                                    chunk_tokens: int = 4096) -> Tensor:
     """Reference ΔMSE: for each latent j, build the stitched SAE S + j and re-encode (slow loop)."""
-    S, L = _as_parts(small), _as_parts(large)
+    S, L = _view(small), _view(large)
     _check_pair(S, L)
     x = x.float()
-    base = sum(float(((xc - parts_decode(S, parts_encode(S, xc))) ** 2).sum(dtype=torch.float64))
+    base = sum(float(((xc - _decode(S, _encode(S, xc))) ** 2).sum(dtype=torch.float64))
                for xc in _chunks(x, chunk_tokens))
     out = []
-    keep_S = torch.ones(S.m, dtype=torch.bool)
+    keep_S = torch.ones(S.cfg.d_sae, dtype=torch.bool)
     for j in torch.as_tensor(latents).tolist():
-        keep_L = torch.zeros(L.m, dtype=torch.bool)
+        keep_L = torch.zeros(L.cfg.d_sae, dtype=torch.bool)
         keep_L[j] = True
         st = stitch(S, L, keep_S, keep_L)
-        se = sum(float(((xc - parts_decode(st, parts_encode(st, xc))) ** 2).sum(dtype=torch.float64))
+        se = sum(float(((xc - _decode(st, _encode(st, xc))) ** 2).sum(dtype=torch.float64))
                  for xc in _chunks(x, chunk_tokens))
-        out.append((se - base) / (x.shape[0] * S.d_in))
+        out.append((se - base) / (x.shape[0] * S.cfg.d_in))
     return torch.tensor(out, dtype=torch.float64)
 
 
@@ -689,7 +582,7 @@ def op_delta_mse(small: Any, large: Any, fam: Families, x: Tensor | Iterable[Ten
     in its own SAE. Exact for ReLU / threshold SAEs (latents do not compete); for TopK / top-AFA it
     ignores the re-selection a swap would cause and serves only to order operations.
     """
-    S, L = _as_parts(small, device), _as_parts(large, device)
+    S, L = _view(small, device), _view(large, device)
     _check_pair(S, L)
     op_comp, opS, opL = _ops(fam)
     n_ops = len(op_comp)
@@ -697,7 +590,7 @@ def op_delta_mse(small: Any, large: Any, fam: Families, x: Tensor | Iterable[Ten
     opS, opL = opS.to(dev), opL.to(dev)
     # members of every op, as indices into the concatenation [S latents, L latents], with signs
     lat_op = torch.cat([opS, opL])
-    sign = torch.cat([-torch.ones(S.m, device=dev), torch.ones(L.m, device=dev)])
+    sign = torch.cat([-torch.ones(S.cfg.d_sae, device=dev), torch.ones(L.cfg.d_sae, device=dev)])
     D = torch.cat([S.W_dec, L.W_dec])
     in_op = (lat_op >= 0).nonzero(as_tuple=True)[0]
     order = in_op[torch.argsort(lat_op[in_op], stable=True)]
@@ -713,9 +606,9 @@ def op_delta_mse(small: Any, large: Any, fam: Families, x: Tensor | Iterable[Ten
     quad = torch.zeros(n_ops, dtype=torch.float64, device=dev)
     n = 0
     for xc in _chunks(x, chunk_tokens, dev):
-        aS = parts_encode(S, xc)
-        aL = parts_encode(L, xc)
-        r = xc - parts_decode(S, aS)
+        aS = _encode(S, xc)
+        aL = _encode(L, xc)
+        r = xc - _decode(S, aS)
         A = torch.cat([aS, aL], dim=1)  # [T, m_S + m_L]
         h = (A * (r @ D.T)) * sign  # [T, m]  s_l a_l (r·d_l)
         lin.index_add_(0, lat_op[in_op], h[:, in_op].sum(0, dtype=torch.float64))
@@ -723,7 +616,7 @@ def op_delta_mse(small: Any, large: Any, fam: Families, x: Tensor | Iterable[Ten
             Am = A[:, mem]  # [T, n, s]
             quad[ops_s] += torch.einsum("tns,nsr,tnr->n", Am, G, Am).double()
         n += xc.shape[0]
-    return ((quad - 2 * lin) / (n * S.d_in)).cpu()
+    return ((quad - 2 * lin) / (n * S.cfg.d_in)).cpu()
 
 
 # ============================================================================================
@@ -732,65 +625,32 @@ def op_delta_mse(small: Any, large: Any, fam: Families, x: Tensor | Iterable[Ten
 
 
 def stitch(small: Any, large: Any, keep_small: Tensor | np.ndarray, keep_large: Tensor | np.ndarray, *,
-           decoder_bias: str = "small") -> SAEParts:
-    """Stitched SAE parts over the kept latents: S's kept latents first, then L's.
+           decoder_bias: str = "small") -> SAE:
+    """The stitched SAE (model space, float32, eval mode) over the kept latents: S's kept latents
+    first, then L's, with S's decoder bias (``decoder_bias="large"``: L's).
 
-    Encoder columns and folded encoder biases of each kept latent (each keeps its own input
-    centring), their decoder rows, and S's decoder bias (``decoder_bias="large"``: L's). The
-    activation rule (and k) is S's.
+    Each latent keeps its encoder column and its own input centring, so its encoder bias is
+    re-centred on the new decoder bias: b'_enc = b_enc + (b_dec' − b_dec) @ W_enc. The rule (and
+    k) is S's; per-latent rule state is concatenated (BatchTopK's thresholds θ_S, θ_L make the
+    stitched SAE a JumpReLU SAE with per-latent thresholds, ``Rule.stitched_as``).
     """
-    S, L = _as_parts(small), _as_parts(large)
+    S, L = _view(small), _view(large)
     _check_pair(S, L)
-    kS = torch.as_tensor(np.asarray(keep_small), dtype=torch.bool)
-    kL = torch.as_tensor(np.asarray(keep_large), dtype=torch.bool)
-    if kS.shape != (S.m,) or kL.shape != (L.m,):
-        raise ValueError(f"keep masks must have shapes [{S.m}] and [{L.m}], got {tuple(kS.shape)}, {tuple(kL.shape)}")
-    th = None
-    if S.rule == "threshold":
-        th = torch.cat([S.threshold[kS], L.threshold[kL]])
+    kS, kL = (torch.as_tensor(k if isinstance(k, Tensor) else np.asarray(k)).to(S.device, torch.bool)
+              for k in (keep_small, keep_large))
+    mS, mL = S.cfg.d_sae, L.cfg.d_sae
+    if kS.shape != (mS,) or kL.shape != (mL,):
+        raise ValueError(f"keep masks must have shapes [{mS}] and [{mL}], got {tuple(kS.shape)}, {tuple(kL.shape)}")
     if decoder_bias not in ("small", "large"):
         raise ValueError(f"decoder_bias must be 'small' or 'large', got {decoder_bias!r}")
-    b_dec = S.b_dec if decoder_bias == "small" else L.b_dec
-    return SAEParts(torch.cat([S.W_enc[:, kS], L.W_enc[:, kL]], dim=1), torch.cat([S.b_enc[kS], L.b_enc[kL]]),
-                    torch.cat([S.W_dec[kS], L.W_dec[kL]]), b_dec.clone(), S.rule, S.k, th)
-
-
-class StitchedSAE(nn.Module):
-    """A stitched SAE as a module: ``encode``/``decode``/``reconstruct`` in model space."""
-
-    def __init__(self, parts: SAEParts):
-        super().__init__()
-        self.rule, self.k = parts.rule, parts.k
-        self.W_enc = nn.Parameter(parts.W_enc.clone(), requires_grad=False)
-        self.b_enc = nn.Parameter(parts.b_enc.clone(), requires_grad=False)
-        self.W_dec = nn.Parameter(parts.W_dec.clone(), requires_grad=False)
-        self.b_dec = nn.Parameter(parts.b_dec.clone(), requires_grad=False)
-        self.register_buffer("threshold", None if parts.threshold is None else parts.threshold.clone())
-
-    @classmethod
-    def from_saes(cls, small: Any, large: Any, keep_small, keep_large, **kw) -> "StitchedSAE":
-        return cls(stitch(small, large, keep_small, keep_large, **kw))
-
-    @property
-    def parts(self) -> SAEParts:
-        return SAEParts(self.W_enc.data, self.b_enc.data, self.W_dec.data, self.b_dec.data, self.rule, self.k,
-                        self.threshold)
-
-    @property
-    def d_sae(self) -> int:
-        return self.W_dec.shape[0]
-
-    def encode(self, x: Tensor) -> Tensor:
-        return parts_encode(self.parts, x.float())
-
-    def decode(self, acts: Tensor) -> Tensor:
-        return parts_decode(self.parts, acts)
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.reconstruct(x)
+    with torch.no_grad():
+        b_dec = (S.b_dec if decoder_bias == "small" else L.b_dec).detach().clone()
+        b_enc = [(P.b_enc + (b_dec - P.b_dec) @ P.W_enc)[k] for P, k in ((S, kS), (L, kL))]
+        stS, stL = S.rule.latent_state(S), L.rule.latent_state(L)
+        state = {n: torch.cat([stS[n][kS], stL[n][kL]]) for n in stS}
+        return SAE.from_affine(torch.cat([S.W_enc[:, kS], L.W_enc[:, kL]], dim=1), torch.cat(b_enc),
+                               torch.cat([S.W_dec[kS], L.W_dec[kL]]), b_dec, like=S, activation=_stitched_rule(S),
+                               state=state)
 
 
 # ============================================================================================
@@ -834,7 +694,7 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
     (x̂ += u_op; exact because latents do not compete); TopK/top-AFA re-encode the stitched SAE at
     every point (exact, slower).
     """
-    S, L = _as_parts(small, device), _as_parts(large, device)
+    S, L = _view(small, device), _view(large, device)
     _check_pair(S, L)
     dev = S.W_dec.device
     op_comp, opS, opL = _ops(fam)
@@ -846,7 +706,7 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
     rS = torch.as_tensor(np.where(opS.numpy() >= 0, rank[np.maximum(opS.numpy(), 0)], -1), device=dev)
     rL = torch.as_tensor(np.where(opL.numpy() >= 0, rank[np.maximum(opL.numpy(), 0)], -1), device=dev)
     dS = (fam.n_large - fam.n_small)[op_comp][order]
-    n_lat = S.m + np.concatenate([[0], np.cumsum(dS)])[pts]
+    n_lat = S.cfg.d_sae + np.concatenate([[0], np.cumsum(dS)])[pts]
     x = x.float().to(dev)
     N = x.shape[0]
     var = float(((x - x.mean(0)) ** 2).sum(dtype=torch.float64))
@@ -854,26 +714,26 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
     l0 = np.zeros(len(pts))
     if decoder_bias == "large":
         raise NotImplementedError("decoder_bias='large' curves: build the endpoints with stitch(...) instead")
-    if S.rule in _COMPETING:
+    if S.rule.competes:
         for pi, c in enumerate(pts):
             kS = ~((rS >= 0) & (rS < c))
             kL = (rL >= 0) & (rL < c)
-            st = stitch(S.to("cpu"), L.to("cpu"), kS.cpu(), kL.cpu()).to(dev)
+            st = stitch(S, L, kS, kL)
             for xc in _chunks(x, chunk_tokens, dev):
-                a = parts_encode(st, xc)
-                se[pi] += float(((xc - parts_decode(st, a)) ** 2).sum(dtype=torch.float64))
+                a = _encode(st, xc)
+                se[pi] += float(((xc - _decode(st, a)) ** 2).sum(dtype=torch.float64))
                 l0[pi] += float((a > 0).sum())
     else:
-        sign = torch.cat([-torch.ones(S.m, device=dev), torch.ones(L.m, device=dev)])
+        sign = torch.cat([-torch.ones(S.cfg.d_sae, device=dev), torch.ones(L.cfg.d_sae, device=dev)])
         D = torch.cat([S.W_dec, L.W_dec]) * sign[:, None]
         rk = torch.cat([rS, rL])
         seg_lat = [((rk >= lo) & (rk < hi)).nonzero(as_tuple=True)[0] for lo, hi in zip(pts[:-1], pts[1:])]
         for xc in _chunks(x, chunk_tokens, dev):
-            aS = parts_encode(S, xc)
-            aL = parts_encode(L, xc)
+            aS = _encode(S, xc)
+            aL = _encode(L, xc)
             A = torch.cat([aS, aL], dim=1)
             fired = (A > 0).float()
-            xh = parts_decode(S, aS)
+            xh = _decode(S, aS)
             se[0] += float(((xc - xh) ** 2).sum(dtype=torch.float64))
             cur_l0 = float((aS > 0).sum())
             l0[0] += cur_l0
@@ -883,31 +743,31 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
                     cur_l0 += float((fired[:, lat] * sign[lat]).sum())
                 se[pi] += float(((xc - xh) ** 2).sum(dtype=torch.float64))
                 l0[pi] += cur_l0
-    return Curve(pts, n_lat, se / (N * S.d_in), se / var, l0 / N, order, np.asarray(op_delta, float)[order])
+    return Curve(pts, n_lat, se / (N * S.cfg.d_in), se / var, l0 / N, order, np.asarray(op_delta, float)[order])
 
 
 @torch.no_grad()
 def reconstruction_stats(sae: Any, x: Tensor, *, chunk_tokens: int = 2048, device: str | None = None) -> dict[str, float]:
-    """MSE (per element), NMSE, L0 and latent count of an SAE (or parts) on activations x [N, d]."""
-    p = _as_parts(sae, device)
+    """MSE (per element), NMSE, L0 and latent count of an SAE on activations x [N, d]."""
+    p = _view(sae, device)
     x = x.float()
     var = float(((x - x.mean(0)) ** 2).sum(dtype=torch.float64))
     se = l0 = 0.0
     for xc in _chunks(x, chunk_tokens, p.W_dec.device):
-        a = parts_encode(p, xc)
-        se += float(((xc - parts_decode(p, a)) ** 2).sum(dtype=torch.float64))
+        a = _encode(p, xc)
+        se += float(((xc - _decode(p, a)) ** 2).sum(dtype=torch.float64))
         l0 += float((a > 0).sum())
     N = x.shape[0]
-    return {"n_latents": p.m, "mse": se / (N * p.d_in), "nmse": se / var, "l0": l0 / N}
+    return {"n_latents": p.cfg.d_sae, "mse": se / (N * p.cfg.d_in), "nmse": se / var, "l0": l0 / N}
 
 
 @torch.no_grad()
 def firing_frequency(sae: Any, x: Tensor, *, chunk_tokens: int = 2048, device: str | None = None) -> Tensor:
     """[m] fraction of tokens of x on which each latent is active (0 = dead on this set)."""
-    p = _as_parts(sae, device)
-    cnt = torch.zeros(p.m, dtype=torch.float64, device=p.W_dec.device)
+    p = _view(sae, device)
+    cnt = torch.zeros(p.cfg.d_sae, dtype=torch.float64, device=p.W_dec.device)
     for xc in _chunks(x, chunk_tokens, p.W_dec.device):
-        cnt += (parts_encode(p, xc) > 0).sum(0)
+        cnt += (_encode(p, xc) > 0).sum(0)
     return (cnt / max(int(x.shape[0]), 1)).cpu()
 
 
@@ -918,8 +778,6 @@ def cos_to_init(sae: Any) -> Tensor:
     saelib's SAEs are initialised from ``cfg.seed`` alone, so the initial decoder is rebuilt
     here. Near 1: the row has barely moved (short training); near 0: it has found its own
     direction (random directions in d dimensions have |cos| ≈ 1/√d)."""
-    from saelib.sae.core import SAE
-
     if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "seed"):
         raise ValueError("cos_to_init needs a saelib SAE (its init is rebuilt from cfg.seed); "
                          f"got {type(sae).__name__}")
@@ -937,18 +795,18 @@ def cos_to_init(sae: Any) -> Tensor:
 def frankenstein(saes: Sequence[Any], x: Tensor, *, theta: float = 0.7, chunk_tokens: int = 2048):
     """Grow the first (smallest) SAE by each later SAE's novel latents (max cos < θ against the
     current dictionary; latents dead on ``x`` skipped), no swaps. Returns a pandas DataFrame with
-    one row per step: source width, latents, MSE, NMSE, L0; and the final parts."""
+    one row per step: source width, latents, MSE, NMSE, L0; and the final stitched SAE."""
     import pandas as pd
 
-    parts = [_as_parts(s) for s in saes]
-    cur = parts[0]
-    rows = [{"step": 0, "source": parts[0].m, "added": 0, **reconstruction_stats(cur, x, chunk_tokens=chunk_tokens)}]
-    for i, P in enumerate(parts[1:], start=1):
+    views = [_view(s) for s in saes]
+    cur = views[0]
+    rows = [{"step": 0, "source": views[0].cfg.d_sae, "added": 0, **reconstruction_stats(cur, x, chunk_tokens=chunk_tokens)}]
+    for i, P in enumerate(views[1:], start=1):
         mc = max_cosine(P.W_dec, cur.W_dec).values
         fired = firing_frequency(P, x, chunk_tokens=chunk_tokens) > 0
         add = (mc < theta) & fired
-        cur = stitch(cur, P, torch.ones(cur.m, dtype=torch.bool), add)
-        rows.append({"step": i, "source": P.m, "added": int(add.sum()),
+        cur = stitch(cur, P, torch.ones(cur.cfg.d_sae, dtype=torch.bool), add)
+        rows.append({"step": i, "source": P.cfg.d_sae, "added": int(add.sum()),
                      **reconstruction_stats(cur, x, chunk_tokens=chunk_tokens)})
     return pd.DataFrame(rows), cur
 
@@ -987,7 +845,7 @@ def analyze_pair(small: Any, large: Any, x: Tensor, *, cfg: StitchConfig | None 
     """Insertion ΔMSE, cosines, classification, families, op ΔMSE and both interpolation curves."""
     cfg = cfg or StitchConfig()
     theta_min = min(min(cfg.theta_grid), cfg.theta)
-    competing = sae_parts(small).rule in _COMPETING
+    competing = small.rule.competes
     if competing:
         x = x[: cfg.competing_tokens]
     ins = insertion_delta_mse(small, large, x, chunk_tokens=cfg.chunk_tokens, device=device, progress=progress)
@@ -1009,8 +867,8 @@ def analyze_pair(small: Any, large: Any, x: Tensor, *, cfg: StitchConfig | None 
                   device=device)
         cm = interpolation_curve(small, large, fam, od, x, monotone=True, **kw)
         ca = interpolation_curve(small, large, fam, od, x, monotone=False, **kw)
-    S, L = sae_parts(small), sae_parts(large)
-    return PairAnalysis(ins, match, cls, fam, od, cm, ca, swap_imp, float((S.b_dec - L.b_dec).norm()), ins_t, cls_t)
+    S, L = _view(small), _view(large)
+    return PairAnalysis(ins, match, cls, fam, od, cm, ca, swap_imp, float((S.b_dec - L.b_dec).detach().norm()), ins_t, cls_t)
 
 
 def log_interp(n: np.ndarray | float, n_ref: Sequence[float], y_ref: Sequence[float]) -> np.ndarray:

@@ -203,9 +203,11 @@ def afa_diagnostics(data: SyntheticData, n: int = 4096, seed: int = 12345) -> di
 
 
 def synthetic_rules(d_in: int, d_sae: int, k: int, *, l1_coeff: float, afa_coeff: float, seed: int,
-                    b_dec_init: str = "zeros", hook: str = HOOK, rules: Sequence[str] | None = None) -> dict:
+                    b_dec_init: str = "zeros", hook: str = HOOK, rules: Sequence[str] | None = None,
+                    l0_coeff: float | None = None) -> dict:
     """``{name: SAEConfig}`` for every trainable rule: ReLU-L1, TopK and BatchTopK at ``k``,
-    top-AFA with the paper's and the consistent target. Model space (``input_norm="none"``)."""
+    top-AFA with the paper's and the consistent target, and JumpReLU when ``l0_coeff`` is given.
+    Model space (``input_norm="none"``)."""
     from saelib.sae.core import SAEConfig
 
     common = dict(d_in=d_in, d_sae=d_sae, hook_name=hook, seed=seed, b_dec_init=b_dec_init)
@@ -216,6 +218,8 @@ def synthetic_rules(d_in: int, d_sae: int, k: int, *, l1_coeff: float, afa_coeff
         "topafa-paper": dict(activation="topafa", afa_coeff=afa_coeff, afa_target="paper"),
         "topafa-consistent": dict(activation="topafa", afa_coeff=afa_coeff, afa_target="consistent"),
     }
+    if l0_coeff is not None:
+        out["jumprelu"] = dict(activation="jumprelu", l0_coeff=l0_coeff)
     if rules is not None:
         unknown = sorted(set(rules) - set(out))
         if unknown:
@@ -293,12 +297,12 @@ def run_synthetic(
                 evals = evaluate_saes(saes, [{HOOK: x_eval}])
                 for name, sae in saes.items():
                     ev = evals[name]
-                    base_rule, _, start = name.partition("+")
+                    start = name.partition("+")[2]
                     rows.append({
                         **{f: getattr(spec, f) for f in ("d", "n_features", "l0", "rho", "group_size", "mag_sigma")},
                         "superposition": spec.superposition, "seed": int(seed), "rule": name,
                         "start": start or "random", "b_dec_init": init, "d_sae": d_sae,
-                        "k": k if base_rule in ("topk", "batchtopk") else None,
+                        "k": sae.cfg.k,
                         "fvu": float(ev["fvu"]), "sae_l0": float(ev["l0"]),
                         "l0_ratio": float(ev["l0"]) / diag["true_l0"],
                         **recovery(data.W, sae.W_dec), **diag, "train_s": wall / len(saes),

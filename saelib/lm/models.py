@@ -28,7 +28,6 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
-import os
 import re
 import time
 import warnings

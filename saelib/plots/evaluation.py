@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saelib.plots.style import ARCH_COLORS, apply_style, figure_legend_below, legend_outside, log_ticks, metric_label
+from saelib.plots.style import apply_style, figure_legend_below, legend_outside, log_ticks, metric_label
+from saelib.sae.rules import rule_attr, rule_in
 
 import matplotlib.pyplot as plt  # noqa: E402  (style module picks a headless backend first)
 
-_LABELS = {"topk": "Top-k", "batchtopk": "Batch Top-k", "topafa": "Top-AFA", "relu": "ReLU", "jumprelu": "JumpReLU"}
-_LINES = {"topk": "-", "batchtopk": "--", "topafa": "-.", "relu": ":", "jumprelu": ":"}
 
 
 def _axes(ax: plt.Axes | None, figsize=(6.4, 4.0)) -> tuple[plt.Figure, plt.Axes]:
@@ -50,8 +49,8 @@ def pareto_plot(
     for act, g in frame.groupby(hue, sort=False):
         g = g.sort_values(x)
         ax.errorbar(g[x], g[y], yerr=None if yerr is None else g[yerr], marker="o", ms=4,
-                    ls=_LINES.get(str(act), "-"), color=ARCH_COLORS.get(str(act)), capsize=2,
-                    label=_LABELS.get(str(act), str(act)))
+                    ls=rule_attr(str(act), "linestyle", "-"), color=rule_attr(str(act), "color"), capsize=2,
+                    label=rule_attr(str(act), "paper_label", str(act)))
     if star and len(frame):
         best = frame.loc[frame[y].idxmin()]
         ax.scatter([best[x]], [best[y]], marker="*", s=220, color="gold", edgecolor="black", zorder=5,
@@ -97,14 +96,14 @@ def seed_comparison_plot(
         groups = list(dict.fromkeys(sub[group]))
         for i, gname in enumerate(groups):
             vals = sub.loc[sub[group] == gname, metric].to_numpy(dtype=float)
-            color = ARCH_COLORS.get(str(gname), "black")
+            color = rule_attr(str(gname), "color", "black")
             jitter = np.linspace(-0.12, 0.12, len(vals)) if len(vals) > 1 else np.zeros(1)
             ax.scatter(i + jitter, vals, s=14, color=color, alpha=0.6)
             ci = mean_ci(vals, confidence)
             err = 0 if np.isnan(ci.half_width) else ci.half_width
             ax.errorbar([i + 0.28], [ci.mean], yerr=[err], fmt="s", color=color, capsize=3, ms=5)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([_LABELS.get(str(g), str(g)) for g in groups], rotation=15)
+        ax.set_xticklabels([rule_attr(str(g), "paper_label", str(g)) for g in groups], rotation=15)
         ax.set_title(str(p) if p is not None else "")
         ax.set_ylabel(ylabel or metric_label(metric))
     fig.tight_layout()
@@ -125,8 +124,7 @@ def l0_distribution_plot(
     hi = max(max(a.max() for a in arrays.values() if a.size), 1.0)
     edges = np.linspace(0, hi * 1.02 + 1, bins + 1)
     for label, a in arrays.items():
-        act = next((k for k in ("batchtopk", "topafa", "topk", "relu") if k in str(label)), None)
-        ax.hist(a, bins=edges, histtype="step", lw=1.5, color=ARCH_COLORS.get(act), label=str(label),
+        ax.hist(a, bins=edges, histtype="step", lw=1.5, color=rule_attr(rule_in(label), "color"), label=str(label),
                 density=True)
     if d_in is not None:
         ax.axvline(d_in, color="grey", ls=":", lw=1)
@@ -152,9 +150,8 @@ def latent_density_plot(
     for label, f in freqs.items():
         f = np.asarray(f, dtype=float)
         dead = int((f == 0).sum())
-        act = next((k for k in ("batchtopk", "topafa", "topk", "relu") if k in str(label)), None)
         ax.hist(np.log10(np.maximum(f, 10**floor)), bins=bins, histtype="step", lw=1.5,
-                color=ARCH_COLORS.get(act), label=f"{label} ({dead} dead)")
+                color=rule_attr(rule_in(label), "color"), label=f"{label} ({dead} dead)")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("latents")
     legend_outside(ax, fontsize=7)

@@ -7,7 +7,8 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.plots.style import ARCH_COLORS, apply_style, figure_legend_below, legend_outside
+from saelib.plots.style import apply_style, figure_legend_below, legend_outside
+from saelib.sae.rules import rule_attr
 
 __all__ = [
     "plot_meta_training",
@@ -138,7 +139,7 @@ def plot_fve_by_sae(df, *, title: str = "How much of each SAE's dictionary is co
     apply_style()
     fig, ax = plt.subplots(figsize=(6.8, 3.6))
     x = np.arange(len(df))
-    colors = [ARCH_COLORS.get(a, "#333333") for a in df["arch"]]
+    colors = [rule_attr(a, "color", "#333333") for a in df["arch"]]
     ax.bar(x - 0.2, df["fve_batch"], width=0.4, color=colors, label="batch mode")
     ax.bar(x + 0.2, df["fve_threshold"], width=0.4, color=colors, alpha=0.5, hatch="//",
            label="threshold mode")

@@ -6,7 +6,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import matplotlib.pyplot as plt
 
-from saelib.plots.style import ARCH_COLORS, legend_outside, metric_label
+from saelib.plots.style import legend_outside, metric_label
+from saelib.sae.rules import rule_attr
 
 CLASS_COLORS = {"novel": "#2ca02c", "reconstruction": "#d62728", "dead": "#bbbbbb"}
 
@@ -22,7 +23,7 @@ def novel_fraction_bars(table) -> plt.Figure:
         sub = table[table["arch"] == a].set_index("pair")
         xs = np.arange(len(pairs)) + (i - (len(archs) - 1) / 2) * w
         vals = [100 * sub.loc[p, "frac_novel"] if p in sub.index else np.nan for p in pairs]
-        ax.bar(xs, vals, width=w, color=ARCH_COLORS.get(a, None), label=a)
+        ax.bar(xs, vals, width=w, color=rule_attr(a, "color"), label=a)
         if "frac_novel_proxy" in sub:
             pv = [100 * sub.loc[p, "frac_novel_proxy"] if p in sub.index else np.nan for p in pairs]
             ax.scatter(xs, pv, marker="_", s=120, color="k", zorder=3)
@@ -148,7 +149,7 @@ def stitched_paths(results: Mapping, trained, arch: str, *, y: str = "mse",
         if ar != arch or b != 2 * a or v.curve_monotone is None:
             continue
         curves.append({"n_latents": v.curve_monotone.n_latents, y: getattr(v.curve_monotone, y),
-                       "color": ARCH_COLORS.get(arch), "label": "stitched (monotone)" if not curves else None})
+                       "color": rule_attr(arch, "color"), "label": "stitched (monotone)" if not curves else None})
         curves.append({"n_latents": v.curve_all.n_latents, y: getattr(v.curve_all, y), "color": "k", "ls": ":",
                        "label": "stitched (all ops)" if len(curves) == 1 else None})
     tr = [{"n_latents": row.width, y: row[y], "label": f"trained {arch}", "color": "white"}

@@ -15,14 +15,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from saelib.io import atomic_path  # noqa: E402
 
-# A colour per SAE family, reused in every chapter so a reader learns them once.
-ARCH_COLORS = {
-    "topk": "#1f77b4",
-    "batchtopk": "#ff7f0e",
-    "topafa": "#2ca02c",
-    "relu": "#7f7f7f",
-    "jumprelu": "#9467bd",
-}
 
 
 def apply_style() -> None:

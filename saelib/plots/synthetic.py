@@ -8,16 +8,15 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.plots.style import ARCH_COLORS, figure_legend_below, legend_outside
+from saelib.plots.style import figure_legend_below, legend_outside
+from saelib.sae.rules import RULES
 
 __all__ = ["RULE_STYLES", "plot_synthetic_grid", "plot_oracle_l0", "plot_factor_effects"]
 
 # (colour, line style, label) per synthetic rule name
 RULE_STYLES = {
-    "relu": (ARCH_COLORS["relu"], ":", "ReLU+L1"),
-    "topk": (ARCH_COLORS["topk"], "-", "TopK (k = true L0)"),
-    "batchtopk": (ARCH_COLORS["batchtopk"], "--", "BatchTopK (k = true L0)"),
-    "topafa-paper": (ARCH_COLORS["topafa"], "-.", "top-AFA, paper target"),
+    **{n: (r.color, r.linestyle, r.label + (" (k = true L0)" if r.knob == "k" else "")) for n, r in RULES.items()},
+    "topafa-paper": (RULES["topafa"].color, RULES["topafa"].linestyle, "top-AFA, paper target"),
     "topafa-consistent": ("#0b5d1e", "-", "top-AFA, consistent target"),
 }
 

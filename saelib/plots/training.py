@@ -8,28 +8,15 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.plots.style import ARCH_COLORS, count_formatter, log_ticks, figure_legend_below, legend_outside, metric_label
+from saelib.plots.style import count_formatter, log_ticks, figure_legend_below, legend_outside, metric_label
+from saelib.sae.rules import RULES, knob_text
 
-__all__ = ["ARCH_LABELS", "ARCH_STYLES", "plot_frontier", "plot_l0_distribution", "plot_training_curves"]
-
-# the paper's figure: Top-k solid, Batch Top-k dashed, Top-AFA dash-dot
-ARCH_STYLES = {"topk": "-", "batchtopk": "--", "topafa": "-.", "relu": ":"}
-ARCH_LABELS = {"topk": "TopK", "batchtopk": "BatchTopK", "topafa": "top-AFA", "relu": "ReLU+L1"}
+__all__ = ["plot_frontier", "plot_l0_distribution", "plot_training_curves"]
 
 
 def _nice_log_ticks(axis) -> None:
     """Label a log axis at 1-2-5 steps whatever its range (see :func:`saelib.plots.style.log_ticks`)."""
     log_ticks(axis)
-
-
-def _knob_label(row: Mapping[str, Any]) -> str:
-    if row["activation"] == "topafa":
-        c = float(row["afa_coeff"])
-        inv = 1 / c if c > 0 else float("inf")
-        return f"λ=1/{inv:.0f}" if abs(inv - round(inv)) < 1e-6 else f"λ={c:g}"
-    if row["activation"] == "relu":
-        return f"l1={float(row['l1_coeff']):g}"
-    return f"k={int(row['k'])}"
 
 
 def _layer_of(hook: str) -> str:
@@ -60,15 +47,15 @@ def plot_frontier(
     fig, axes = plt.subplots(1, len(hooks), figsize=(4.2 * len(hooks), 3.8), squeeze=False, sharey=True)
     for ax, hook in zip(axes[0], hooks):
         sub = table[table["hook"] == hook]
-        for act in ("topk", "batchtopk", "topafa", "relu"):
+        for act, rule in RULES.items():
             s = sub[sub["activation"] == act]
             if s.empty:
                 continue
             s = s.sort_values(x)
-            ax.plot(s[x], s[y], ARCH_STYLES[act], marker="o", ms=4, color=ARCH_COLORS.get(act), label=ARCH_LABELS[act])
+            ax.plot(s[x], s[y], ls=rule.linestyle, marker="o", ms=4, color=rule.color, label=rule.label)
             if annotate:
                 for _, r in s.iterrows():
-                    ax.annotate(_knob_label(r), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points", color=ARCH_COLORS.get(act))
+                    ax.annotate(knob_text(r), (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points", color=rule.color)
         if not sub.empty:
             best = sub.loc[sub[y].idxmin()]
             ax.plot([best[x]], [best[y]], "*", ms=14, color="k", zorder=5, label="lowest " + metric_label(y))
@@ -155,7 +142,7 @@ def plot_training_curves(
     labels = list(labels) if labels is not None else list(names)
     fig, axes = plt.subplots(1, len(ys), figsize=(4.4 * len(ys), 3.4), squeeze=False)
     # runs of one architecture share its hue; each gets its own shade and line style
-    acts = [next((a for a in ARCH_STYLES if f"-{a}-" in n), "topk") for n in names]
+    acts = [next((a for a in RULES if f"-{a}-" in n), "topk") for n in names]
     styles = ["-", "--", ":", "-."]
     nth = {n: sum(a == acts[i] for a in acts[:i]) for i, n in enumerate(names)}
     count = {a: acts.count(a) for a in set(acts)}
@@ -165,7 +152,7 @@ def plot_training_curves(
             if m.empty or y not in m:
                 continue
             j = nth[n]
-            shade = _shade(ARCH_COLORS.get(act, "#333333"), j, count[act])
+            shade = _shade(RULES[act].color, j, count[act])
             ax.plot(m["tokens"], m[y], styles[j % len(styles)], color=shade, label=lab, lw=1.3)
         # fractions such as dead_frac can be exactly 0: keep those on a linear axis
         ax.set_yscale("linear" if y.startswith("dead") else "log")

@@ -1,15 +1,7 @@
 """Sparse autoencoders: configuration, model, losses, save/load.
 
-One class, :class:`SAE`, covers the four activation rules the book compares:
-
-* ``"relu"``      ReLU SAE with an L1 penalty (Bricken et al. / "vanilla").
-* ``"topk"``      TopK SAE (Gao et al. 2024): keep the k largest ReLU pre-activations per token.
-* ``"batchtopk"`` BatchTopK SAE (Bussmann et al. 2024): keep the k·B largest over the batch in
-                  training; in eval mode a single learned threshold θ replaces the batch rule.
-* ``"topafa"``    top-AFA SAE (Lee et al. 2025): per token, keep the prefix of the
-                  decoder-scaled ranking whose cumulative norm is nearest to ||x - b_dec||.
-* ``"jumprelu"``  inference only (per-latent threshold); used to import SAELens JumpReLU SAEs and
-                  BatchTopK SAEs exported as JumpReLU.
+One class, :class:`SAE`, for every activation rule; each rule (ReLU+L1, TopK, BatchTopK, top-AFA,
+JumpReLU) lives in :mod:`saelib.sae.rules` with its selection, knob, losses and threshold update.
 
 Shapes: ``x`` [N, d_in], ``pre_acts``/``acts`` [N, d_sae], ``W_enc`` [d_in, d_sae],
 ``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec`` [d_in].
@@ -17,70 +9,56 @@ Shapes: ``x`` [N, d_in], ``pre_acts``/``acts`` [N, d_sae], ``W_enc`` [d_in, d_sa
 Forward pass (in the *normalised* space, see ``input_norm``)::
 
     pre  = relu((x_n - b_dec) @ W_enc + b_enc)      # b_enc only when cfg.use_b_enc
-    acts = select(pre)                               # activation rule
+    acts = select(pre)                               # the rule (SAE.rule)
     x_hat_n = acts @ W_dec + b_dec
 
-Input normalisation (``SAEConfig.input_norm``) and what "model space" means:
+Input normalisation (``SAEConfig.input_norm``); "model space" is the space of the model's x:
 
-* ``"none"``   x_n = x. Everything is in model space.
-* ``"global"`` x_n = s·x with one scalar s (buffer ``input_scale``) fitted by
-  :meth:`SAE.fit_input_norm` so that mean ||s·x|| = sqrt(d_in). :meth:`encode` and
-  :meth:`decode` take and return model-space tensors (decode divides by s). :meth:`save`
-  folds s into the weights (W_enc·s, W_dec/s, b_dec/s), so the file works in model space for
-  any tool; :meth:`load` unfolds it again so training can continue in the normalised space.
-* ``"token"``  the paper's per-token standardisation: x_n = (x - mean(x)) / (std(x) + 1e-5)
-  (std unbiased, over the d_in features of each token); back to model space with
-  x_hat = x_hat_n·std + mean (no eps, as the paper's code and SAELens' "layer_norm").
-  Every token then has ||x_n|| ≈ sqrt(d_in - 1). :meth:`encode` (model-space x) standardises first. The
-  de-standardisation needs the token's own mean and std, so :meth:`decode` needs the original
-  input: ``decode(acts, x=x)`` returns model space; ``decode(acts)`` without ``x`` raises.
-  :meth:`reconstruct` (``x -> x_hat``) and :meth:`forward` always return model space.
+* ``"none"``   x_n = x.
+* ``"global"`` x_n = s·x, one scalar s (buffer ``input_scale``) fitted by :meth:`SAE.fit_input_norm`
+  so that mean ||s·x|| = sqrt(d_in). :meth:`save` folds s into the weights (W_enc·s, W_dec/s,
+  b_dec/s), so the file works in model space for any tool; :meth:`load` unfolds it.
+* ``"token"``  the paper's per-token standardisation x_n = (x - mean(x)) / (std(x) + 1e-5) (std
+  unbiased, over d_in), back with x_hat = x_hat_n·std + mean (no eps, as the paper and SAELens'
+  "layer_norm"); ||x_n|| ≈ sqrt(d_in - 1). Undoing it needs the token's own mean and std, so
+  ``decode(acts, x=x)`` needs the input (without it, it raises; so does ``center_input``).
 
-Losses (``SAEOutput``) are computed in the normalised space, as in the paper:
+:meth:`encode`, :meth:`decode`, :meth:`reconstruct` and :meth:`forward` take and return model space.
+
+Losses (``SAEOutput``), in the normalised space as in the paper:
 
 * ``mse_loss`` = mean over N·d_in of (x_hat_n - x_n)^2 (the paper's "normalised MSE");
 * ``afa_loss`` = mean over tokens of (||f|| - target)^2, weighted by ``afa_coeff``
   (``afa_target="paper"``: f unscaled, target ||x_n||; ``"consistent"``: f decoder-scaled,
   target ||x_n - b_dec||, the same target the selection uses);
-* ``aux_loss`` = aux_coeff · mean over N·d_in of (e - r)^2, where r = x_n - x_hat_n is
-  *detached* (Gao et al.; the paper's code does not detach, see ``aux_detach_residual``) and e
-  is the reconstruction (no bias) from the top-``aux_k`` pre-activations among dead latents;
-* ``l1_loss``  = l1_coeff · mean over tokens of sum_i acts_i·||W_dec[i]|| (ReLU SAEs).
+* ``aux_loss`` = aux_coeff · mean over N·d_in of (e - r)^2, r = x_n - x_hat_n *detached* (Gao et
+  al.; the paper's code does not detach: ``aux_detach_residual``), e the reconstruction (no
+  bias) from the top-``aux_k`` pre-activations among dead latents;
+* ``l1_loss``  = l1_coeff · mean over tokens of sum_i acts_i·||W_dec[i]|| (ReLU SAEs);
+* ``rule_loss`` = the rule's own term (JumpReLU's L0 penalty), 0 for the others.
 
-The decoder-row constraint is maintained by the trainer: after ``backward()`` call
+The trainer keeps decoder rows at unit norm: after ``backward()``
 :meth:`SAE.remove_gradient_parallel_to_decoder_directions`, step, then
-:meth:`SAE.set_decoder_norm_to_unit_norm`. Decoder ε (max / mean |cos| between rows) is
-:func:`saelib.analysis.afa.epsilon`.
+:meth:`SAE.set_decoder_norm_to_unit_norm`.
 
 Where this differs from the paper's code (arXiv 2503.24277, ``training/sae.py``), and why:
 
-* BatchTopK has an inference threshold θ; the paper's code applies the batch rule at evaluation
-  too. During training θ follows an EMA of the smallest kept activation (SAELens'
-  ``topk_threshold_lr``; dictionary_learning uses an EMA too, from step 1000); after training
-  the trainer re-estimates it with the final weights over the last training batches
-  (:meth:`SAE.calibrate_threshold`, ``TrainConfig.batchtopk_threshold="final"``), because in a
-  few hundred steps the EMA still lags the weights and remembers the first batch.
+* BatchTopK has an inference threshold θ (:mod:`saelib.sae.rules.batchtopk`).
 * ``b_dec_init`` (default "zeros", the paper) can start b_dec at the first batch's mean
-  (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` is the
-  top-AFA variant that keeps the shortest prefix reaching the target (paper: nearest prefix).
-* The aux residual is detached by default (Gao et al.); ``aux_detach_residual=False`` restores
-  the paper's behaviour. Dead latents are counted in tokens, not batches (same default:
-  5 × 4096 tokens), with one comparison (``>=``) for both the loss and the count.
-* Top-AFA ties are broken by latent index and cumulative sums use float64 (see
-  :mod:`saelib.sae.topafa`); the selection runs without autograd.
+  (sparsify) or geometric median (dictionary_learning); ``afa_rule="first_crossing"`` keeps the
+  shortest top-AFA prefix reaching the target (paper: nearest prefix).
+* The aux residual is detached by default (above). Dead latents are counted in tokens, not
+  batches (same default: 5 × 4096 tokens), with one comparison (``>=``) for loss and count.
+* Top-AFA ties are broken by latent index and cumulative sums use float64 (:mod:`saelib.sae.topafa`).
 * Defaults that keep the paper: no encoder bias for topk/batchtopk/topafa, the Kaiming fan-in
-  quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents, per-token
-  standardisation available as ``input_norm="token"`` (the default is "none": model space).
-* Training steps with few active latents use a sparse path (exact same maths, tested against the
-  dense one): the encoder backward and the decoder only touch the selected latents. The aux
-  loss touches only the dead latents (gathered encoder columns and decoder rows): its cost
-  grows with their number, not with d_sae (tested against the plain-autograd reference).
+  quirk (``init_fan_in``), seed 49, λ_AFA = 1/16, aux 1/32 over 512 latents.
+* Training steps with few active latents take a sparse path (:mod:`saelib.sae.kernels`; same
+  maths, tested against plain autograd): the encoder backward and the decoder touch only the
+  selected latents, the aux loss only the dead ones.
 """
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -91,8 +69,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saelib.io import atomic_path, atomic_write_text, file_sha256
-from saelib.sae.topafa import topafa_select, topafa_select_first_crossing
+from saelib.sae.checkpoint import CFG_FILE, load_files, save_files
+from saelib.sae.kernels import DenseEncode, GatheredDecode, GatherPreActs, safe_sqrt, sparse_decode
+from saelib.sae.rules import RULES, Rule, get_rule
 
 __all__ = [
     "ACTIVATIONS",
@@ -103,7 +82,7 @@ __all__ = [
     "geometric_median",
 ]
 
-ACTIVATIONS = ("relu", "topk", "batchtopk", "topafa", "jumprelu")
+ACTIVATIONS = tuple(RULES)
 INPUT_NORMS = ("none", "global", "token")
 AFA_TARGETS = ("paper", "consistent")
 INIT_FAN_IN = ("paper", "d_in")
@@ -111,10 +90,6 @@ B_DEC_INITS = ("zeros", "mean", "geometric_median")
 AFA_RULES = ("nearest", "first_crossing")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _TOKEN_NORM_EPS = 1e-5  # the paper's x / (std + 1e-5)
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae.safetensors"
-FORMAT_NAME = "saelib.sae.core"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -126,19 +101,26 @@ class SAEConfig:
     d_sae: int
     """Number of latents (dictionary size h)."""
     activation: str = "topk"
-    """Activation rule: "relu", "topk", "batchtopk", "topafa" or "jumprelu" (inference only)."""
+    """Activation rule, a name in :data:`saelib.sae.rules.RULES`."""
     k: int | None = None
     """Latents per token for "topk"; average latents per token for "batchtopk". Required for
     those two, ignored (must be None) for the others."""
     afa_coeff: float | None = None
-    """Weight λ of the AFA norm-matching loss. None → 1/16 for "topafa" (the paper's most used
-    value), 0 otherwise. The term is always computed and logged."""
+    """Weight λ of the AFA norm-matching loss. None → 1/16 for "topafa", 0 otherwise. The term
+    is always computed and logged. (None for a coefficient = the rule's default when it is the
+    rule's knob, else 0.)"""
     afa_target: str = "paper"
     """"paper": the paper's code (selection targets ||x_n - b_dec||, the loss compares the unscaled
     ||f|| with ||x_n||). "consistent": selection and loss both target ||x_n - b_dec|| and the loss
     uses decoder-scaled activations (the f̃ view of the theory)."""
     l1_coeff: float | None = None
     """L1 sparsity weight (decoder-norm weighted). None → 5.0 for "relu", 0 otherwise."""
+    l0_coeff: float | None = None
+    """JumpReLU L0 penalty weight. None → 1e-3 for "jumprelu", 0 otherwise."""
+    jump_bandwidth: float = 0.05
+    """JumpReLU: bandwidth ε of the straight-through estimator's rectangle kernel."""
+    jump_init_threshold: float = 0.01
+    """JumpReLU: initial threshold θ of every latent."""
     aux_k: int = 512
     """Number of dead latents used by the auxiliary dead-latent loss (top_k_aux); 0 disables it."""
     aux_coeff: float = 1 / 32
@@ -155,9 +137,13 @@ class SAEConfig:
     input_norm: str = "none"
     """Input normalisation: "none", "global" (one fitted scalar; folded into the weights at save
     time) or "token" (the paper's per-token standardisation)."""
+    center_input: bool = False
+    """Subtract each token's mean over d_in before the SAE (and add it back after decoding): for
+    SAEs trained on TransformerLens-centred residual streams (``center_writing_weights``, e.g.
+    gpt2-small-res-jb) run on a model with raw weights, whose streams differ by exactly that mean."""
     use_b_enc: bool | None = None
-    """Use an encoder bias. None → False for topk/batchtopk/topafa (the paper's and Bussmann et
-    al.'s code have no encoder bias) and True for relu/jumprelu."""
+    """Use an encoder bias. None → the rule's default (``Rule.uses_b_enc``: False for
+    topk/batchtopk/topafa, as the paper's and Bussmann et al.'s code; True for relu/jumprelu)."""
     init_fan_in: str = "paper"
     """Kaiming-uniform fan-in for W_enc: "paper" uses PyTorch's fan_in = size(1) = d_sae of the
     [d_in, d_sae] matrix (the paper's code, 4x smaller than intended at 16x expansion); "d_in"
@@ -185,27 +171,19 @@ class SAEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"SAEConfig.{name} must be a positive int, got {v!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"Unknown activation {self.activation!r}; choose one of {ACTIVATIONS}")
-        if self.activation in ("topk", "batchtopk"):
-            if self.k is None:
-                raise ValueError(f"activation={self.activation!r} needs k (latents per token); pass e.g. k=64")
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0:
-                raise ValueError(f"k must be a positive int, got {self.k!r}")
-            if self.k > self.d_sae:
-                raise ValueError(f"k={self.k} > d_sae={self.d_sae}: cannot keep more latents than exist; lower k or raise d_sae")
-        elif self.k is not None:
-            raise ValueError(f"k={self.k} is only used by topk/batchtopk, not {self.activation!r}; pass k=None")
-        if self.afa_coeff is None:
-            self.afa_coeff = 1 / 16 if self.activation == "topafa" else 0.0
-        if not math.isfinite(self.afa_coeff) or self.afa_coeff < 0:
-            raise ValueError(f"afa_coeff must be a finite number >= 0, got {self.afa_coeff!r}")
+        rule = get_rule(self.activation)
+        rule.validate(self)
+        if rule.knob != "k" and self.k is not None:
+            uses = "/".join(r.name for r in RULES.values() if r.knob == "k")
+            raise ValueError(f"k={self.k} is only used by {uses}, not {self.activation!r}; pass k=None")
+        for f in ("afa_coeff", "l1_coeff", "l0_coeff"):
+            if getattr(self, f) is None:
+                setattr(self, f, rule.knob_default if rule.knob == f else 0.0)
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{f} must be a finite number >= 0, got {v!r}")
         if self.afa_target not in AFA_TARGETS:
             raise ValueError(f"Unknown afa_target {self.afa_target!r}; choose one of {AFA_TARGETS}")
-        if self.l1_coeff is None:
-            self.l1_coeff = 5.0 if self.activation == "relu" else 0.0
-        if not math.isfinite(self.l1_coeff) or self.l1_coeff < 0:
-            raise ValueError(f"l1_coeff must be a finite number >= 0, got {self.l1_coeff!r}")
         if isinstance(self.aux_k, bool) or not isinstance(self.aux_k, int) or self.aux_k < 0:
             raise ValueError(f"aux_k must be an int >= 0 (0 disables the aux loss), got {self.aux_k!r}")
         if not math.isfinite(self.aux_coeff) or self.aux_coeff < 0:
@@ -217,7 +195,7 @@ class SAEConfig:
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"Unknown input_norm {self.input_norm!r}; choose one of {INPUT_NORMS}")
         if self.use_b_enc is None:
-            self.use_b_enc = self.activation in ("relu", "jumprelu")
+            self.use_b_enc = rule.uses_b_enc
         if self.init_fan_in not in INIT_FAN_IN:
             raise ValueError(f"Unknown init_fan_in {self.init_fan_in!r}; choose one of {INIT_FAN_IN}")
         if self.dtype not in _DTYPES:
@@ -230,6 +208,10 @@ class SAEConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def rule(self) -> Rule:
+        return get_rule(self.activation)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,6 +243,8 @@ class SAEOutput(NamedTuple):
     """Weighted auxiliary dead-latent loss (0 when no latent is dead or aux_k = 0)."""
     l1_loss: Tensor
     """Weighted L1 penalty."""
+    rule_loss: Tensor
+    """The rule's own weighted term (:meth:`Rule.loss`, e.g. JumpReLU's L0 penalty), else 0."""
     l0: Tensor
     """Mean number of non-zero activations per token (float scalar, no grad)."""
     pre_acts: Tensor
@@ -274,7 +258,7 @@ class SAEOutput(NamedTuple):
 
 
 class SAE(nn.Module):
-    """Sparse autoencoder with TopK / BatchTopK / top-AFA / ReLU / JumpReLU activations."""
+    """Sparse autoencoder; its activation rule is ``cfg.activation`` (:attr:`rule`)."""
 
     def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None):
         super().__init__()
@@ -297,13 +281,10 @@ class SAE(nn.Module):
             self.b_enc.requires_grad_(False)
         # "global" input normalisation scale s (x_n = s·x)
         self.register_buffer("input_scale", torch.ones((), dtype=dt))
-        # BatchTopK inference threshold θ (NaN until the first training step); JumpReLU per-latent threshold
+        # BatchTopK inference threshold θ (NaN until the first training step)
         self.register_buffer("threshold", torch.full((), float("nan"), dtype=dt))
-        if cfg.activation == "jumprelu":
-            self.register_buffer("jump_threshold", torch.zeros(cfg.d_sae, dtype=dt))
-        else:
-            self.jump_threshold = None
         self._afa_k_hint: int | None = None  # top-AFA: where the next partial sort starts (speed only)
+        self.rule.init_state(self)
         self._last_dense = False  # the previous training batch took the dense path (speed only)
         # tokens since each latent last fired (training only)
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
@@ -311,6 +292,10 @@ class SAE(nn.Module):
             self.to(device)
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def rule(self) -> Rule:
+        return get_rule(self.cfg.activation)
+
     @property
     def device(self) -> torch.device:
         return self.W_dec.device
@@ -335,31 +320,33 @@ class SAE(nn.Module):
         lead = tuple(x.shape[:-1])
         return x.reshape(-1, x.shape[-1]), lead
 
-    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    def normalize(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None] | None]:
         """Model space [N, d_in] → normalised space; returns (x_n, stats) where stats =
-        (mean [N,1], std [N,1]) in "token" mode, else None."""
-        mode = self.cfg.input_norm
-        if mode == "none":
-            return x, None
+        (mean [N,1], std [N,1]) in "token" mode, (mean, None) with ``center_input``, else None."""
+        mode, stats = self.cfg.input_norm, None
+        if self.cfg.center_input or mode == "token":
+            mean = x.mean(-1, keepdim=True)
+            x = x - mean
+            stats = (mean, None)
         if mode == "global":
-            return x * self.input_scale, None
-        mean = x.mean(-1, keepdim=True)
-        xc = x - mean
-        std = xc.std(-1, keepdim=True)
-        return xc / (std + _TOKEN_NORM_EPS), (mean, std)
+            return x * self.input_scale, stats
+        if mode == "token":
+            std = x.std(-1, keepdim=True)
+            return x / (std + _TOKEN_NORM_EPS), (mean, std)
+        return x, stats
 
     def denormalize(self, x_n: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
         """Inverse of :meth:`normalize`."""
         mode = self.cfg.input_norm
-        if mode == "none":
-            return x_n
         if mode == "global":
-            return x_n / self.input_scale
+            x_n = x_n / self.input_scale
+        if not (self.cfg.center_input or mode == "token"):
+            return x_n
         if stats is None:
-            raise ValueError("input_norm='token' needs the per-token mean/std of the original input to go back to "
-                             "model space: call decode(acts, x=x) or reconstruct(x)")
+            raise ValueError(f"input_norm={mode!r}, center_input={self.cfg.center_input} needs the per-token mean (and "
+                             "std) of the original input to go back to model space: call decode(acts, x=x) or reconstruct(x)")
         mean, std = stats
-        return x_n * std + mean  # the paper and SAELens' layer_norm: no eps on the way back
+        return (x_n if std is None else x_n * std) + mean  # the paper and SAELens' layer_norm: no eps on the way back
 
     @torch.no_grad()
     def fit_input_norm(self, x: Tensor) -> float:
@@ -375,6 +362,55 @@ class SAE(nn.Module):
         s = math.sqrt(self.cfg.d_in) / mean_norm
         self.input_scale.fill_(s)
         return s
+
+    def affine(self, *, normalised: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Model-space (W_enc [d_in, m], b_enc [m], W_dec [m, d_in], b_dec [d_in]), detached
+        copies, with pre = relu((x - b_dec) @ W_enc + b_enc) and x_hat = acts @ W_dec + b_dec:
+        a "global" scale s is folded in (W_enc·s, W_dec/s, b_dec/s) and b_enc is 0 when unused.
+        Per-token standardisation and centring depend on each token, so they have no affine view;
+        ``normalised=True`` returns the tensors of the normalised space instead (any input_norm)."""
+        if not normalised and (self.cfg.input_norm == "token" or self.cfg.center_input):
+            raise ValueError("an SAE with input_norm='token' or center_input=True is not affine in model space; "
+                             "use encode/decode (or retrain with input_norm='none'/'global')")
+        W_enc, b_enc = self.W_enc.detach().clone(), self.b_enc.detach().clone()
+        W_dec, b_dec = self.W_dec.detach().clone(), self.b_dec.detach().clone()
+        if not self.cfg.use_b_enc:
+            b_enc.zero_()
+        if self.cfg.input_norm == "global" and not normalised:
+            s = self.input_scale.detach()
+            W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
+        return W_enc, b_enc, W_dec, b_dec
+
+    @classmethod
+    def from_affine(cls, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *, like: "SAE",
+                    **overrides: Any) -> "SAE":
+        """An SAE in eval mode from model-space affine tensors (see :meth:`affine`), with the rule,
+        its state (thresholds) and the config of ``like``: d_sae = W_enc.shape[1], input_norm
+        "none", encoder bias on; ``overrides`` replace config fields (e.g. ``k``). Per-latent rule
+        state (JumpReLU's thresholds) comes from ``like`` or ``state={name: tensor}``."""
+        state = overrides.pop("state", None)
+        d_in, m = W_enc.shape
+        if W_dec.shape != (m, d_in) or b_enc.shape != (m,) or b_dec.shape != (d_in,):
+            raise ValueError(f"from_affine: shapes W_enc {tuple(W_enc.shape)}, b_enc {tuple(b_enc.shape)}, W_dec "
+                             f"{tuple(W_dec.shape)}, b_dec {tuple(b_dec.shape)} do not fit [d_in, m], [m], [m, d_in], [d_in]")
+        d = {**like.cfg.to_dict(), "d_in": d_in, "d_sae": m, "input_norm": "none", "use_b_enc": True, **overrides}
+        if get_rule(d["activation"]).knob != "k":  # another rule (stitched BatchTopK -> JumpReLU) drops k
+            d["k"] = None
+        cfg = SAEConfig.from_dict(d)
+        sae = cls(cfg, device=W_dec.device)
+        if state is None:  # the rule's own per-latent state (same rule, same latents)
+            state = {n: getattr(like, n) for n in like.rule.state_names} if cfg.activation == like.cfg.activation else {}
+        with torch.no_grad():
+            for name, v in {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec,
+                            "threshold": like.threshold, **state}.items():
+                getattr(sae, name).copy_(v.detach().to(sae.dtype))
+        return sae.eval()
+
+    def with_cfg(self, **changes: Any) -> "SAE":
+        """A copy with config fields replaced (e.g. ``center_input=True``), same weights and state."""
+        sae = type(self)(SAEConfig.from_dict({**self.cfg.to_dict(), **changes}), device=self.device)
+        sae.load_state_dict(self.state_dict())
+        return sae.train(self.training)
 
     def decoder_norms(self) -> Tensor:
         """[d_sae] row norms of W_dec (detached)."""
@@ -397,31 +433,13 @@ class SAE(nn.Module):
         self.b_dec.copy_(b.to(self.dtype))
         return self.b_dec.detach()
 
-    @torch.no_grad()
     def calibrate_threshold(self, batches: list[Tensor]) -> float:
-        """BatchTopK: set the inference threshold θ to the mean, over ``batches`` (model-space
-        [B, d_in] tensors, each a training batch), of the smallest activation the batch rule
-        keeps, computed with the *current* weights. This is the quantity the training EMA
-        tracks (SAELens, dictionary_learning), but without its lag behind the weights and
-        without the first batch's value it starts from. Returns θ."""
-        if self.cfg.activation != "batchtopk":
-            raise ValueError(f"calibrate_threshold is for batchtopk SAEs, this one is {self.cfg.activation!r}")
-        if not batches:
-            raise ValueError("calibrate_threshold needs at least one batch")
-        mins = []
-        for x in batches:
-            x_n, _ = self.normalize(self._flatten(self._check_input(x))[0])
-            pre = self._pre_acts_n(x_n).flatten()
-            kk = min(self.cfg.k * x_n.shape[0], pre.numel())
-            kept = pre.topk(kk, sorted=False).values
-            kept = kept[kept > 0]
-            if kept.numel():
-                mins.append(kept.min().double())
-        if not mins:
-            raise ValueError("calibrate_threshold: no positive activation in any batch (a dead SAE?)")
-        theta = float(torch.stack(mins).mean())
-        self.threshold.fill_(theta)
-        return theta
+        """Re-estimate the rule's inference threshold with the current weights over ``batches``
+        (model-space training batches; BatchTopK: :meth:`BatchTopK.calibrate`). Returns θ."""
+        if not self.rule.calibrates:
+            names = "/".join(n for n, r in RULES.items() if r.calibrates)
+            raise ValueError(f"calibrate_threshold is for {names} SAEs, this one is {self.cfg.activation!r}")
+        return self.rule.calibrate(self, batches)
 
     # ------------------------------------------------------------------ encode/decode
     def _pre_acts_n(self, x_n: Tensor) -> Tensor:
@@ -447,47 +465,15 @@ class SAE(nn.Module):
 
     def _select_mask(self, pre: Tensor, x_n: Tensor, *, training: bool,
                      key_buffer: Tensor | None = None) -> Tensor | None:
-        """Boolean keep-mask [N, d_sae] (None = keep all, ReLU). ``key_buffer``: scratch tensor
-        like ``pre`` for the top-AFA ranking keys (overwritten)."""
-        act = self.cfg.activation
+        """Boolean keep-mask [N, d_sae] (None = keep all). ``key_buffer``: scratch like ``pre``."""
         with torch.no_grad():
-            if act == "relu":
-                return None
-            if act == "jumprelu":
-                return pre > self.jump_threshold
-            if act == "topk":
-                idx = pre.topk(self.cfg.k, dim=-1, sorted=False).indices
-                return torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, idx, True)
-            if act == "batchtopk":
-                if training or torch.isnan(self.threshold):
-                    n = pre.shape[0]
-                    kk = min(self.cfg.k * n, pre.numel())
-                    idx = pre.flatten().topk(kk, sorted=False).indices
-                    mask = torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device)
-                    mask[idx] = True
-                    return mask.view_as(pre)
-                return pre > self.threshold
-            if act == "topafa" and self.cfg.afa_rule == "first_crossing":
-                return topafa_select_first_crossing(pre, self.decoder_norms(), self._target_n(x_n))
-            if act == "topafa":
-                mask = topafa_select(pre, self.decoder_norms(), self._target_n(x_n), k_start=self._afa_k_hint,
-                                     key_buffer=key_buffer)
-                # next batch starts its partial sort near this batch's largest k (speed only; a
-                # strided sample of rows is enough, and forward() refines it from exact counts)
-                probe = mask[:: max(1, mask.shape[0] // 256)]
-                self._set_afa_hint(probe.view(torch.uint8).sum(-1, dtype=torch.int32))
-                return mask
-        raise AssertionError(act)
-
-    def _set_afa_hint(self, l0_tokens: Tensor) -> None:
-        """First K of the next batch's partial sort: 1.25x this batch's largest top-AFA k."""
-        self._afa_k_hint = int(l0_tokens.max()) * 5 // 4 + 16 if l0_tokens.numel() else None
+            return self.rule.mask(self, pre, x_n, training=training, key_buffer=key_buffer)
 
     def select(self, pre_acts: Tensor, x: Tensor | None = None) -> Tensor:
         """Apply the activation rule to ReLU pre-activations [N, d_sae]; ``x`` (model space) is
         needed for "topafa" (the target norm). Uses the eval-mode rule when not training."""
-        if self.cfg.activation == "topafa" and x is None:
-            raise ValueError("select() for topafa needs the input x (its norm is the target): select(pre_acts, x)")
+        if self.rule.needs_x and x is None:
+            raise ValueError(f"select() for {self.cfg.activation} needs the input x (its norm is the target): select(pre_acts, x)")
         x_n = None
         if x is not None:
             x = self._check_input(x)
@@ -524,7 +510,7 @@ class SAE(nn.Module):
         a2, lead = self._flatten(acts.to(self.dtype))
         x_hat_n = a2 @ self.W_dec + self.b_dec
         stats = None
-        if self.cfg.input_norm == "token" and x is not None:
+        if (self.cfg.input_norm == "token" or self.cfg.center_input) and x is not None:
             x = self._check_input(x)
             _, stats = self.normalize(self._flatten(x)[0])
         return self.denormalize(x_hat_n, stats).reshape(*lead, self.cfg.d_in)
@@ -547,22 +533,22 @@ class SAE(nn.Module):
     def forward(self, x: Tensor) -> SAEOutput:
         """Full forward pass with losses; x [N, d_in] in model space. In training mode it also
         updates the dead-latent counters and (BatchTopK) the inference threshold."""
-        cfg = self.cfg
+        cfg, rule = self.cfg, self.rule
+        if self.training:
+            rule.before_step(self)
         x = self._check_input(x)
         x, _ = self._flatten(x)
         n = x.shape[0]
         x_n, stats = self.normalize(x)
         x_cent = x_n - self.b_dec.detach()
-        can_sparse = self.sparse_kernels and cfg.activation != "relu" and not x_n.requires_grad
-        if cfg.activation == "topk":
-            can_sparse = can_sparse and cfg.k <= self.sparse_max_density * cfg.d_sae
+        can_sparse = self.sparse_kernels and not x_n.requires_grad and rule.sparse_ok(self)
         pre_g = None
         acts_buf = None
         fused = self.sparse_kernels and not x_n.requires_grad
 
         def encode_with_grad(pre_done: Tensor | None = None) -> Tensor:  # [N, d_sae] ReLU pre-acts with grad
             if fused:  # backward without the [N, d_in] input-gradient product; reuses pre_done
-                return _DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc, pre_done)
+                return DenseEncode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, cfg.use_b_enc, pre_done)
             return self._pre_acts_n(x_n)
 
         if not can_sparse or self._last_dense:  # one encoder matmul, with grad
@@ -576,26 +562,26 @@ class SAE(nn.Module):
         else:
             with torch.no_grad():
                 pre = self._pre_acts_n(x_n)
-                if cfg.activation == "topk":  # no dense mask needed
+                picked = rule.sparse_select(self, pre)
+                if picked is not None:  # no dense mask needed (TopK)
                     mask = None
-                    cols = pre.topk(cfg.k, dim=-1, sorted=False).indices.flatten()
-                    rows = torch.arange(n, device=x.device).repeat_interleave(cfg.k)
+                    rows, cols = picked
                     use_sparse = True
                 else:
-                    # top-AFA's ranking keys go to the buffer that later holds the dense
+                    # ranking keys (top-AFA) go to the buffer that later holds the dense
                     # activations: one [N, d_sae] allocation serves both
-                    acts_buf = torch.empty_like(pre) if cfg.activation == "topafa" else None
+                    acts_buf = torch.empty_like(pre) if rule.uses_key_buffer else None
                     mask = self._select_mask(pre, x_n, training=self.training, key_buffer=acts_buf)
-                    if cfg.activation != "topafa":  # topafa_select already keeps positive latents only
+                    if not rule.mask_is_positive:
                         mask &= pre > 0
                     use_sparse = int(torch.count_nonzero(mask)) <= self.sparse_max_density * mask.numel()
                     if use_sparse:
                         rows, cols = mask.nonzero(as_tuple=True)
             self._last_dense = not use_sparse
         if use_sparse:
-            vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, rows, cols,
+            vals = GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, rows, cols,
                                         pre[rows, cols], cfg.use_b_enc)
-            x_hat_n = _sparse_decode(self.W_dec, rows, cols, vals, n) + self.b_dec
+            x_hat_n = sparse_decode(self.W_dec, rows, cols, vals, n) + self.b_dec
             acts = acts_buf.zero_() if acts_buf is not None else vals.new_zeros(n, cfg.d_sae)
             acts.index_put_((rows, cols), vals)  # in place: no second [N, d_sae] buffer
             with torch.no_grad():  # per-token L0 and firing latents from the nnz entries, not [N, d_sae]
@@ -612,7 +598,7 @@ class SAE(nn.Module):
             if pre_g is None:  # the sparse attempt found a dense selection: attach its pre-acts to the graph
                 acts_buf = None  # the keys are no longer needed
                 pre_g = encode_with_grad(pre)
-            acts = pre_g if mask is None else pre_g * mask
+            acts = rule.activate(self, pre_g, mask)
             x_hat_n = acts @ self.W_dec + self.b_dec
             with torch.no_grad():  # pre >= 0 (ReLU), so acts != 0 <=> selected and pre > 0
                 nz = pre > 0 if mask is None else mask & (pre > 0)
@@ -627,9 +613,9 @@ class SAE(nn.Module):
 
         mse = (x_hat_n - x_n).pow(2).mean()
         if cfg.afa_target == "paper":
-            afa = (_safe_sqrt(sq) - x_n.norm(dim=-1)).pow(2).mean()
+            afa = (safe_sqrt(sq) - x_n.norm(dim=-1)).pow(2).mean()
         else:
-            afa = (_safe_sqrt(sq_scaled) - x_cent.norm(dim=-1)).pow(2).mean()
+            afa = (safe_sqrt(sq_scaled) - x_cent.norm(dim=-1)).pow(2).mean()
         if cfg.l1_coeff > 0:
             if abs_scaled is None:
                 abs_scaled = vals.new_zeros(n).index_add(0, rows, vals * dn_sel)
@@ -637,12 +623,10 @@ class SAE(nn.Module):
         else:
             l1 = x.new_zeros(())
 
-        if cfg.activation == "topafa":
-            self._set_afa_hint(l0_tokens)
+        rule.observe_l0(self, l0_tokens)
         if self.training:
             self._update_dead(fired, n)
-            if cfg.activation == "batchtopk":
-                self._update_threshold(vals.detach() if use_sparse else acts.detach())
+            rule.after_step(self, vals.detach() if use_sparse else acts.detach())
         dead = self.dead_mask()
         n_dead = dead.sum()
         aux = x.new_zeros(())
@@ -660,14 +644,17 @@ class SAE(nn.Module):
                 a_rows = torch.arange(n, device=x.device).repeat_interleave(kk)
                 a_cols = dead_idx[top.flatten()]
                 a_vals = (pre_g if pre_g is not None else self._pre_acts_n(x_n))[a_rows, a_cols]
-                e = _sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
+                e = sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
             aux = cfg.aux_coeff * (e - resid).pow(2).mean()
 
-        loss = mse + cfg.afa_coeff * afa + aux + l1
+        rule_loss = rule.loss(self, pre, n)
+        if rule_loss is None:
+            rule_loss = x.new_zeros(())
+        loss = mse + cfg.afa_coeff * afa + aux + l1 + rule_loss
         l0 = l0_tokens.float().mean()
         x_hat = self.denormalize(x_hat_n, stats)
         return SAEOutput(x_hat=x_hat, acts=acts, loss=loss, mse_loss=mse, afa_loss=afa, aux_loss=aux,
-                         l1_loss=l1, l0=l0, pre_acts=pre, n_dead=n_dead, l0_tokens=l0_tokens, fired=fired)
+                         l1_loss=l1, rule_loss=rule_loss, l0=l0, pre_acts=pre, n_dead=n_dead, l0_tokens=l0_tokens, fired=fired)
 
     aux_dense_min_density: float = 1 / 8
     """The aux loss decodes its dead latents with dense products over the gathered dead columns
@@ -698,10 +685,10 @@ class SAE(nn.Module):
                 else:
                     acts_d = torch.zeros_like(acts_d).scatter_(-1, top.indices, top.values)
         if sparse:
-            a_vals = _GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, a_rows, a_cols,
+            a_vals = GatherPreActs.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, a_rows, a_cols,
                                           top.values.flatten(), cfg.use_b_enc)
-            return _sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
-        return _GatheredDecode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx, acts_d,
+            return sparse_decode(self.W_dec, a_rows, a_cols, a_vals, n)
+        return GatheredDecode.apply(x_cent, self.W_enc, self.b_enc, self.b_dec, self.W_dec, dead_idx, acts_d,
                                      cfg.use_b_enc)
 
     @torch.no_grad()
@@ -709,17 +696,6 @@ class SAE(nn.Module):
         """``fired`` [d_sae] bool: latents active on some token of a batch of ``n_tokens``."""
         self.tokens_since_fired.add_(n_tokens)
         self.tokens_since_fired[fired] = 0
-
-    @torch.no_grad()
-    def _update_threshold(self, acts: Tensor) -> None:
-        pos = acts[acts > 0]
-        if pos.numel() == 0:
-            return
-        m = pos.min().to(self.threshold.dtype)
-        if torch.isnan(self.threshold):
-            self.threshold.copy_(m)
-        else:
-            self.threshold.lerp_(m, self.cfg.threshold_lr)
 
     def dead_mask(self) -> Tensor:
         """[d_sae] bool: latents that have not fired for ``dead_after_tokens`` training tokens."""
@@ -745,113 +721,49 @@ class SAE(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save(self, path: str | os.PathLike, *, fold_input_norm: bool = True, metadata: dict | None = None) -> Path:
-        """Write ``path/sae.safetensors`` and ``path/cfg.json`` atomically (no pickle).
-
-        Each file is replaced by one rename; ``cfg.json`` (written second) records the weights'
-        sha256, which :meth:`load` checks, so a crash between the two renames, a truncated or a
-        bit-flipped file is an error, never a silently wrong SAE. Non-finite weights are refused.
-
-        With input_norm="global" and ``fold_input_norm`` (default) the stored weights work in
-        model space (W_enc·s, W_dec/s, b_dec/s); :meth:`load` unfolds them."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        bad = _non_finite(self.state_dict())
-        if bad:
-            raise ValueError(f"refusing to save an SAE with non-finite (NaN/inf) weights {bad} to {path}: it diverged; "
-                             "retrain it (lower the learning rate or normalise the inputs)")
-        path.mkdir(parents=True, exist_ok=True)
+        """Write ``path/sae.safetensors`` and ``path/cfg.json`` atomically (no pickle); see
+        :func:`saelib.sae.checkpoint.save_files`. With input_norm="global" and ``fold_input_norm``
+        (default) the stored weights work in model space (W_enc·s, W_dec/s, b_dec/s); :meth:`load`
+        unfolds them."""
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         folded = None
         if self.cfg.input_norm == "global" and fold_input_norm:
             s = self.input_scale.detach().cpu()
             folded = float(s)
-            tensors["W_enc"] = (tensors["W_enc"] * s).contiguous()
-            tensors["W_dec"] = (tensors["W_dec"] / s).contiguous()
-            tensors["b_dec"] = (tensors["b_dec"] / s).contiguous()
-            tensors["input_scale"] = torch.ones_like(tensors["input_scale"])
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "folded_input_scale": folded}
-        if metadata:
-            meta["metadata"] = metadata
-        with atomic_path(path / WEIGHTS_FILE) as tmp:
-            try:
-                save_file(tensors, str(tmp), metadata={"format": FORMAT_NAME})
-            except Exception as e:  # noqa: BLE001 - safetensors reports I/O errors as SafetensorError
-                code = errno.ENOSPC if "os error 28" in str(e) else errno.EIO
-                raise OSError(code, f"could not write {path / WEIGHTS_FILE} ({e}); the files already there are kept. "
-                                    "Free disk space or save to another folder") from None
-            meta["weights_sha256"] = file_sha256(tmp)
-        # written second and naming the weights' checksum: a crash between the two renames leaves
-        # a pair that load() reports as mismatched, never one it silently uses
-        doc = {"saelib": meta, "cfg": self.cfg.to_dict()}
-        atomic_write_text(path / CFG_FILE, json.dumps(doc, indent=2))
-        return path
+            tensors.update(W_enc=(tensors["W_enc"] * s).contiguous(), W_dec=(tensors["W_dec"] / s).contiguous(),
+                           b_dec=(tensors["b_dec"] / s).contiguous(), input_scale=torch.ones_like(tensors["input_scale"]))
+        return save_files(Path(path), tensors, self.cfg.to_dict(), folded=folded, metadata=metadata,
+                          check=self.state_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None,
              expect: SAEConfig | dict | None = None) -> "SAE":
-        """Load an SAE written by :meth:`save`. ``expect`` (an SAEConfig or a dict of fields)
+        """Load an SAE written by :meth:`save` (checksums, config and shapes checked: see
+        :func:`saelib.sae.checkpoint.load_files`). ``expect`` (an SAEConfig or a dict of fields)
         is compared with the stored config; any mismatch raises ValueError. The module comes back
         in training mode (the nn.Module default): call ``.eval()`` before inference (BatchTopK
         then uses its threshold)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
-        cfg_path, w_path = path / CFG_FILE, path / WEIGHTS_FILE
-        if not cfg_path.exists() or not w_path.exists():
-            raise FileNotFoundError(f"No saelib SAE at {path}: expected {CFG_FILE} and {WEIGHTS_FILE}. "
-                                    f"For an SAELens folder use saelib.interop.from_saelens(path)")
-        try:
-            doc = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON ({e}); the checkpoint is corrupt, re-save it") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("saelib"), dict) or doc["saelib"].get("format") != FORMAT_NAME:
-            raise ValueError(f"{cfg_path} was not written by saelib.SAE.save (it looks like another library's "
-                             f"checkpoint, e.g. SAELens: use saelib.interop.from_saelens({str(path)!r}))")
-        if not isinstance(doc.get("cfg"), dict):
-            raise ValueError(f"{cfg_path} lacks its 'cfg' field (the SAEConfig); the file is damaged: re-save the SAE")
+        doc, read = load_files(path)
         try:
             cfg = SAEConfig.from_dict(doc["cfg"])
         except TypeError as e:  # a required field (d_in, d_sae) is missing
-            raise ValueError(f"{cfg_path}: field 'cfg' is incomplete ({e}); the file is damaged: re-save the SAE") from None
+            raise ValueError(f"{path / CFG_FILE}: field 'cfg' is incomplete ({e}); the file is damaged: re-save the SAE") from None
         except ValueError as e:
-            raise ValueError(f"{cfg_path}: field 'cfg' is invalid: {e}") from None
-        want_sha = doc["saelib"].get("weights_sha256")
-        if want_sha is not None and file_sha256(w_path) != want_sha:
-            raise ValueError(f"{w_path} does not match the checksum recorded in {cfg_path} (truncated, corrupted, or "
-                             "an interrupted save left a mismatched pair): re-save or retrain this SAE")
+            raise ValueError(f"{path / CFG_FILE}: field 'cfg' is invalid: {e}") from None
         if expect is not None:
             exp = expect.to_dict() if isinstance(expect, SAEConfig) else dict(expect)
-            diff = {k: (v, cfg.to_dict().get(k, "<missing>")) for k, v in exp.items() if cfg.to_dict().get(k, "<missing>") != v}
+            have = cfg.to_dict()
+            diff = {k: (v, have.get(k, "<missing>")) for k, v in exp.items() if have.get(k, "<missing>") != v}
             if diff:
                 raise ValueError(f"Checkpoint at {path} does not match the expected config: "
                                  + ", ".join(f"{k}: expected {a!r}, found {b!r}" for k, (a, b) in diff.items()))
         sae = cls(cfg)
-        try:
-            tensors = load_file(str(w_path))
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError for bad files
-            raise ValueError(f"{w_path} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated "
-                             "or corrupt: re-save or retrain this SAE") from None
-        bad = _non_finite(tensors)
-        if bad:
-            raise ValueError(f"{w_path} holds non-finite (NaN/inf) values in {bad}: this SAE diverged in training; "
-                             "retrain it (lower the learning rate or normalise the inputs)")
-        own = sae.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        extra = sorted(set(tensors) - set(own))
-        if missing or extra:
-            raise ValueError(f"Checkpoint at {path} does not fit a {cfg.activation!r} SAE: missing {missing}, "
-                             f"unexpected {extra}; it was saved by another architecture or version")
-        for k, v in tensors.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"Checkpoint tensor {k!r} has shape {tuple(v.shape)} but cfg.json implies "
-                                 f"{tuple(own[k].shape)}; cfg.json and sae.safetensors do not belong together")
+        tensors = read(sae.state_dict(), cfg.activation)
         s = doc["saelib"].get("folded_input_scale")
         if s is not None:
-            tensors["W_enc"] = tensors["W_enc"] / s
-            tensors["W_dec"] = tensors["W_dec"] * s
-            tensors["b_dec"] = tensors["b_dec"] * s
-            tensors["input_scale"] = torch.full_like(tensors["input_scale"], s)
+            tensors.update(W_enc=tensors["W_enc"] / s, W_dec=tensors["W_dec"] * s, b_dec=tensors["b_dec"] * s,
+                           input_scale=torch.full_like(tensors["input_scale"], s))
         sae.load_state_dict(tensors)
         if device is not None:
             sae.to(device)
@@ -860,19 +772,6 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"d_in={c.d_in}, d_sae={c.d_sae}, activation={c.activation!r}, k={c.k}, input_norm={c.input_norm!r}"
-
-
-def _non_finite(tensors: dict[str, Tensor]) -> list[str]:
-    """Names of floating-point tensors holding NaN/inf (BatchTopK's ``threshold`` is NaN until it
-    is first estimated, which is allowed; inf is not)."""
-    bad = []
-    for k, v in tensors.items():
-        if not v.is_floating_point():
-            continue
-        ok = ~torch.isinf(v) if k == "threshold" else torch.isfinite(v)
-        if not bool(ok.all()):
-            bad.append(k)
-    return bad
 
 
 def load_sae(path: str | os.PathLike, **kw) -> SAE:
@@ -897,119 +796,3 @@ def geometric_median(points: Tensor, *, max_iter: int = 200, tol: float = 1e-7) 
         if done:
             break
     return m
-
-
-def _safe_sqrt(sq: Tensor) -> Tensor:
-    """sqrt with a zero (not NaN/inf) gradient at 0 (rows with no active latent)."""
-    pos = sq > 0
-    return torch.where(pos, sq.clamp_min(1e-30).sqrt(), sq.new_zeros(()))
-
-
-def _bag_sum(table: Tensor, bags: Tensor, index: Tensor, weights: Tensor, n_bags: int) -> Tensor:
-    """[n_bags, table cols]: out[b] = sum over entries j with bags[j] = b of weights_j ·
-    table[index_j]; ``bags`` must be sorted. ``embedding_bag`` sums the groups without the dense
-    [n_bags, table rows] matrix a matrix product would need."""
-    offsets = torch.zeros(n_bags, dtype=torch.long, device=bags.device)
-    offsets[1:] = torch.bincount(bags, minlength=n_bags).cumsum(0)[:-1]
-    return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
-
-
-def _sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n: int) -> Tensor:
-    """sum_j vals_j · W_dec[cols_j] per row, [n, d_in]; rows must be sorted (row-major
-    nonzero order)."""
-    return _bag_sum(W_dec, rows, cols, vals, n)
-
-
-class _DenseEncode(torch.autograd.Function):
-    """relu(x_cent @ W_enc + b_enc) for a constant input: b_dec's gradient is
-    -W_enc @ (column sums of the pre-activation gradient), so the backward skips the dense
-    [N, d_sae] @ [d_sae, d_in] product autograd would spend on d/dx_cent."""
-
-    @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, use_b_enc, pre_done=None):
-        if pre_done is not None:  # computed without grad already (same expression): not again
-            pre = pre_done.view_as(pre_done)
-        else:
-            pre = x_cent @ W_enc
-            if use_b_enc:
-                pre = pre + b_enc
-            pre = pre.relu_()
-        ctx.save_for_backward(x_cent, W_enc, pre)
-        ctx.use_b_enc = use_b_enc
-        return pre
-
-    @staticmethod
-    def backward(ctx, g):
-        x_cent, W_enc, pre = ctx.saved_tensors
-        g = g * (pre > 0)
-        gW = x_cent.T @ g if ctx.needs_input_grad[1] else None
-        col_sum = g.sum(0)
-        gb_enc = col_sum if (ctx.use_b_enc and ctx.needs_input_grad[2]) else None
-        gb_dec = -(W_enc @ col_sum) if ctx.needs_input_grad[3] else None
-        return None, gW, gb_enc, gb_dec, None, None
-
-
-class _GatherPreActs(torch.autograd.Function):
-    """Selected ReLU pre-activations relu((x_cent @ W_enc + b_enc)[rows, cols]) with a sparse
-    backward: the gradients of W_enc, b_enc and b_dec only need the selected entries, so the
-    dense [N, d_sae] backward products of a naive implementation become O(nnz · d_in)."""
-
-    @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, rows, cols, vals, use_b_enc):
-        ctx.save_for_backward(x_cent, W_enc, rows, cols, vals)
-        ctx.use_b_enc = use_b_enc
-        ctx.h = W_enc.shape[1]
-        return vals.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        x_cent, W_enc, rows, cols, vals = ctx.saved_tensors
-        g = g * (vals > 0)  # ReLU
-        h = ctx.h
-        gW = gb_enc = gb_dec = None
-        col_sum = None
-        if ctx.needs_input_grad[1]:
-            # gW[:, c] = sum over entries e with cols[e] = c of g_e * x_cent[rows[e]]: group the
-            # entries by column and let embedding_bag sum each group (3x faster than sparse.mm)
-            order = torch.argsort(cols, stable=True)
-            gW = _bag_sum(x_cent, cols[order], rows[order], g[order], h).T
-        if (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]:
-            col_sum = g.new_zeros(h).index_add_(0, cols, g)
-        if ctx.use_b_enc and ctx.needs_input_grad[2]:
-            gb_enc = col_sum
-        if ctx.needs_input_grad[3]:
-            gb_dec = -(W_enc @ col_sum)
-        return None, gW, gb_enc, gb_dec, None, None, None, None
-
-
-class _GatheredDecode(torch.autograd.Function):
-    """e = acts_d @ W_dec[cols] for a few latents ``cols`` (D of them), where acts_d [N, D] are
-    the kept ReLU pre-activations relu(x_cent @ W_enc[:, cols] + b_enc[cols]) (zero where not
-    kept). The backward works on the gathered [d_in, D] / [D, d_in] slices: three dense
-    products of N·D·d_in each, and the gradients land in the ``cols`` columns/rows of W_enc,
-    b_enc and W_dec (``cols`` unique, so ``index_copy`` is exact and order-free)."""
-
-    @staticmethod
-    def forward(ctx, x_cent, W_enc, b_enc, b_dec, W_dec, cols, acts_d, use_b_enc):
-        W_dec_c = W_dec.index_select(0, cols)  # [D, d_in]
-        ctx.save_for_backward(x_cent, W_enc, W_dec_c, cols, acts_d)
-        ctx.use_b_enc = use_b_enc
-        return acts_d @ W_dec_c
-
-    @staticmethod
-    def backward(ctx, g):
-        x_cent, W_enc, W_dec_c, cols, acts_d = ctx.saved_tensors
-        gW_enc = gb_enc = gb_dec = gW_dec = None
-        if ctx.needs_input_grad[4]:
-            gW_dec = torch.zeros(W_enc.shape[1], W_dec_c.shape[1], dtype=g.dtype, device=g.device)
-            gW_dec.index_copy_(0, cols, acts_d.T @ g)
-        g_a = (g @ W_dec_c.T).mul_(acts_d > 0)  # [N, D]; ReLU and the kept set
-        if ctx.needs_input_grad[1]:
-            gW_enc = torch.zeros_like(W_enc).index_copy_(1, cols, x_cent.T @ g_a)
-        need_sum = (ctx.use_b_enc and ctx.needs_input_grad[2]) or ctx.needs_input_grad[3]
-        col_sum = g_a.sum(0) if need_sum else None
-        if ctx.use_b_enc and ctx.needs_input_grad[2]:
-            gb_enc = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_copy_(0, cols, col_sum)
-        if ctx.needs_input_grad[3]:
-            gb_dec = -(W_enc.index_select(1, cols) @ col_sum)
-        return None, gW_enc, gb_enc, gb_dec, gW_dec, None, None, None

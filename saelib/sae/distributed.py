@@ -53,6 +53,7 @@ from torch import Tensor
 from saelib.lm.activations import ActivationStore
 from saelib.io import atomic_write_text
 from saelib.sae.train import _write_combined_csv, train_saes
+from saelib.sae.rules import rule_attr
 
 __all__ = ["DistributedActivationStore", "init", "plan_saes", "rank_dir", "train_sweep", "world"]
 
@@ -88,7 +89,7 @@ def _cost(cfg: Any) -> float:
     """Relative training cost of one SAE: its encoder size, x3 for top-AFA (its L0 and its
     selection make a step ~2-5x a TopK step; see benchmarks/README.md)."""
     c = float(cfg.d_in * cfg.d_sae)
-    return c * (3.0 if getattr(cfg, "activation", "") == "topafa" else 1.0)
+    return c * rule_attr(getattr(cfg, "activation", None), "cost", 1.0)
 
 
 def plan_saes(configs: Mapping[str, Any], n_ranks: int) -> list[list[str]]:

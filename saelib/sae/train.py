@@ -350,9 +350,6 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
             sae = obj
         else:
             raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
-        if sae.cfg.activation == "jumprelu":
-            raise ValueError(f"saes[{name!r}] is a JumpReLU SAE, which saelib only runs for inference; "
-                             "train 'batchtopk' instead (its eval-mode threshold makes it a JumpReLU-style SAE)")
         if not getattr(sae.cfg, "hook_name", None):
             raise ValueError(f"saes[{name!r}].cfg.hook_name is empty: set it to the batch key the SAE reads, "
                              "e.g. 'blocks.6.hook_resid_pre'")
@@ -786,7 +783,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
     hook_points = [r.hook for r in runs]
     it: Iterator = iter(batches)
     # the last training batches of each BatchTopK hook, for the final inference threshold
-    calib_hooks = sorted({r.hook for r in runs if r.sae.cfg.activation == "batchtopk"}) \
+    calib_hooks = sorted({r.hook for r in runs if r.sae.rule.calibrates}) \
         if cfg.batchtopk_threshold == "final" else []
     recent: collections.deque = collections.deque(maxlen=cfg.threshold_batches)
     if step:  # replay the stream up to where the checkpoint left it
@@ -886,7 +883,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
     if calib_hooks and recent:
         with torch.no_grad():
             for r in runs:
-                if r.sae.cfg.activation == "batchtopk":
+                if r.sae.rule.calibrates:
                     r.sae.calibrate_threshold([b[r.hook].to(device=device, dtype=r.sae.W_dec.dtype) for b in recent])
     result = {r.name: r.sae.eval() for r in runs}
     if out_dir is not None:

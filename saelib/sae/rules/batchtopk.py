@@ -1,0 +1,93 @@
+"""BatchTopK SAE (Bussmann et al. 2024): in training keep the k·B largest ReLU pre-activations
+of the batch; in eval mode one learned threshold θ replaces the batch rule (``pre > θ``).
+
+θ (the SAE's ``threshold`` buffer, NaN until the first training step) follows an EMA of the
+smallest kept activation, rate ``threshold_lr`` (SAELens' ``topk_threshold_lr``;
+dictionary_learning uses an EMA too). The paper's code applies the batch rule at evaluation too.
+After training the trainer re-estimates θ with the final weights over the last training batches
+(:meth:`calibrate`, ``TrainConfig.batchtopk_threshold="final"``): in a few hundred steps the EMA
+still lags the weights and remembers the first batch.
+
+SAELens export: ``jumprelu`` with every threshold = θ (metadata ``saelib_architecture`` brings
+it back as BatchTopK when the thresholds are equal); SAELens' training-time ``batchtopk`` loads too."""
+from __future__ import annotations
+
+import torch
+
+from saelib.sae.rules.base import Rule, batch_topk_mask, kept_min
+
+
+class BatchTopK(Rule):
+    name, label, color, linestyle = "batchtopk", "BatchTopK", "#ff7f0e", "--"
+    paper_label = "Batch Top-k"
+    knob, knob_tag = "k", "k"
+    calibrates = True
+    stitched_as = "jumprelu"  # stitched latents keep their own SAE's θ: per-latent thresholds
+    saelens_name = "jumprelu"
+    saelens_loads = ("batchtopk",)
+
+    def mask(self, sae, pre, x_n, *, training, key_buffer=None):
+        if training or torch.isnan(sae.threshold):
+            return batch_topk_mask(pre, sae.cfg.k)
+        return pre > sae.threshold
+
+    @torch.no_grad()
+    def after_step(self, sae, kept):
+        m = kept_min(kept)
+        if m is None:
+            return
+        m = m.to(sae.threshold.dtype)
+        if torch.isnan(sae.threshold):
+            sae.threshold.copy_(m)
+        else:
+            sae.threshold.lerp_(m, sae.cfg.threshold_lr)
+
+    @torch.no_grad()
+    def calibrate(self, sae, batches):
+        """θ = mean over ``batches`` (model-space training batches) of the smallest activation the
+        batch rule keeps, with the *current* weights: the EMA's quantity without its lag."""
+        if not batches:
+            raise ValueError("calibrate_threshold needs at least one batch")
+        mins = []
+        for x in batches:
+            x_n, _ = sae.normalize(sae._flatten(sae._check_input(x))[0])
+            pre = sae._pre_acts_n(x_n)
+            m = kept_min(pre.flatten().topk(min(sae.cfg.k * x_n.shape[0], pre.numel()), sorted=False).values)
+            if m is not None:
+                mins.append(m.double())
+        if not mins:
+            raise ValueError("calibrate_threshold: no positive activation in any batch (a dead SAE?)")
+        theta = float(torch.stack(mins).mean())
+        sae.threshold.fill_(theta)
+        return theta
+
+    def latent_state(self, sae):
+        if torch.isnan(sae.threshold):
+            raise ValueError("this BatchTopK SAE has no inference threshold yet (threshold is NaN); train it "
+                             "(the trainer's EMA sets it) before stitching")
+        return {"jump_threshold": torch.full((sae.cfg.d_sae,), float(sae.threshold), device=sae.device)}
+
+    def to_saelens(self, sae, w):
+        if torch.isnan(sae.threshold):
+            raise ValueError("This BatchTopK SAE has no inference threshold yet (it is estimated during "
+                             "training); train it for at least one step before exporting to SAELens")
+        w["threshold"] = torch.full((sae.cfg.d_sae,), float(sae.threshold), dtype=w["W_enc"].dtype)
+        return {}
+
+    def accepts_saelens(self, arch, lsae):
+        if arch == "batchtopk":
+            return True
+        th = getattr(lsae, "threshold", None)
+        return arch == "jumprelu" and th is not None and bool((th == th.flatten()[0]).all())
+
+    def from_saelens(self, lsae, lcfg, meta):
+        if hasattr(lsae, "topk_threshold"):  # SAELens' training-time BatchTopK
+            if float(lcfg.k) != int(lcfg.k):
+                raise ValueError(f"BatchTopK with fractional k={lcfg.k} is not supported; round k")
+            k, th = int(lcfg.k), lsae.topk_threshold
+        else:
+            k, th = int((meta.get("saelib_cfg") or {}).get("k") or 1), lsae.threshold
+        return {"k": k}, {"threshold": th.detach().float().cpu().flatten()[0]}
+
+
+RULE = BatchTopK()
