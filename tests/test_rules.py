@@ -5,7 +5,7 @@ import pytest
 
 from saelib.sae.core import ACTIVATIONS, SAE, SAEConfig
 from saelib.sae.rules import RULES, Rule, get_rule, knob_text, register, rule_attr, rule_in
-from saelib.sae.train import sweep_configs, sweep_name
+from saelib.pipeline import sweep_configs, sweep_name
 
 
 @pytest.mark.parametrize("name", list(RULES))
