@@ -265,14 +265,14 @@ def evaluation(runs_dir: str | Path, *, results: Any, saes: Mapping[str, Any], d
         row = r.loc[n]
         if s.cfg.activation == "topk":
             _check_topk_l0(c, n, s, held_acts[s.cfg.hook_name][:n_check_tokens])
-            c.check(f"{n}: mean L0 ≤ k", row["l0_mean"] <= s.cfg.k, f"L0 {row['l0_mean']:.2f}, k {s.cfg.k}")
+            c.check(f"{n}: mean L0 ≤ k", row["l0"] <= s.cfg.k, f"L0 {row['l0']:.2f}, k {s.cfg.k}")
         c.expect(f"{n}: metrics in range",
-                0 < row["nmse_mean"] < 1.5 and 0 < row["fvu"] < 3 and -1 <= row["cosine"] <= 1
-                and 0 <= row["dead_latents"] <= d_sae and row.get("kl_sae", 0) >= 0
+                0 < row["nmse"] < 1.5 and 0 < row["fvu"] < 3 and -1 <= row["cosine"] <= 1
+                and 0 <= row["dead"] <= d_sae and row.get("kl_sae", 0) >= 0
                 and _finite(row.get("ce_recovered_zero", 0.0)),
-                f"NMSE {row['nmse_mean']:.3g}, FVU {row['fvu']:.3g}, dead {row['dead_latents']}")
-    keep = ["activation", "k", "afa_coeff", "seed", "l0_mean", "nmse_mean", "fvu", "ce_recovered_zero",
-            "ce_recovered_mean", "kl_sae", "kl_score", "dead_latents", "dense_latents", "zf_ratio_median"]
+                f"NMSE {row['nmse']:.3g}, FVU {row['fvu']:.3g}, dead {row['dead']}")
+    keep = ["activation", "k", "afa_coeff", "seed", "l0", "nmse", "fvu", "ce_recovered_zero",
+            "ce_recovered_mean", "kl_sae", "kl_score", "dead", "dense", "zf_ratio_median"]
     c.number("saes", {n: {k: r.loc[n, k] for k in keep if k in r.columns} for n in saes})
     return c.close()
 

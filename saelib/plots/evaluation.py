@@ -28,8 +28,8 @@ def _axes(ax: plt.Axes | None, figsize=(6.4, 4.0)) -> tuple[plt.Figure, plt.Axes
 def pareto_plot(
     frame: pd.DataFrame,
     *,
-    x: str = "l0_mean",
-    y: str = "nmse_mean",
+    x: str = "l0",
+    y: str = "nmse",
     yerr: str | None = None,
     hue: str = "activation",
     d_in: int | None = None,

@@ -32,13 +32,15 @@ unless ``keep_tokens``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-__all__ = ["ReconstructionMetrics", "L0_QUANTILES"]
+__all__ = ["ReconstructionMetrics", "L0_QUANTILES", "held_out_metrics"]
 
 L0_QUANTILES = (0.1, 0.5, 0.9)
 
@@ -196,3 +198,27 @@ def _hist_stats(h: Tensor) -> dict[str, float]:
                 for q in L0_QUANTILES})
     res["l0_min"], res["l0_max"] = int(nz[0]), int(nz[-1])
     return res
+
+
+@torch.no_grad()
+def held_out_metrics(saes: Mapping[str, Any], batches: Iterable[Mapping[str, Tensor]], *,
+                     device: str | torch.device | None = None, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """The trainer's held-out evaluation (``eval.json``): every saelib SAE over *all* tokens of
+    ``batches`` (``{hook: Tensor[n, d_in]}``, read once), in eval mode (BatchTopK uses its inference
+    threshold). Per SAE: :meth:`ReconstructionMetrics.result` with ``mse_loss`` (the SAE's own loss
+    in its normalised space: the top-AFA paper's E3 "Normalized MSE") and ``l0_hist``.
+    ``saelib.analysis.evaluate.evaluate_saes`` adds CE/KL and ZF statistics and takes any SAE."""
+    accs = {n: ReconstructionMetrics(int(s.cfg.d_sae)) for n, s in saes.items()}
+    for s in saes.values():
+        s.eval()
+    for batch in tqdm(batches, desc="held-out eval", unit="batch", disable=not progress):
+        for name, sae in saes.items():
+            hook = sae.cfg.hook_name
+            if hook not in batch:
+                raise ValueError(f"eval batch lacks hook {hook!r} needed by SAE {name!r}; it has {sorted(batch)}")
+            x = batch[hook].to(device=device or sae.W_dec.device, dtype=sae.W_dec.dtype)
+            out = sae(x)
+            accs[name].add(x, out.x_hat, l0=out.l0_tokens, fired=out.fired, loss=out.mse_loss)
+    if any(a.n == 0 for a in accs.values()):
+        raise ValueError("eval_batches yielded no tokens; pass a held-out batch iterable with at least one batch")
+    return {n: {**a.result(), "l0_hist": a.l0_hist()} for n, a in accs.items()}
