@@ -306,7 +306,7 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
                 f"start {start:.6g}, S {mse_S:.6g} on {xs.shape[0]} tokens")
     c.check("some pair has a curve", bool(starts))
     c.number("path_starts", starts)
-    c.number("trained", {f"{r.arch}-{r.width}": {"mse": r.mse, "nmse": r.nmse, "l0": r.l0}
+    c.number("trained", {f"{r.arch}-{r.width}": {"mse": r.mse, "fvu": r.fvu, "l0": r.l0}
                          for r in trained.itertuples()})
     c.number("pairs", {f"{arch} {a}->{b}": {"frac_novel": v.cls.frac_novel, "auroc": v.cls.auroc,
                                             "alive_large": v.cls.n_alive}

@@ -116,7 +116,7 @@ def test_05_stitching():
     for key, p in n["pairs"].items():
         assert 0 <= p["frac_novel"] <= 1 and p["alive_large"] > 0, key
     for key, t in n["trained"].items():
-        assert 0 < t["nmse"] < 1.0 and t["l0"] > 0, key
+        assert 0 < t["fvu"] < 1.0 and t["l0"] > 0, key
 
 
 def test_06_meta_saes():

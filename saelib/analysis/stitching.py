@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from saelib.io import atomic_write_json
+from saelib.sae.metrics import ReconstructionMetrics
 
 __all__ = [
     "RULES",
@@ -818,8 +819,8 @@ class Curve(NamedTuple):
     """[P] latents of the stitched SAE (m_S − removed + added)."""
     mse: np.ndarray
     """[P] per-element MSE."""
-    nmse: np.ndarray
-    """[P] Σ‖x − x̂‖² / Σ‖x − x̄‖²."""
+    fvu: np.ndarray
+    """[P] Σ‖x − x̂‖² / Σ‖x − x̄‖² (saelib.sae.metrics' ``fvu``)."""
     l0: np.ndarray
     """[P] mean active latents per token."""
     order: np.ndarray
@@ -899,17 +900,14 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
 
 @torch.no_grad()
 def reconstruction_stats(sae: Any, x: Tensor, *, chunk_tokens: int = 2048, device: str | None = None) -> dict[str, float]:
-    """MSE (per element), NMSE, L0 and latent count of an SAE (or parts) on activations x [N, d]."""
+    """``n_latents`` and the :class:`~saelib.sae.metrics.ReconstructionMetrics` (``mse``, ``fvu``,
+    ``nmse``, ``l0``, ``dead``, ...) of an SAE (or parts) on activations x [N, d]."""
     p = _as_parts(sae, device)
-    x = x.float()
-    var = float(((x - x.mean(0)) ** 2).sum(dtype=torch.float64))
-    se = l0 = 0.0
-    for xc in _chunks(x, chunk_tokens, p.W_dec.device):
+    m = ReconstructionMetrics(p.m)
+    for xc in _chunks(x.float(), chunk_tokens, p.W_dec.device):
         a = parts_encode(p, xc)
-        se += float(((xc - parts_decode(p, a)) ** 2).sum(dtype=torch.float64))
-        l0 += float((a > 0).sum())
-    N = x.shape[0]
-    return {"n_latents": p.m, "mse": se / (N * p.d_in), "nmse": se / var, "l0": l0 / N}
+        m.add(xc, parts_decode(p, a), a)
+    return {"n_latents": p.m, **m.result()}
 
 
 @torch.no_grad()
@@ -948,7 +946,7 @@ def cos_to_init(sae: Any) -> Tensor:
 def frankenstein(saes: Sequence[Any], x: Tensor, *, theta: float = 0.7, chunk_tokens: int = 2048):
     """Grow the first (smallest) SAE by each later SAE's novel latents (max cos < θ against the
     current dictionary; latents dead on ``x`` skipped), no swaps. Returns a pandas DataFrame with
-    one row per step: source width, latents, MSE, NMSE, L0; and the final parts."""
+    one row per step: source width, latents and :func:`reconstruction_stats`; and the final parts."""
     import pandas as pd
 
     parts = [_as_parts(s) for s in saes]
