@@ -429,3 +429,18 @@ def test_zf_model_space_rejects_foreign_saes():
 
     with pytest.raises(TypeError, match="zf_stats_sae"):
         zf_stats_model_space(Foreign(), torch.zeros(2, 3))
+
+
+def test_max_cosine_both_directions_match_dense():
+    from saelib.analysis.afa import max_cosine
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(50, 9, generator=g), torch.randn(30, 9, generator=g)
+    mc = max_cosine(A, B, both=True, block_size=7)  # uneven blocks
+    dense = torch.nn.functional.normalize(A, dim=1) @ torch.nn.functional.normalize(B, dim=1).T
+    torch.testing.assert_close(mc.values, dense.max(1).values)
+    torch.testing.assert_close(mc.values_b, dense.max(0).values)
+    assert (mc.indices == dense.argmax(1)).all() and (mc.indices_b == dense.argmax(0)).all()
+    assert max_cosine(A, B).values_b is None
+    with pytest.raises(ValueError, match="one width"):
+        max_cosine(A, torch.randn(3, 8))

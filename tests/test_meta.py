@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from saelib.analysis import meta as M
+from saelib.analysis.afa import max_cosine
 
 D, N_META, N_ROWS, K = 48, 24, 1536, 3
 
@@ -85,7 +86,7 @@ def test_fve_and_recovery_on_planted_dictionary(trained):
     assert res_b.l0 == pytest.approx(K, abs=1e-9)  # batch mode: mean L0 = k exactly
     assert abs(res_t.l0 - K) < 0.5, res_t
     assert meta.threshold > 0
-    cos = M.max_cos(dirs, meta.W_dec)[0]
+    cos = max_cosine(dirs, meta.W_dec).values
     assert cos.mean() >= 0.9, cos
     # A meta-SAE reconstructing random unit rows must do far worse (the measure can fail).
     noise = F.normalize(torch.randn(N_ROWS, D), dim=1)

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -65,6 +66,8 @@ __all__ = [
     "random_dictionary_norm_ratios",
     "sae_decoder",
     "to_decoder_space",
+    "MaxCosine",
+    "max_cosine",
 ]
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -250,6 +253,43 @@ def epsilon(
 
 
 @torch.no_grad()
+class MaxCosine(NamedTuple):
+    """Row-wise max cosine of A's rows against B's rows (and, with ``both``, of B's against A's)."""
+
+    values: Tensor
+    """[n_A] max cosine of each row of A over the rows of B."""
+    indices: Tensor
+    """[n_A] the row of B achieving it."""
+    values_b: Tensor | None = None
+    """[n_B] max cosine of each row of B over the rows of A (``both=True``)."""
+    indices_b: Tensor | None = None
+    """[n_B] the row of A achieving it (``both=True``)."""
+
+
+@torch.no_grad()
+def max_cosine(A: Any, B: Any, *, both: bool = False, block_size: int = 4096) -> MaxCosine:
+    """For each row of ``A [n, d]``, the max cosine over the rows of ``B [m, d]`` and its argmax;
+    with ``both`` also each row of B against A's rows, from the same blocks. Blockwise over A's
+    rows: memory ``block_size × m``, like :func:`epsilon`."""
+    A = F.normalize(_as_tensor(A, "A").detach().float(), dim=1)
+    B = F.normalize(_as_tensor(B, "B").detach().float().to(A.device), dim=1)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+        raise ValueError(f"max_cosine needs A [n, d] and B [m, d] of one width d; got {tuple(A.shape)}, {tuple(B.shape)}")
+    vals, idx = [], []
+    vb = torch.full((B.shape[0],), -2.0, device=A.device)
+    ib = torch.zeros(B.shape[0], dtype=torch.long, device=A.device)
+    for s in range(0, A.shape[0], block_size):
+        C = A[s : s + block_size] @ B.T
+        v, i = C.max(dim=1)
+        vals.append(v)
+        idx.append(i)
+        if both:
+            cv, ci = C.max(dim=0)
+            better = cv > vb
+            vb, ib = torch.where(better, cv, vb), torch.where(better, ci + s, ib)
+    return MaxCosine(torch.cat(vals), torch.cat(idx), *((vb, ib) if both else (None, None)))
+
+
 def epsilon_dense(W_dec: Any) -> Epsilon:
     """Reference ε from the full h×h Gram matrix (extra memory ≈ h²·4 bytes; tests and benchmarks)."""
     W = _finite_decoder(_decoder_matrix(W_dec))

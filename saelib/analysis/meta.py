@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from saelib.analysis.afa import max_cosine
 from saelib.io import atomic_folder
 from saelib.sae.metrics import ReconstructionMetrics
 from saelib.sae.train import make_adam
@@ -66,7 +67,6 @@ __all__ = [
     "reconstruct",
     "decompose",
     "inverse_index",
-    "max_cos",
     "max_cos_comparison",
     "max_cos_table",
     "random_unit_vectors",
@@ -692,15 +692,6 @@ def inverse_index(codes: MetaCodes) -> list[Decomposition]:
 # --------------------------------------------------------------------------------------------
 
 
-def max_cos(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of ``A [n, d]``: the max cosine over the rows of ``B [m, d]`` and its argmax
-    (blockwise, :func:`saelib.analysis.stitching.max_cosine`)."""
-    from saelib.analysis.stitching import max_cosine
-
-    vals, idx = max_cosine(A, B)
-    return vals, idx
-
-
 def random_unit_vectors(n: int, d: int, seed: int = 0) -> torch.Tensor:
     """``n`` isotropic random unit vectors in R^d."""
     g = torch.Generator().manual_seed(seed)
@@ -773,11 +764,10 @@ def max_cos_comparison(meta_dirs: torch.Tensor, decoders: dict[str, torch.Tensor
     for name, W in decoders.items():
         if W.shape[1] != d:
             raise ValueError(f"decoder {name!r} has d_model {W.shape[1]}, the meta-SAE {d}.")
-        fwd = max_cos(meta_dirs, W)[0]
-        rev = max_cos(W, meta_dirs)[0]
-        fr, rr = max_cos(rand, W)[0], max_cos(W, rand)[0]
+        fwd, _, rev, _ = max_cosine(meta_dirs, W, both=True)
+        fr, _, rr, _ = max_cosine(rand, W, both=True)
         if matched is not None:
-            fm, rm = max_cos(matched, W)[0], max_cos(W, matched)[0]
+            fm, _, rm, _ = max_cosine(matched, W, both=True)
         else:
             fm, rm = torch.full_like(fwd, float("nan")), torch.full_like(rev, float("nan"))
         out.append(MaxCosStats(name, W.shape[0], fwd, fr, fm, rev, rr, rm))
@@ -1010,7 +1000,7 @@ def split_recovery(meta: MetaSAE, codes: MetaCodes, W_large: torch.Tensor, W_sma
             "better-trained SAEs (untrained decoders share no directions)."
         )
     parents = torch.tensor(list(groups))
-    closest = max_cos(W_small[parents].float().cpu(), meta.W_dec.detach().float().cpu())[1]
+    closest = max_cosine(W_small[parents].cpu(), meta.W_dec.cpu()).indices
     parent_meta = dict(zip(parents.tolist(), closest.tolist()))
     kwargs.setdefault("W", W_large)
     return shared_meta_ratio(codes, groups, parent_meta=parent_meta, **kwargs)

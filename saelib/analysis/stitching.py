@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from saelib.analysis.afa import MaxCosine, max_cosine  # noqa: F401 - re-exported: stitching's Step A
 from saelib.io import atomic_write_json
 from saelib.sae.metrics import ReconstructionMetrics
 
@@ -295,27 +296,6 @@ def _check_pair(S: SAEParts, L: SAEParts) -> None:
 # ============================================================================================
 # Step A: decoder cosine similarity, blockwise
 # ============================================================================================
-
-
-class MaxCosine(NamedTuple):
-    """Row-wise max cosine of A's rows against B's rows."""
-
-    values: Tensor
-    """[n_A] max cosine."""
-    indices: Tensor
-    """[n_A] argmax row of B."""
-
-
-def max_cosine(A: Tensor, B: Tensor, *, block_size: int = 4096) -> MaxCosine:
-    """For each row of ``A [n, d]``, the max cosine against the rows of ``B [m, d]`` (blockwise)."""
-    A = F.normalize(A.detach().float(), dim=1)
-    B = F.normalize(B.detach().float(), dim=1)
-    vals, idx = [], []
-    for s in range(0, A.shape[0], block_size):
-        v, i = (A[s:s + block_size] @ B.T).max(dim=1)
-        vals.append(v)
-        idx.append(i)
-    return MaxCosine(torch.cat(vals), torch.cat(idx))
 
 
 class CosineMatch(NamedTuple):
