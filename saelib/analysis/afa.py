@@ -28,9 +28,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 __all__ = [
     "Epsilon",
@@ -213,8 +215,6 @@ def epsilon(
     best, best_ij = -1.0, (0, 1)
     starts = range(0, h, block_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc="ε row blocks", unit="block")
     for i0 in starts:
         i1 = min(i0 + block_size, h)
@@ -688,8 +688,6 @@ def zf_summary(stats: ZFStats | Mapping[Any, ZFStats], *, pooled: bool = False, 
     ``tol = 0`` (default) is the paper's strict "% over"; pass e.g. ``tol=0.05`` for a ±5% band.
     With ``pooled=True`` a final row "pooled" summarises all keys together.
     """
-    import pandas as pd
-
     if tol < 0 or not math.isfinite(tol):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
 
@@ -949,8 +947,6 @@ def random_dictionary_norm_ratios(
     keff = torch.empty(len(ks), n)
     k_iter = enumerate(ks)
     if progress:
-        from tqdm.auto import tqdm
-
         k_iter = tqdm(k_iter, total=len(ks), desc=f"‖f‖/‖z‖ d={d} h={h}", unit="k")
     for r, k in k_iter:
         for c0 in range(0, n, chunk):

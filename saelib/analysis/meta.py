@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -776,8 +777,6 @@ def max_cos_comparison(meta_dirs: torch.Tensor, decoders: dict[str, torch.Tensor
 
 def max_cos_table(stats: list[MaxCosStats]):
     """A pandas DataFrame of means (one row per decoder) from :func:`max_cos_comparison`."""
-    import pandas as pd
-
     return pd.DataFrame([{
         "decoder": s.name, "width": s.width,
         "meta→SAE": s.forward.mean().item(), "random→SAE": s.forward_random.mean().item(),

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from saelib.analysis.afa import MaxCosine, max_cosine  # noqa: F401 - re-exported: stitching's Step A
 from saelib.io import atomic_write_json
+from saelib.sae.core import SAE
 from saelib.sae.metrics import ReconstructionMetrics
 
 __all__ = [
@@ -907,8 +908,6 @@ def cos_to_init(sae: Any) -> Tensor:
     saelib's SAEs are initialised from ``cfg.seed`` alone, so the initial decoder is rebuilt
     here. Near 1: the row has barely moved (short training); near 0: it has found its own
     direction (random directions in d dimensions have |cos| ≈ 1/√d)."""
-    from saelib.sae.core import SAE
-
     if not hasattr(sae, "cfg") or not hasattr(sae.cfg, "seed"):
         raise ValueError("cos_to_init needs a saelib SAE (its init is rebuilt from cfg.seed); "
                          f"got {type(sae).__name__}")
