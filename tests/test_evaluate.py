@@ -8,17 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.analysis.evaluate import (
-    aggregate_seeds,
-    comparison_table,
-    evaluate_sae,
-    evaluate_saes,
-    format_table,
-    mdl_table,
-    mean_ci,
-    reconstruction_metrics,
-    welch_ttest,
-)
+from saelib.analysis.evaluate import evaluate_sae, evaluate_saes, reconstruction_metrics
+from saelib.analysis.tables import aggregate_seeds, comparison_table, format_table, mdl_table, mean_ci, welch_ttest
 from saelib.sae.core import SAE, SAEConfig
 
 HOOK = "blocks.2.hook_resid_pre"

@@ -252,7 +252,6 @@ def epsilon(
     )
 
 
-@torch.no_grad()
 class MaxCosine(NamedTuple):
     """Row-wise max cosine of A's rows against B's rows (and, with ``both``, of B's against A's)."""
 
@@ -290,6 +289,7 @@ def max_cosine(A: Any, B: Any, *, both: bool = False, block_size: int = 4096) ->
     return MaxCosine(torch.cat(vals), torch.cat(idx), *((vb, ib) if both else (None, None)))
 
 
+@torch.no_grad()
 def epsilon_dense(W_dec: Any) -> Epsilon:
     """Reference ε from the full h×h Gram matrix (extra memory ≈ h²·4 bytes; tests and benchmarks)."""
     W = _finite_decoder(_decoder_matrix(W_dec))

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saelib.analysis.evaluate import mean_ci
+from saelib.analysis.tables import mean_ci
 from saelib.plots.style import ARCH_COLORS, apply_style, figure_legend_below, legend_outside, log_ticks, metric_label
 
 import matplotlib.pyplot as plt  # noqa: E402  (style module picks a headless backend first)
