@@ -49,7 +49,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from saelib.analysis.afa import max_cosine
+from saelib.analysis.afa import max_cosine, random_unit_dictionary
 from saelib.io import atomic_folder
 from saelib.sae.metrics import ReconstructionMetrics
 from saelib.sae.train import make_adam
@@ -70,7 +70,6 @@ __all__ = [
     "inverse_index",
     "max_cos_comparison",
     "max_cos_table",
-    "random_unit_vectors",
     "random_rows",
     "fve_control",
     "matched_gaussian_vectors",
@@ -693,12 +692,6 @@ def inverse_index(codes: MetaCodes) -> list[Decomposition]:
 # --------------------------------------------------------------------------------------------
 
 
-def random_unit_vectors(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """``n`` isotropic random unit vectors in R^d."""
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g), dim=1)
-
-
 def matched_gaussian_vectors(n: int, W: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``n`` unit vectors drawn from a Gaussian with the mean and covariance of the rows of ``W``.
 
@@ -724,7 +717,7 @@ def random_rows(W: torch.Tensor, kind: str = "isotropic", seed: int = 0) -> torc
     second-order statistics.
     """
     if kind == "isotropic":
-        return random_unit_vectors(W.shape[0], W.shape[1], seed)
+        return random_unit_dictionary(W.shape[0], W.shape[1], seed)
     if kind == "matched":
         return matched_gaussian_vectors(W.shape[0], W, seed)
     raise ValueError(f"kind must be 'isotropic' or 'matched', got {kind!r}")
@@ -759,7 +752,7 @@ def max_cos_comparison(meta_dirs: torch.Tensor, decoders: dict[str, torch.Tensor
     meta-SAE was trained on, is given) ``d_meta`` Gaussian vectors matched to its mean/covariance.
     """
     n, d = meta_dirs.shape
-    rand = random_unit_vectors(n, d, seed)
+    rand = random_unit_dictionary(n, d, seed)
     matched = matched_gaussian_vectors(n, base_W, seed) if base_W is not None else None
     out = []
     for name, W in decoders.items():
