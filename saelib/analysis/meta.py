@@ -49,7 +49,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from saelib.analysis.afa import max_cosine, random_unit_dictionary
+from saelib.analysis.afa import max_cosine
+from saelib.analysis.concentration import random_unit_dictionary
 from saelib.io import atomic_folder
 from saelib.sae.metrics import ReconstructionMetrics
 from saelib.sae.train import make_adam
