@@ -118,15 +118,10 @@ def _d_sae(sae: Any) -> int:
     return int(sae.W_dec.shape[0])
 
 
-def _sae_device_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
-    return sae.W_dec.device, sae.W_dec.dtype
-
-
 @torch.no_grad()
 def _encode_decode(sae: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """acts [N, d_sae] and x_hat [N, d_in] in the activation space of ``z``."""
-    device, dtype = _sae_device_dtype(sae)
-    zs = z.to(device=device, dtype=dtype)
+    zs = z.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     acts = sae.encode(zs)
     try:  # saelib SAEs with per-token input standardisation need x to undo it
         x_hat = sae.decode(acts, x=zs)
@@ -185,17 +180,11 @@ class CenteredInputSAE(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _decoder_space(sae: Any, z: torch.Tensor) -> torch.Tensor:
-    """z mapped to the space where ``acts @ W_dec + b_dec`` reconstructs it (f̃ lives there)."""
-    norm = getattr(sae, "normalize", None)
-    if callable(norm) and hasattr(sae, "denormalize"):  # saelib SAE: "global"/"token" input_norm
-        return norm(z.to(sae.W_dec.dtype))[0]
-    return to_decoder_space(sae, z)
+_decoder_space = to_decoder_space  # used only by CenteredInputSAE; goes with it
 
 
 def _zf_batch(sae: Any, z: torch.Tensor, acts: torch.Tensor) -> dict[str, np.ndarray]:
-    zd = _decoder_space(sae, z.to(acts.device))
+    zd = to_decoder_space(sae, z.to(acts.device))
     stats = zf_stats(zd.float(), acts.float(), sae.W_dec.detach(), sae.b_dec.detach())
     out = {}
     for key, value in stats._asdict().items():
