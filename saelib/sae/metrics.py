@@ -136,6 +136,18 @@ class ReconstructionMetrics:
         self.d_sae = self.d_sae or fired.numel()
         self._fired = fired if self._fired is None else self._fired | fired.to(self._fired.device)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`result` needs, as tensors and ints (for a trainer's checkpoint)."""
+        if self.keep_tokens:
+            raise ValueError("per-row arrays are not checkpointed: use keep_tokens=False")
+        return {"n": self.n, "d_in": self.d_in, "d_sae": self.d_sae, "sums": dict(self._s), "mean": self._mean,
+                "hist": self._hist, "count": self._count, "fired": self._fired}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; adding the same later batches then gives bit-identical results."""
+        self.n, self.d_in, self.d_sae, self._s = state["n"], state["d_in"], state["d_sae"], dict(state["sums"])
+        self._mean, self._hist, self._count, self._fired = state["mean"], state["hist"], state["count"], state["fired"]
+
     @property
     def latent_freq(self) -> Tensor | None:
         """float64 [d_sae]: share of the rows on which each latent was active (needs ``acts``)."""
