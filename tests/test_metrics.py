@@ -110,3 +110,30 @@ def _roundtrip(state):
     torch.save(state, buf)
     buf.seek(0)
     return buf
+
+
+@pytest.mark.parametrize("n", [11, 10])  # odd and even: the median is one order statistic or two
+def test_l0_statistics_on_distinct_values_and_tiny_norms(n):
+    """Every L0 value 0..n-1 once (no ties hide an off-by-one) and rows of norm << 1 (no clamp
+    may touch a real norm)."""
+    acts = (torch.arange(12)[None, :] < torch.arange(n)[:, None]).float()  # row r: r active latents
+    x = 1e-3 * torch.randn(n, 5, generator=torch.Generator().manual_seed(1))
+    x_hat = 0.5 * x
+    m = ReconstructionMetrics(keep_tokens=True)
+    m.add(x[:3], x_hat[:3], acts[:3])
+    m.add(x[3:], x_hat[3:], acts[3:])
+    r, l0 = m.result(), np.arange(n)
+    assert r["l0_median"] == np.median(l0) and r["l0_std"] == pytest.approx(l0.std())
+    assert (r["l0_min"], r["l0_max"]) == (0, n - 1)
+    for q in (10, 50, 90):
+        assert r[f"l0_p{q}"] == int(np.quantile(l0, q / 100, method="inverted_cdf"))
+    assert r["nmse"] == pytest.approx(0.25) and r["nmse_median"] == pytest.approx(0.25)
+    assert r["l2_ratio"] == pytest.approx(0.5) and r["cosine"] == pytest.approx(1.0)
+    assert r["relative_reconstruction_bias"] == pytest.approx(0.5)
+
+
+def test_constant_rows_have_no_variance_so_fvu_is_nan():
+    m = ReconstructionMetrics()
+    m.add(torch.ones(4, 3), torch.zeros(4, 3))
+    r = m.result()
+    assert np.isnan(r["fvu"]) and r["nmse"] == 1.0 and r["mse"] == 1.0
