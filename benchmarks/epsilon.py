@@ -21,7 +21,8 @@ import time
 import psutil
 import torch
 
-from saelib.analysis.afa import epsilon, epsilon_dense, epsilon_sampled, random_unit_dictionary
+from saelib.analysis.afa import epsilon, epsilon_dense, epsilon_sampled
+from saelib.analysis.concentration import random_unit_dictionary
 
 MiB = 2**20
 

@@ -32,8 +32,9 @@ _EXPORTS = {
     "saelib.interop": ["to_saelens", "from_saelens"],
     "saelib.analysis.afa": [
         "epsilon", "welch_bound", "bound_slopes", "f_tilde", "zf_stats", "zf_summary", "ZFStats",
-        "eps_lbo", "mdl_bits", "concentration_band",
+        "eps_lbo", "mdl_bits",
     ],
+    "saelib.analysis.concentration": ["concentration_band"],
     "saelib.analysis.evaluate": ["evaluate_sae", "evaluate_saes", "reconstruction_metrics", "EvalResult"],
     "saelib.analysis.stitching": [
         "decoder_cosine", "insertion_delta_mse", "classify_latents",

@@ -261,14 +261,14 @@ def evaluation(runs_dir: str | Path, *, results: Any, saes: Mapping[str, Any], d
         row = r.loc[n]
         if s.rule.per_token_k:
             _check_topk_l0(c, n, s, held_acts[s.cfg.hook_name][:n_check_tokens])
-            c.check(f"{n}: mean L0 ≤ k", row["l0_mean"] <= s.cfg.k, f"L0 {row['l0_mean']:.2f}, k {s.cfg.k}")
+            c.check(f"{n}: mean L0 ≤ k", row["l0"] <= s.cfg.k, f"L0 {row['l0']:.2f}, k {s.cfg.k}")
         c.expect(f"{n}: metrics in range",
-                0 < row["nmse_mean"] < 1.5 and 0 < row["fvu"] < 3 and -1 <= row["cosine"] <= 1
-                and 0 <= row["dead_latents"] <= d_sae and row.get("kl_sae", 0) >= 0
+                0 < row["nmse"] < 1.5 and 0 < row["fvu"] < 3 and -1 <= row["cosine"] <= 1
+                and 0 <= row["dead"] <= d_sae and row.get("kl_sae", 0) >= 0
                 and _finite(row.get("ce_recovered_zero", 0.0)),
-                f"NMSE {row['nmse_mean']:.3g}, FVU {row['fvu']:.3g}, dead {row['dead_latents']}")
-    keep = ["activation", "k", "afa_coeff", "seed", "l0_mean", "nmse_mean", "fvu", "ce_recovered_zero",
-            "ce_recovered_mean", "kl_sae", "kl_score", "dead_latents", "dense_latents", "zf_ratio_median"]
+                f"NMSE {row['nmse']:.3g}, FVU {row['fvu']:.3g}, dead {row['dead']}")
+    keep = ["activation", "k", "afa_coeff", "seed", "l0", "nmse", "fvu", "ce_recovered_zero",
+            "ce_recovered_mean", "kl_sae", "kl_score", "dead", "dense", "zf_ratio_median"]
     c.number("saes", {n: {k: r.loc[n, k] for k in keep if k in r.columns} for n in saes})
     return c.close()
 
@@ -300,7 +300,7 @@ def stitching(runs_dir: str | Path, *, family: Any, x: torch.Tensor, results: Ma
                 f"start {start:.6g}, S {mse_S:.6g} on {xs.shape[0]} tokens")
     c.check("some pair has a curve", bool(starts))
     c.number("path_starts", starts)
-    c.number("trained", {f"{r.arch}-{r.width}": {"mse": r.mse, "nmse": r.nmse, "l0": r.l0}
+    c.number("trained", {f"{r.arch}-{r.width}": {"mse": r.mse, "fvu": r.fvu, "l0": r.l0}
                          for r in trained.itertuples()})
     c.number("pairs", {f"{arch} {a}->{b}": {"frac_novel": v.cls.frac_novel, "auroc": v.cls.auroc,
                                             "alive_large": v.cls.n_alive}

@@ -74,6 +74,8 @@ SCOPES: dict[str, tuple[str, list[str], list[str]]] = {
              REF + "::test_welch_bound_is_met_by_the_simplex", REF + "::test_welch_bound_hand_values",
              REF + "::test_eps_lbo_uses_h_minus_one", REF + "::test_epsilon_and_f_tilde_flags_and_shape_errors",
              "tests/test_afa.py", "-k", "not saelens and not plots"]),
+    "metrics": ("saelib/sae/metrics.py", ["ReconstructionMetrics.add", "ReconstructionMetrics.result", "_hist_stats"],
+                ["tests/test_metrics.py", REF + "::test_reconstruction_metrics_hand_computed"]),
     "evaluate": ("saelib/analysis/evaluate.py",
                  ["_Accumulator.add", "_Accumulator.add_ce", "_Accumulator.result", "_ce_batch"],
                  [REF + "::test_reconstruction_metrics_hand_computed", REF + "::test_ce_recovered_and_kl_score_brute_force",

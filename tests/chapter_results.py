@@ -99,13 +99,13 @@ def test_04_evaluation():
     n = load("04_evaluation")["saes"]
     assert n
     for name, s in n.items():
-        assert 0 < s["nmse_mean"] < 1.0 and 0 < s["fvu"] < 3.0, name
+        assert 0 < s["nmse"] < 1.0 and 0 < s["fvu"] < 3.0, name
         if s["activation"] == "topk":
-            assert 0.5 * s["k"] < s["l0_mean"] <= s["k"], name
+            assert 0.5 * s["k"] < s["l0"] <= s["k"], name
         assert s["kl_sae"] >= 0 and finite(s["ce_recovered_zero"], s["ce_recovered_mean"]), name
         assert -1.0 < s["ce_recovered_zero"] <= 1.05, name
         assert s["kl_score"] <= 1.0, name
-        assert 0 <= s["dead_latents"] and 0 <= s["dense_latents"], name
+        assert 0 <= s["dead"] and 0 <= s["dense"], name
 
 
 def test_05_stitching():
@@ -116,7 +116,7 @@ def test_05_stitching():
     for key, p in n["pairs"].items():
         assert 0 <= p["frac_novel"] <= 1 and p["alive_large"] > 0, key
     for key, t in n["trained"].items():
-        assert 0 < t["nmse"] < 1.0 and t["l0"] > 0, key
+        assert 0 < t["fvu"] < 1.0 and t["l0"] > 0, key
 
 
 def test_06_meta_saes():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from saelib.analysis import afa
+from saelib.analysis import concentration as conc
 
 # ---------------------------------------------------------------- the authors' 3×3 toy example
 
@@ -149,7 +150,7 @@ def test_blockwise_epsilon_equals_dense(block_size):
 
 
 def test_epsilon_respects_welch_and_accepts_sae_like():
-    W = afa.random_unit_dictionary(400, 20, seed=2)
+    W = conc.random_unit_dictionary(400, 20, seed=2)
     e = afa.epsilon(W)
     wb = afa.welch_bound(400, 20)
     assert e.max >= wb and e.rms >= wb - 1e-9  # Welch bounds both the max and the RMS
@@ -164,7 +165,7 @@ def test_epsilon_respects_welch_and_accepts_sae_like():
 
 
 def test_epsilon_sampled_close_to_exact():
-    W = afa.random_unit_dictionary(1500, 48, seed=4)
+    W = conc.random_unit_dictionary(1500, 48, seed=4)
     ex = afa.epsilon(W, block_size=256)
     est = afa.epsilon_sampled(W, n_pairs=200_000, seed=1)
     assert not est.exact and 0.95 * 200_000 <= est.n_pairs <= 1.1 * 200_000
@@ -263,22 +264,22 @@ def test_zf_stats_sae_with_saelens_normalisation():
 # ---------------------------------------------------------------- concentration
 
 def test_concentration_band_values():
-    b = afa.concentration_band(768)
+    b = conc.concentration_band(768)
     assert b.sigma == pytest.approx(math.sqrt(2 / 768))
     assert b.z_score == pytest.approx(2.326, abs=1e-3)
     assert b.slope_lower == pytest.approx(0.945, abs=1e-3) and b.slope_upper == pytest.approx(1.065, abs=1e-3)
-    assert afa.concentration_band(768, z_score=1.0).coverage == pytest.approx(0.6827, abs=1e-4)
-    assert math.isinf(afa.concentration_band(2, z_score=2.0).slope_upper)
+    assert conc.concentration_band(768, z_score=1.0).coverage == pytest.approx(0.6827, abs=1e-4)
+    assert math.isinf(conc.concentration_band(2, z_score=2.0).slope_upper)
     # one active atom: no cross terms, zero spread
-    assert float(afa.concentration_sigma(100, torch.tensor([0.0, 3.0, 0.0]))) == 0.0
+    assert float(conc.concentration_sigma(100, torch.tensor([0.0, 3.0, 0.0]))) == 0.0
 
 
 def test_random_dictionary_ratios_concentrate():
     d, h = 256, 2048
-    sim = afa.random_dictionary_norm_ratios(d, h, ks=[1, 16, 256], n=400, seed=0)
+    sim = conc.random_dictionary_norm_ratios(d, h, ks=[1, 16, 256], n=400, seed=0)
     assert sim.ratios.shape == (3, 400)
     torch.testing.assert_close(sim.ratios[0], torch.ones(400), atol=1e-5, rtol=0)  # k = 1 is exact
-    band = afa.concentration_band(d)
+    band = conc.concentration_band(d)
     for r in sim.ratios[1:]:
         assert abs(float(r.median()) - 1) < 0.02
         inside = ((r >= band.slope_lower) & (r <= band.slope_upper)).float().mean()
@@ -288,22 +289,22 @@ def test_random_dictionary_ratios_concentrate():
     pred = sim.sigma_pred[2].double().mean()
     assert float(emp / pred) == pytest.approx(1.0, abs=0.2)
     # the worst-case bound is vacuous for this random dictionary
-    eps = afa.epsilon(afa.random_unit_dictionary(h, d, seed=0)).max
+    eps = afa.epsilon(conc.random_unit_dictionary(h, d, seed=0)).max
     assert eps * (h - 1) > 1
 
 
 def test_random_sparse_codes_and_coherent_dictionary():
     g = torch.Generator().manual_seed(0)
     k = torch.tensor([0, 1, 5, 50, 100])
-    f = afa.random_sparse_codes(5, 100, k, generator=g)
+    f = conc.random_sparse_codes(5, 100, k, generator=g)
     assert torch.equal((f > 0).sum(1), k) and torch.all(f >= 0)
-    assert torch.all((afa.random_sparse_codes(4, 30, 7, generator=g) > 0).sum(1) == 7)
-    W = afa.coherent_unit_dictionary(300, 64, 0.05, seed=1)
+    assert torch.all((conc.random_sparse_codes(4, 30, 7, generator=g) > 0).sum(1) == 7)
+    W = conc.coherent_unit_dictionary(300, 64, 0.05, seed=1)
     e = afa.epsilon(W)
     assert e.mean_signed == pytest.approx(0.05, abs=0.01)
     torch.testing.assert_close(W.norm(dim=1), torch.ones(300))
     # a shared positive overlap makes codes under-activated by 1/sqrt(1 + a(K − 1))
-    codes = afa.random_sparse_codes(200, 300, 40, generator=g)
+    codes = conc.random_sparse_codes(200, 300, 40, generator=g)
     s = afa.zf_stats(codes @ W, codes, W, None)
     pred = 1 / torch.sqrt(1 + 0.05 * (s.k_eff - 1))
     assert float((s.ratio.median() - pred.median()).abs()) < 0.03
@@ -311,8 +312,8 @@ def test_random_sparse_codes_and_coherent_dictionary():
 
 
 def test_simulator_mean_cos_matches_dictionary():
-    W = afa.random_unit_dictionary(300, 20, seed=3)
-    sim = afa.random_dictionary_norm_ratios(20, 300, [5], n=50, seed=3, dictionary=W)
+    W = conc.random_unit_dictionary(300, 20, seed=3)
+    sim = conc.random_dictionary_norm_ratios(20, 300, [5], n=50, seed=3, dictionary=W)
     assert sim.mean_cos == pytest.approx(afa.epsilon(W).mean_signed, abs=1e-9)
     assert sim.k_eff.shape == (1, 50) and torch.all(sim.k_eff <= 5 + 1e-4)
 
@@ -342,7 +343,7 @@ def test_plots_draw_the_data():
     for ln in ax.get_lines():
         x, y = ln.get_data()
         slopes.setdefault(ln.get_label(), []).append(float(y[-1] / x[-1]))
-    band = afa.concentration_band(16)
+    band = conc.concentration_band(16)
     assert slopes["y = x"] == pytest.approx([1.0])
     assert slopes["tight"] == pytest.approx([0.5])  # the upper (2.0) line carries no label
     lab = next(k for k in slopes if k.startswith("random-dictionary band d=16"))
@@ -429,3 +430,18 @@ def test_zf_model_space_rejects_foreign_saes():
 
     with pytest.raises(TypeError, match="zf_stats_sae"):
         zf_stats_model_space(Foreign(), torch.zeros(2, 3))
+
+
+def test_max_cosine_both_directions_match_dense():
+    from saelib.analysis.afa import max_cosine
+
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(50, 9, generator=g), torch.randn(30, 9, generator=g)
+    mc = max_cosine(A, B, both=True, block_size=7)  # uneven blocks
+    dense = torch.nn.functional.normalize(A, dim=1) @ torch.nn.functional.normalize(B, dim=1).T
+    torch.testing.assert_close(mc.values, dense.max(1).values)
+    torch.testing.assert_close(mc.values_b, dense.max(0).values)
+    assert (mc.indices == dense.argmax(1)).all() and (mc.indices_b == dense.argmax(0)).all()
+    assert max_cosine(A, B).values_b is None
+    with pytest.raises(ValueError, match="one width"):
+        max_cosine(A, torch.randn(3, 8))

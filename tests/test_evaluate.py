@@ -8,16 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.analysis.evaluate import (
-    aggregate_seeds,
-    comparison_table,
-    evaluate_sae,
-    format_table,
-    mdl_table,
-    mean_ci,
-    reconstruction_metrics,
-    welch_ttest,
-)
+from saelib.analysis.evaluate import evaluate_sae, evaluate_saes, reconstruction_metrics
+from saelib.analysis.tables import aggregate_seeds, comparison_table, format_table, mdl_table, mean_ci, welch_ttest
 from saelib.sae.core import SAE, SAEConfig
 
 HOOK = "blocks.2.hook_resid_pre"
@@ -67,7 +59,7 @@ def test_identity_sae_recovers_everything(name):
     sae = _identity_sae(model.cfg.d_model)
     r = evaluate_sae(sae, model, _tokens(model), batch_size=3, progress=False)
     m = r.metrics
-    assert m["nmse_mean"] < 1e-10 and m["fvu"] < 1e-10
+    assert m["nmse"] < 1e-10 and m["fvu"] < 1e-10
     assert abs(m["ce_recovered_zero"] - 1) < 1e-4
     assert abs(m["ce_recovered_mean"] - 1) < 1e-4
     assert m["kl_sae"] < 1e-6 and m["kl_zero_abl"] > 1e-3
@@ -82,7 +74,7 @@ def test_zero_and_mean_saes_recover_nothing():
     zero = evaluate_sae(_constant_sae(d, torch.zeros(d)), model, toks, progress=False, zf=False)
     assert abs(zero.metrics["ce_recovered_zero"]) < 1e-5
     assert abs(zero.metrics["ce_sae"] - zero.metrics["ce_zero_abl"]) < 1e-5
-    assert abs(zero.metrics["nmse_mean"] - 1) < 1e-6
+    assert abs(zero.metrics["nmse"] - 1) < 1e-6
     mean = torch.randn(d)
     r = evaluate_sae(_constant_sae(d, mean), model, toks, mean_act=mean, progress=False, zf=False)
     assert abs(r.metrics["ce_recovered_mean"]) < 1e-5
@@ -101,7 +93,7 @@ def test_many_saes_share_passes_and_match_single_evaluations():
     many = evaluate_saes(saes, model, toks, batch_size=2, copies_per_pass=4, progress=False, zf=False)
     for n in ("k8", "identity"):
         one = evaluate_sae(saes[n], model, toks, batch_size=2, progress=False, zf=False)
-        for key in ("ce_clean", "ce_sae", "ce_zero_abl", "ce_mean_abl", "kl_sae", "nmse_mean", "l0_mean"):
+        for key in ("ce_clean", "ce_sae", "ce_zero_abl", "ce_mean_abl", "kl_sae", "nmse", "l0"):
             assert many[n].metrics[key] == pytest.approx(one.metrics[key], rel=1e-4, abs=1e-6), (n, key)
     assert many["identity"].metrics["ce_sae"] == pytest.approx(many["k2"].metrics["ce_clean"], abs=1e-5)
     assert many["k2"].metrics["ce_sae"] != pytest.approx(many["k8"].metrics["ce_sae"], abs=1e-6)
@@ -127,7 +119,7 @@ def test_bos_excluded_and_metrics_match_harvested_activations():
     assert r.n_tokens == 5 * 9 and r.l0.shape == (45,) and r.kl.shape == (5 * 8,)
     z = harvest(model, toks, [HOOK], exclude_bos=True, progress=False)[HOOK]
     ref = reconstruction_metrics(sae, z, batch_size=7)
-    for key in ("nmse_mean", "fvu", "mse", "l0_mean", "cosine", "dead_latents"):
+    for key in ("nmse", "fvu", "mse", "l0", "cosine", "dead"):
         assert r.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-4, abs=1e-7), key
     with_bos = evaluate_sae(sae, model, toks, exclude_bos=False, ce=False, zf=False, progress=False)
     assert with_bos.n_tokens == 5 * 10
@@ -149,13 +141,13 @@ def test_fvu_and_friends_against_hand_computation():
     fvu = err.sum() / (z - z.mean(0)).pow(2).sum()
     assert r.metrics["fvu"] == pytest.approx(float(fvu), rel=1e-9)
     assert r.metrics["explained_variance"] == pytest.approx(1 - float(fvu), rel=1e-9)
-    assert r.metrics["nmse_mean"] == pytest.approx(float((err / z.pow(2).sum(1)).mean()), rel=1e-5)
+    assert r.metrics["nmse"] == pytest.approx(float((err / z.pow(2).sum(1)).mean()), rel=1e-5)
     assert r.metrics["mse"] == pytest.approx(float(err.sum() / (n * d)), rel=1e-9)
     l2 = (x_hat.norm(dim=1) / z.norm(dim=1)).mean()
     assert r.metrics["l2_ratio"] == pytest.approx(float(l2), rel=1e-5)
-    assert r.metrics["l0_mean"] == pytest.approx(4.0)
-    assert r.latent_freq[0] == 0 and r.metrics["dead_latents"] >= 1
-    assert r.metrics["window_tokens"] == n
+    assert r.metrics["l0"] == pytest.approx(4.0)
+    assert r.latent_freq[0] == 0 and r.metrics["dead"] >= 1
+    assert r.metrics["n_tokens"] == n
     assert r.latent_freq.sum() == pytest.approx(4.0, rel=1e-5)  # Σ freq = mean L0
 
 
@@ -212,18 +204,18 @@ def test_mean_ci_on_known_data():
     assert r.half_width == pytest.approx(2.7764451 * math.sqrt(2.5) / math.sqrt(5), rel=1e-6)
     assert (r.low, r.high) == pytest.approx((3 - r.half_width, 3 + r.half_width))
     assert math.isnan(mean_ci([4.0]).half_width)
-    agg = aggregate_seeds([{"nmse_mean": v, "seed": i} for i, v in enumerate([1, 2, 3, 4, 5])])
-    assert list(agg.index) == ["nmse_mean"] and agg.loc["nmse_mean", "ci_half"] == pytest.approx(r.half_width)
+    agg = aggregate_seeds([{"nmse": v, "seed": i} for i, v in enumerate([1, 2, 3, 4, 5])])
+    assert list(agg.index) == ["nmse"] and agg.loc["nmse", "ci_half"] == pytest.approx(r.half_width)
 
 
 def test_tables_in_the_papers_format():
     import pandas as pd
 
     frame = pd.DataFrame([
-        {"layer": 6, "activation": "topk", "k": 1024, "afa_coeff": 0.0, "l0_mean": 1023.5, "nmse_mean": 1.74e-4, "d_sae": 12288},
-        {"layer": 6, "activation": "batchtopk", "k": 1024, "afa_coeff": 0.0, "l0_mean": 1024.0, "nmse_mean": 1.65e-4, "d_sae": 12288},
-        {"layer": 6, "activation": "topafa", "k": None, "afa_coeff": 1 / 32, "l0_mean": 2037.29, "nmse_mean": 1.64e-4, "d_sae": 12288},
-        {"layer": 7, "activation": "topk", "k": 64, "afa_coeff": 0.0, "l0_mean": 63.9, "nmse_mean": 5.9e-2, "d_sae": 12288},
+        {"layer": 6, "activation": "topk", "k": 1024, "afa_coeff": 0.0, "l0": 1023.5, "nmse": 1.74e-4, "d_sae": 12288},
+        {"layer": 6, "activation": "batchtopk", "k": 1024, "afa_coeff": 0.0, "l0": 1024.0, "nmse": 1.65e-4, "d_sae": 12288},
+        {"layer": 6, "activation": "topafa", "k": None, "afa_coeff": 1 / 32, "l0": 2037.29, "nmse": 1.64e-4, "d_sae": 12288},
+        {"layer": 7, "activation": "topk", "k": 64, "afa_coeff": 0.0, "l0": 63.9, "nmse": 5.9e-2, "d_sae": 12288},
     ])
     t = comparison_table(frame)
     assert list(t.columns[:6]) == ["Layer", "Activation", "k", "λ_AFA", "L0", "NMSE"]
@@ -250,7 +242,7 @@ def test_saelens_sae_gives_the_same_metrics(tmp_path):
     lens = LensSAE.load_from_disk(str(to_saelens(sae, tmp_path / "lens")), device="cpu")
     ours = evaluate_sae(sae, model, toks, progress=False)
     theirs = evaluate_sae(lens, model, toks, hook=HOOK, progress=False)
-    for key in ("nmse_mean", "l0_mean", "ce_sae", "kl_sae", "zf_ratio_median"):
+    for key in ("nmse", "l0", "ce_sae", "kl_sae", "zf_ratio_median"):
         assert theirs.metrics[key] == pytest.approx(ours.metrics[key], rel=1e-4, abs=1e-6), key
     # the same in SAELens' own CE/KL convention (BOS spliced and zero-ablated, KL at every position)
     ours_l = evaluate_sae(sae, model, toks, progress=False, convention="saelens")
@@ -272,7 +264,7 @@ def test_center_input_matches_centering_by_hand():
     torch.testing.assert_close(out, ref)
     r = reconstruction_metrics(wrapped, x)
     ref_r = reconstruction_metrics(inner, xc)
-    assert r.metrics["l0_mean"] == ref_r.metrics["l0_mean"]
+    assert r.metrics["l0"] == ref_r.metrics["l0"]
     np.testing.assert_allclose(r.zf["norm_f"], ref_r.zf["norm_f"], rtol=1e-6)
     np.testing.assert_allclose(r.zf["norm_z"], ref_r.zf["norm_z"], rtol=1e-6)
 
@@ -284,23 +276,23 @@ def test_evaluation_plots_draw_the_data():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from saelib.analysis.evaluate import paper_zf_medians
+    from saelib.paper import zf_medians as paper_zf_medians
     from saelib.plots import evaluation as P
 
-    frame = pd.DataFrame({"activation": ["topk", "topk", "topafa", "topafa"], "l0_mean": [32, 8, 20, 40],
-                          "nmse_mean": [0.3, 0.5, 0.4, 0.2], "ci": [0.01] * 4, "match": ["a", "b", "a", "b"]})
+    frame = pd.DataFrame({"activation": ["topk", "topk", "topafa", "topafa"], "l0": [32, 8, 20, 40],
+                          "nmse": [0.3, 0.5, 0.4, 0.2], "ci": [0.01] * 4, "match": ["a", "b", "a", "b"]})
     # Pareto: one line per architecture through its points sorted by L0, a star at the minimum
     ax = P.pareto_plot(frame, yerr="ci", d_in=64).axes[0]
     data = {c.get_label(): [np.asarray(v, dtype=float).tolist() for v in c.lines[0].get_data()] for c in ax.containers}
     assert data == {"Top-k": [[8, 32], [0.5, 0.3]], "Top-AFA": [[20, 40], [0.4, 0.2]]}
     from saelib.plots.style import metric_label
 
-    star = [c for c in ax.collections if c.get_label() == f"lowest {metric_label('nmse_mean')}"]
+    star = [c for c in ax.collections if c.get_label() == f"lowest {metric_label('nmse')}"]
     assert len(star) == 1 and star[0].get_offsets().tolist() == [[40.0, 0.2]]
     assert any(ln.get_xdata()[0] == 64 for ln in ax.get_lines())  # the L0 = d line
-    assert ax.get_xscale() == "log" and ax.get_xlabel() == "Sparsity (L0)" and ax.get_ylabel() == metric_label("nmse_mean")
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "Sparsity (L0)" and ax.get_ylabel() == metric_label("nmse")
     # seeds: one panel per match group, the dots are the values and the square is their mean
-    fig = P.seed_comparison_plot(frame, "nmse_mean", panel="match")
+    fig = P.seed_comparison_plot(frame, "nmse", panel="match")
     assert [a.get_title() for a in fig.axes] == ["a", "b"]
     pa = fig.axes[0]
     dots = [c for c in pa.collections if isinstance(c, matplotlib.collections.PathCollection)]
@@ -392,7 +384,7 @@ def test_both_ce_conventions_agree_with_independent_splices():
                                                    abs=1e-7)
     # the two conventions really differ, and reconstruction metrics are the same non-BOS tokens
     assert lens.metrics["ce_zero_abl"] != pytest.approx(ours.metrics["ce_zero_abl"], rel=1e-3)
-    assert lens.metrics["nmse_mean"] == pytest.approx(ours.metrics["nmse_mean"], rel=1e-6)
+    assert lens.metrics["nmse"] == pytest.approx(ours.metrics["nmse"], rel=1e-6)
     assert lens.n_tokens == ours.n_tokens == 3 * 8
     with pytest.raises(ValueError, match="convention"):
         evaluate_sae(sae, model, toks, progress=False, convention="sae-bench")
@@ -425,7 +417,7 @@ def test_mdl_at_matched_tolerance():
         # layer, activation, k, λ, L0, NMSE
         (1, "topk", 8, None, 8.0, 0.09), (1, "topk", 32, None, 32.0, 0.02),
         (1, "topafa", None, 0.25, 20.0, 0.085), (1, "topafa", None, 0.5, 60.0, 0.05),
-    ], columns=["layer", "activation", "k", "afa_coeff", "l0_mean", "nmse_mean"]).assign(d_sae=128)
+    ], columns=["layer", "activation", "k", "afa_coeff", "l0", "nmse"]).assign(d_sae=128)
     best = mdl_table(frame)  # the paper's rule: minimum-NMSE run of each method
     assert set(best["tolerance (NMSE)"]) == {0.02, 0.05}
     m = mdl_table(frame, tolerance="matched")
@@ -439,3 +431,23 @@ def test_mdl_at_matched_tolerance():
     assert m2.loc[m2["best"], "method"].item().startswith("Top-k")
     with pytest.raises(ValueError, match="tolerance"):
         mdl_table(frame, tolerance="loose")
+
+
+def test_evaluate_saes_on_activation_batches_of_several_hooks_writes_eval_json(tmp_path):
+    """One pass over {hook: Tensor} batches; each SAE reads its own hook; eval.json = record()."""
+    import json
+
+    torch.manual_seed(0)
+    za, zb = torch.randn(50, 8), torch.randn(50, 8) * 2 + 1
+    saes = {"a": SAE(SAEConfig(d_in=8, d_sae=16, activation="topk", k=3, hook_name="h.a", seed=1)),
+            "b": SAE(SAEConfig(d_in=8, d_sae=16, activation="topk", k=2, hook_name="h.b", seed=2))}
+    batches = iter([{"h.a": za[:20], "h.b": zb[:20]}, {"h.a": za[20:], "h.b": zb[20:]}])  # read once
+    out = evaluate_saes(saes, batches, zf=False, progress=False, out_dir=tmp_path)
+    for n, z in (("a", za), ("b", zb)):
+        ref = reconstruction_metrics(saes[n], z, batch_size=7, zf=False)
+        assert out[n].metrics["fvu"] == pytest.approx(ref.metrics["fvu"], rel=1e-6)  # float32 SAE
+        assert out[n].metrics["l0"] == saes[n].cfg.k and out[n].hook == f"h.{n}"
+        ev = json.loads((tmp_path / n / "eval.json").read_text())
+        assert ev["nmse"] == pytest.approx(ref.metrics["nmse"]) and sum(ev["l0_hist"]) == 50
+    with pytest.raises(ValueError, match="h.b"):
+        evaluate_saes(saes, [{"h.a": za, "h.c": zb}], zf=False, progress=False)

@@ -440,19 +440,19 @@ def test_reconstruction_metrics_hand_computed():
     assert m["explained_variance"] == pytest.approx(1 - sum(err) / tot, rel=1e-6)
     assert m["mse"] == pytest.approx(sum(err) / (n * d), rel=1e-6)
     nm = sorted(e / s for e, s in zip(err, zsq))
-    assert m["nmse_mean"] == pytest.approx(sum(nm) / n, rel=1e-6)
+    assert m["nmse"] == pytest.approx(sum(nm) / n, rel=1e-6)
     assert m["nmse_median"] == pytest.approx((nm[9] + nm[10]) / 2, rel=1e-6)
     assert m["cosine"] == pytest.approx(sum(dt / math.sqrt(a * c) for dt, a, c in zip(dot, zsq, hsq)) / n, rel=1e-6)
     assert m["l2_ratio"] == pytest.approx(sum(math.sqrt(c / a) for a, c in zip(zsq, hsq)) / n, rel=1e-6)
     assert m["relative_reconstruction_bias"] == pytest.approx(sum(hsq) / sum(dot), rel=1e-6)
     l0 = [int((codes[t] != 0).sum()) for t in range(n)]
     mu = sum(l0) / n
-    assert m["l0_mean"] == pytest.approx(mu)
+    assert m["l0"] == pytest.approx(mu)
     assert m["l0_std"] == pytest.approx(math.sqrt(sum((v - mu) ** 2 for v in l0) / n), rel=1e-6)
     assert m["l0_median"] == sorted(l0)[9] == sorted(l0)[10]
-    assert m["dead_latents"] == 3 and m["dead_frac"] == pytest.approx(3 / 8)
-    assert m["dense_latents"] == 3  # latents 0 (100%), 2 (15%), 4 (50%); latent 1 sits at 10%: not dense
-    assert m["window_tokens"] == 20
+    assert m["dead"] == 3 and m["dead_frac"] == pytest.approx(3 / 8)
+    assert m["dense"] == 3  # latents 0 (100%), 2 (15%), 4 (50%); latent 1 sits at 10%: not dense
+    assert m["n_tokens"] == 20
     np.testing.assert_allclose(r.latent_freq, [1.0, 0.1, 0.15, 0.05, 0.5, 0, 0, 0], rtol=1e-6)
     # ZF: ‖f̃‖² = Σ (f_i ‖W_i‖)² + ‖b‖² per token, in plain loops
     nf = [math.sqrt(sum((float(codes[t, i]) * float(W[i].norm())) ** 2 for i in range(8)) + float(b @ b))

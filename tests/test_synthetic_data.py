@@ -11,7 +11,8 @@ import torch
 from saelib.sae.core import SAE, SAEConfig, geometric_median
 from saelib.analysis.synthetic import SyntheticData, SyntheticSpec, afa_diagnostics, recovery, run_synthetic
 from saelib.sae.topafa import topafa_select_first_crossing, topafa_select_reference
-from saelib.sae.train import TrainConfig, evaluate_saes, train_saes
+from saelib.sae.metrics import held_out_metrics
+from saelib.sae.train import TrainConfig, train_saes
 
 HOOK = "synthetic"
 
@@ -171,7 +172,7 @@ def test_batchtopk_final_threshold_gives_held_out_l0_k_after_real_training():
         tc = TrainConfig(batch_size=128, n_tokens=128 * 80, lr=1e-2, progress=False, batchtopk_threshold=mode,
                          decay_steps=20)
         sae = train_saes({"s": cfg}, data.batches(128, seed=1, hook=HOOK), tc)["s"]
-        l0[mode] = float(evaluate_saes({"s": sae}, [{HOOK: x_held}])["s"]["l0"])
+        l0[mode] = float(held_out_metrics({"s": sae}, [{HOOK: x_held}])["s"]["l0"])
     assert l0["final"] == pytest.approx(4.0, rel=0.1), l0
     assert abs(l0["ema"] - 4.0) > 2 * abs(l0["final"] - 4.0), l0
 

@@ -1,48 +1,34 @@
 """Evaluate any SAE on held-out tokens: reconstruction, sparsity, spliced-in CE/KL and ZF statistics.
 
-CE and KL come in two conventions (``convention=`` of :func:`evaluate_sae`): ours ("saelib":
-BOS never spliced or ablated, CE/KL over the predictions from positions 1..S−2) and SAELens' /
-SAEBench's ("saelens": every position spliced or ablated, CE over positions 0..S−2, KL over
-every position). Say which one a table uses; they differ for the same SAE.
+Reconstruction and sparsity metrics are those of :mod:`saelib.sae.metrics` (``nmse``, ``fvu``,
+``mse``, ``cosine``, ``l2_ratio``, ``l0``, ``dead``, ...), streamed batch by batch and exact for
+any batch split. Every non-BOS token of every evaluation row counts (not one token per sequence
+as in the paper's ZF notebook). This module adds (``z`` = the dense hook activation of a token):
 
-Every non-BOS token of every evaluation row counts (not one token per sequence as in the
-paper's ZF notebook), and everything is accumulated batch by batch so memory stays bounded by
-one batch of logits.
-
-Definitions (``z`` = the dense hook activation of one token, ``ẑ`` = the SAE's reconstruction,
-``N`` = number of evaluated tokens, ``d`` = ``d_in``):
-
-- NMSE (the paper's "Normalized MSE", per token): ``‖z − ẑ‖² / ‖z‖²``; we report its mean and median.
-- FVU (fraction of variance unexplained): ``Σ_t ‖z_t − ẑ_t‖² / Σ_t ‖z_t − z̄‖²`` with ``z̄`` the
-  per-dimension mean over the evaluation set; numerator and denominator are each summed over the
-  whole set (the conventional definition, not a mean of per-batch ratios).
-  ``explained_variance = 1 − FVU``.
-- MSE: ``Σ_t ‖z_t − ẑ_t‖² / (N d)``.  ``cosine``: mean over tokens of ``cos(z, ẑ)``.
-- ``l2_ratio`` (shrinkage): mean over tokens of ``‖ẑ‖ / ‖z‖``;
-  ``relative_reconstruction_bias``: ``Σ‖ẑ‖² / Σ⟨z, ẑ⟩`` (1 = unbiased, < 1 = shrunk).
-- L0: number of non-zero latents per token (mean, median and the full per-token array).
-- Dead latents: never active on the evaluation set (the window is ``n_tokens`` tokens, stored in
-  the result); dense latents: active on more than ``dense_threshold`` (default 10%) of tokens.
-- CE loss: next-token cross-entropy of the model with the hook activation replaced (at every
-  non-BOS position) by the SAE's reconstruction (``ce_sae``), by zeros (``ce_zero_abl``) or by the
-  mean activation (``ce_mean_abl``), and without intervention (``ce_clean``).
+- CE loss: next-token cross-entropy with the hook activation replaced (at every non-BOS
+  position) by the SAE's reconstruction (``ce_sae``), by zeros (``ce_zero_abl``) or by the mean
+  activation (``ce_mean_abl``), and without intervention (``ce_clean``).
   ``ce_recovered_{zero,mean} = (CE_abl − CE_sae) / (CE_abl − CE_clean)``.
-- KL: per-token ``KL(p_clean ‖ p_spliced) = Σ_v p_clean (log p_clean − log p_spliced)``;
-  ``kl_score = (KL_zero_abl − KL_sae) / KL_zero_abl``.
-- ZF statistics (``saelib.analysis.afa.zf_stats``): per token ``‖z‖``, ``‖f̃‖``, their ratio and εLBO.
+- KL: per-token ``KL(p_clean ‖ p_spliced)``; ``kl_score = (KL_zero_abl − KL_sae) / KL_zero_abl``.
+- ZF statistics (``saelib.analysis.afa.zf_stats``): per token ``‖z‖``, ``‖f̃‖``, their ratio and
+  εLBO; ``zf_ratio_median``, ``zf_frac_over``, ``eps_lbo_median``.
 
-Seeds: :func:`aggregate_seeds` (mean and a t-distribution 95% CI), :func:`welch_ttest`
-(as in the paper's rebuttal); tables in the paper's format: :func:`comparison_table`,
-:func:`mdl_table`.
+CE and KL come in two conventions (``convention=``): ours ("saelib": BOS never spliced or
+ablated, CE/KL over the predictions from positions 1..S−2) and SAELens'/SAEBench's ("saelens":
+every position spliced or ablated, CE over positions 0..S−2, KL over every position). They differ
+for the same SAE; say which one a table uses.
+
+Across seeds and in the paper's table formats: :mod:`saelib.analysis.tables`.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from fractions import Fraction
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -50,30 +36,25 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from saelib.sae.rules import RULES, rule_attr
+from saelib.analysis.afa import to_decoder_space, zf_stats
+from saelib.interop import from_saelens
+from saelib.io import atomic_write_text
+from saelib.lm.activations import _model_device, harvest
+from saelib.lm.models import check_hook
+from saelib.sae.metrics import ReconstructionMetrics
 
 __all__ = [
     "EvalResult",
-    "MeanCI",
-    "WelchResult",
-    "aggregate_seeds",
-    "comparison_table",
     "evaluate_sae",
     "evaluate_saes",
-    "format_table",
-    "mdl_table",
     "massive_tokens",
     "massive_summary",
     "MassiveTokens",
     "CONVENTIONS",
     "mean_activation",
-    "mean_ci",
-    "paper_best_runs",
-    "paper_zf_medians",
     "reconstruction_metrics",
     "results_frame",
     "sae_hook_name",
-    "welch_ttest",
 ]
 
 
@@ -105,8 +86,6 @@ def _as_sae(sae: Any) -> Any:
     if type(sae).__module__.startswith("sae_lens"):
         # The interop converter keeps SAELens preprocessing (normalisation, b_dec on input, decoder-norm
         # rescaling) by folding it into an equivalent saelib SAE.
-        from saelib.interop import from_saelens
-
         return from_saelens(sae, device=str(sae.W_dec.device))
     for attr in ("encode", "decode", "W_dec", "b_dec"):
         if not hasattr(sae, attr):
@@ -138,15 +117,10 @@ def _d_sae(sae: Any) -> int:
     return int(sae.W_dec.shape[0])
 
 
-def _sae_device_dtype(sae: Any) -> tuple[torch.device, torch.dtype]:
-    return sae.W_dec.device, sae.W_dec.dtype
-
-
 @torch.no_grad()
 def _encode_decode(sae: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """acts [N, d_sae] and x_hat [N, d_in] in the activation space of ``z``."""
-    device, dtype = _sae_device_dtype(sae)
-    zs = z.to(device=device, dtype=dtype)
+    zs = z.to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
     acts = sae.encode(zs)
     try:  # saelib SAEs with per-token input standardisation need x to undo it
         x_hat = sae.decode(acts, x=zs)
@@ -160,21 +134,10 @@ def _encode_decode(sae: Any, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _decoder_space(sae: Any, z: torch.Tensor) -> torch.Tensor:
-    """z mapped to the space where ``acts @ W_dec + b_dec`` reconstructs it (f̃ lives there)."""
-    norm = getattr(sae, "normalize", None)
-    if callable(norm) and hasattr(sae, "denormalize"):  # saelib SAE: "global"/"token" input_norm
-        return norm(z.to(sae.W_dec.dtype))[0]
-    from saelib.analysis.afa import to_decoder_space
-
-    return to_decoder_space(sae, z)
 
 
 def _zf_batch(sae: Any, z: torch.Tensor, acts: torch.Tensor) -> dict[str, np.ndarray]:
-    from saelib.analysis.afa import zf_stats
-
-    zd = _decoder_space(sae, z.to(acts.device))
+    zd = to_decoder_space(sae, z.to(acts.device))
     stats = zf_stats(zd.float(), acts.float(), sae.W_dec.detach(), sae.b_dec.detach())
     out = {}
     for key, value in stats._asdict().items():
@@ -202,13 +165,13 @@ class EvalResult:
     hook: str | None
     """The hook the SAE read from and (for CE/KL) was spliced into."""
     n_tokens: int
-    """Number of evaluated tokens; also the dead-latent window, in tokens."""
+    """Number of evaluated tokens; also the window of ``dead``, in tokens."""
     d_in: int
     """Input width of the SAE (= the hook's d_model)."""
     d_sae: int
     """Dictionary size h."""
     metrics: dict[str, float]
-    """Scalar metrics (see the module docstring for definitions)."""
+    """Scalar metrics (names: saelib.sae.metrics and the module docstring)."""
     l0: np.ndarray
     """int32 [n_tokens]: active latents per token."""
     nmse: np.ndarray
@@ -223,6 +186,13 @@ class EvalResult:
     """float32 [n_predictions]: CE_sae − CE_clean per predicted token, when CE was run."""
     info: dict[str, Any] = field(default_factory=dict)
     """The SAE's configuration fields worth tabulating (activation, k, afa_coeff, seed, layer...)."""
+    l0_hist: list[int] = field(default_factory=list)
+    """Tokens per L0 value, trimmed after the largest L0."""
+
+    def record(self) -> dict[str, Any]:
+        """What ``eval.json`` holds: the scalar metrics and ``l0_hist``."""
+        return {**{k: v.item() if isinstance(v, np.generic) else v for k, v in self.metrics.items()},
+                "l0_hist": list(self.l0_hist)}
 
     def summary(self) -> dict[str, Any]:
         """One flat dict (a DataFrame row): identity, SAE configuration, scalar metrics."""
@@ -269,27 +239,16 @@ def _sae_info(sae: Any, hook: str | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Streamed accumulation
+# Streamed accumulation: saelib.sae.metrics.ReconstructionMetrics plus ZF and CE/KL sums
 # --------------------------------------------------------------------------------------------
 
 
 class _Accumulator:
-    """Sums that make every whole-set metric exact under batching (float64 throughout)."""
+    """One SAE's evaluation: reconstruction metrics, per-token ZF statistics and CE/KL sums."""
 
-    def __init__(self, d_in: int, d_sae: int, zf: bool, dense_threshold: float):
+    def __init__(self, d_sae: int, zf: bool, dense_threshold: float):
         self.zf = zf
-        self.dense_threshold = dense_threshold
-        self.n = 0
-        self.sse = 0.0  # Σ‖z − ẑ‖²
-        self.mean = torch.zeros(d_in, dtype=torch.float64)  # running per-dim mean of z
-        self.m2 = 0.0  # Σ‖z − z̄‖², combined across batches with Chan's update
-        self.dot = 0.0  # Σ⟨z, ẑ⟩
-        self.sq_hat = 0.0  # Σ‖ẑ‖²
-        self.fire = torch.zeros(d_sae, dtype=torch.float64)
-        self.l0: list[np.ndarray] = []
-        self.nmse: list[np.ndarray] = []
-        self.cos: list[np.ndarray] = []
-        self.l2r: list[np.ndarray] = []
+        self.rec = ReconstructionMetrics(d_sae, keep_tokens=True, dense_threshold=dense_threshold)
         self.zf_parts: list[dict[str, np.ndarray]] = []
         self.ce: dict[str, float] = {}
         self.n_pred = 0
@@ -299,81 +258,35 @@ class _Accumulator:
 
     def add(self, sae: Any, z: torch.Tensor, acts: torch.Tensor, x_hat: torch.Tensor) -> None:
         """z, x_hat [n, d_in]; acts [n, d_sae]."""
-        zd = z.detach().to(torch.float64).cpu()
-        hd = x_hat.detach().to(torch.float64).cpu()
-        n = zd.shape[0]
-        if n == 0:
+        if z.shape[0] == 0:
             return
-        err = (zd - hd).pow(2).sum(-1)
-        zsq = zd.pow(2).sum(-1)
-        hsq = hd.pow(2).sum(-1)
-        dot = (zd * hd).sum(-1)
-        self.sse += float(err.sum())
-        self.dot += float(dot.sum())
-        self.sq_hat += float(hsq.sum())
-        # Chan et al. parallel variance: combine (n_a, mean_a, M2_a) with this batch's.
-        b_mean = zd.mean(0)
-        b_m2 = float((zd - b_mean).pow(2).sum())
-        delta = b_mean - self.mean
-        tot = self.n + n
-        self.m2 += b_m2 + float(delta.pow(2).sum()) * self.n * n / tot
-        self.mean += delta * (n / tot)
-        self.n = tot
-        active = acts.detach() != 0
-        self.fire += active.sum(0).to(torch.float64).cpu()
-        self.l0.append(active.sum(-1).to(torch.int32).cpu().numpy())
-        self.nmse.append((err / zsq.clamp_min(1e-30)).float().numpy())
-        self.cos.append((dot / (zsq.sqrt() * hsq.sqrt()).clamp_min(1e-30)).float().numpy())
-        self.l2r.append((hsq.sqrt() / zsq.sqrt().clamp_min(1e-30)).float().numpy())
+        self.rec.add(z.to(acts.device), x_hat, acts)
         if self.zf:
             self.zf_parts.append(_zf_batch(sae, z, acts))
 
     def add_ce(self, ce: dict[str, torch.Tensor], kl: dict[str, torch.Tensor]) -> None:
         """ce[name], kl[name]: per-prediction tensors [m] for clean / sae / zero_abl / mean_abl."""
-        m = int(ce["clean"].numel())
-        self.n_pred += m
+        self.n_pred += int(ce["clean"].numel())
         self.n_kl += int(kl["sae"].numel())
-        for key, value in ce.items():
-            self.ce[f"ce_{key}"] = self.ce.get(f"ce_{key}", 0.0) + float(value.double().sum())
-        for key, value in kl.items():
-            self.ce[f"kl_{key}"] = self.ce.get(f"kl_{key}", 0.0) + float(value.double().sum())
+        for prefix, parts in (("ce", ce), ("kl", kl)):
+            for key, value in parts.items():
+                self.ce[f"{prefix}_{key}"] = self.ce.get(f"{prefix}_{key}", 0.0) + float(value.double().sum())
         self.kl_parts.append(kl["sae"].float().cpu().numpy())
         self.ce_delta_parts.append((ce["sae"] - ce["clean"]).float().cpu().numpy())
 
     def result(self, name: str, hook: str | None, d_in: int, d_sae: int, info: dict) -> EvalResult:
-        if self.n == 0:
+        if self.rec.n == 0:
             raise ValueError("No tokens were evaluated: pass at least one row with a non-BOS token.")
-        l0 = np.concatenate(self.l0)
-        nmse = np.concatenate(self.nmse)
-        freq = (self.fire / self.n).float().numpy()
-        metrics: dict[str, float] = {
-            "l0_mean": float(l0.mean()),
-            "l0_median": float(np.median(l0)),
-            "l0_std": float(l0.std()),
-            "nmse_mean": float(nmse.mean()),
-            "nmse_median": float(np.median(nmse)),
-            "fvu": self.sse / self.m2 if self.m2 > 0 else float("nan"),
-            "mse": self.sse / (self.n * d_in),
-            "cosine": float(np.concatenate(self.cos).mean()),
-            "l2_ratio": float(np.concatenate(self.l2r).mean()),
-            "relative_reconstruction_bias": self.sq_hat / self.dot if self.dot != 0 else float("nan"),
-            "dead_latents": int((freq == 0).sum()),
-            "dead_frac": float((freq == 0).mean()),
-            "dense_latents": int((freq > self.dense_threshold).sum()),
-            "window_tokens": int(self.n),
-        }
-        metrics["explained_variance"] = 1.0 - metrics["fvu"]
+        metrics: dict[str, Any] = self.rec.result()
+        tok = self.rec.tokens()
         zf: dict[str, np.ndarray] = {}
         if self.zf_parts:
-            for key in self.zf_parts[0]:
-                zf[key] = np.concatenate([p[key] for p in self.zf_parts])
-            ratio = zf.get("ratio")
-            if ratio is None and "norm_f" in zf and "norm_z" in zf:
-                ratio = zf["norm_f"] / np.maximum(zf["norm_z"], 1e-30)
-                zf["ratio"] = ratio.astype(np.float32)
-            if ratio is not None:
-                metrics["zf_ratio_median"] = float(np.median(ratio))
-                metrics["zf_frac_over"] = float((ratio > 1).mean())
+            zf = {key: np.concatenate([p[key] for p in self.zf_parts]) for key in self.zf_parts[0]}
+            if "ratio" not in zf and "norm_f" in zf and "norm_z" in zf:
+                zf["ratio"] = (zf["norm_f"] / np.maximum(zf["norm_z"], 1e-30)).astype(np.float32)
+            if "ratio" in zf:
+                metrics["zf_ratio_median"] = float(np.median(zf["ratio"]))
+                metrics["zf_frac_over"] = float((zf["ratio"] > 1).mean())
             if "eps_lbo" in zf:
                 metrics["eps_lbo_median"] = float(np.median(zf["eps_lbo"]))
         kl_arr = ce_delta = None
@@ -384,16 +297,14 @@ class _Accumulator:
             for abl in ("zero", "mean"):
                 ab = metrics.get(f"ce_{abl}_abl")
                 if ab is not None:
-                    metrics[f"ce_recovered_{abl}"] = (
-                        (ab - sae_ce) / (ab - clean) if ab != clean else float("nan")
-                    )
+                    metrics[f"ce_recovered_{abl}"] = (ab - sae_ce) / (ab - clean) if ab != clean else float("nan")
             kz = metrics.get("kl_zero_abl")
             metrics["kl_score"] = (kz - metrics["kl_sae"]) / kz if kz else float("nan")
-            kl_arr = np.concatenate(self.kl_parts)
-            ce_delta = np.concatenate(self.ce_delta_parts)
-        return EvalResult(name=name, hook=hook, n_tokens=int(self.n), d_in=d_in, d_sae=d_sae,
-                          metrics=metrics, l0=l0, nmse=nmse, latent_freq=freq, zf=zf, kl=kl_arr,
-                          ce_delta=ce_delta, info=info)
+            kl_arr, ce_delta = np.concatenate(self.kl_parts), np.concatenate(self.ce_delta_parts)
+        return EvalResult(name=name, hook=hook, n_tokens=int(self.rec.n), d_in=d_in, d_sae=d_sae,
+                          metrics=metrics, l0=tok["l0"], nmse=tok["nmse"],
+                          latent_freq=self.rec.latent_freq.float().numpy(), zf=zf, kl=kl_arr,
+                          ce_delta=ce_delta, info=info, l0_hist=self.rec.l0_hist())
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,88 +312,42 @@ class _Accumulator:
 # --------------------------------------------------------------------------------------------
 
 
-def _iter_act_batches(acts: Any, batch_size: int, hook: str | None) -> Iterable[torch.Tensor]:
-    if isinstance(acts, torch.Tensor):
-        if acts.ndim != 2:
-            raise ValueError(f"acts must be [n_tokens, d_in]; got shape {tuple(acts.shape)}.")
-        for i in range(0, acts.shape[0], batch_size):
-            yield acts[i : i + batch_size]
-        return
-    if isinstance(acts, Mapping):
-        if hook is None:
-            if len(acts) != 1:
-                raise ValueError(f"acts holds several hooks {sorted(acts)}; pass hook=.")
-            hook = next(iter(acts))
-        yield from _iter_act_batches(acts[hook], batch_size, hook)
-        return
-    for batch in acts:  # any iterable of Tensor or dict[hook, Tensor]
-        if isinstance(batch, Mapping):
-            key = hook if hook is not None else (next(iter(batch)) if len(batch) == 1 else None)
-            if key is None or key not in batch:
-                raise ValueError(f"batch holds hooks {sorted(batch)}; pass hook= naming one of them.")
-            batch = batch[key]
-        yield batch
+def _act_batches(acts: Any, chunk: int) -> Iterable[Mapping[str | None, torch.Tensor]]:
+    """``Tensor[N, d]``, ``{hook: Tensor}`` or an iterable of either, as ``{hook: Tensor}``
+    batches of at most ``chunk`` tokens (a bare tensor gets the key None)."""
+    for b in [acts] if isinstance(acts, (torch.Tensor, Mapping)) else acts:
+        b = {None: b} if isinstance(b, torch.Tensor) else b
+        for h, v in b.items():
+            if not isinstance(v, torch.Tensor) or v.ndim != 2:
+                raise ValueError(f"activations must be [n_tokens, d_in] tensors; {h!r} is "
+                                 f"{tuple(getattr(v, 'shape', ()))}")
+        n = next(iter(b.values())).shape[0]
+        for i in range(0, n, chunk):
+            yield {h: v[i : i + chunk] for h, v in b.items()}
 
 
-def reconstruction_metrics(
-    sae: Any,
-    acts: Any,
-    *,
-    hook: str | None = None,
-    batch_size: int = 4096,
-    zf: bool = True,
-    dense_threshold: float = 0.1,
-    name: str | None = None,
-    progress: bool = False,
-) -> EvalResult:
-    """Reconstruction, sparsity and ZF metrics of ``sae`` on activations, without a language model.
-
-    Args:
-        sae: a saelib SAE, a SAELens SAE, or any module with encode/decode/W_dec/b_dec.
-        acts: ``Tensor[N, d_in]``, a ``dict[hook, Tensor]``, or an iterable of such batches
-            (e.g. ``ActivationCache.iter_batches(..., shuffle=False)``).
-        hook: which hook to read when ``acts`` holds several; defaults to the SAE's hook.
-        batch_size: tokens per SAE call when ``acts`` is a tensor.
-        zf: also compute the per-token ZF statistics.
-        dense_threshold: a latent active on more than this fraction of tokens counts as dense.
-        name: label stored in the result.
-        progress: show a tqdm bar.
-    """
-    sae = _as_sae(sae)
-    if hook is None and isinstance(acts, Mapping) and len(acts) > 1:
-        hook = sae_hook_name(sae)
-    d_in, d_sae = _d_in(sae), _d_sae(sae)
-    acc = _Accumulator(d_in, d_sae, zf, dense_threshold)
-    with _eval_mode(sae):
-        for batch in tqdm(_iter_act_batches(acts, batch_size, hook), disable=not progress, desc="eval"):
-            if batch.shape[-1] != d_in:
-                raise ValueError(
-                    f"Activations have width {batch.shape[-1]} but the SAE expects d_in={d_in}: "
-                    "evaluate the SAE on the hook it was trained on."
-                )
-            a, x_hat = _encode_decode(sae, batch)
-            acc.add(sae, batch.to(a.device), a, x_hat)
-    hook = hook or sae_hook_name(sae)
-    return acc.result(name or type(sae).__name__, hook, d_in, d_sae, _sae_info(sae, hook))
+def _pick(batch: Mapping[str | None, torch.Tensor], hook: str | None, name: str) -> torch.Tensor:
+    """The activations an SAE reads: its hook's, or the batch's only ones."""
+    if hook in batch:
+        return batch[hook]
+    if len(batch) == 1:
+        return next(iter(batch.values()))
+    raise ValueError(f"the activation batch holds hooks {sorted(map(str, batch))} but not {hook!r}, "
+                     f"which SAE {name!r} reads; pass hook= naming one of them.")
 
 
-def _model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-def _check_hook(model: Any, hook: str) -> str:
-    from saelib.lm.models import check_hook
-
-    return check_hook(model, hook)
+def reconstruction_metrics(sae: Any, acts: Any, *, hook: str | None = None, batch_size: int = 4096,
+                           zf: bool = True, dense_threshold: float = 0.1, name: str | None = None,
+                           progress: bool = False) -> EvalResult:
+    """Reconstruction, sparsity and ZF metrics of one SAE on activations, without a language model
+    (:func:`evaluate_saes` with activations; ``batch_size`` tokens per SAE call)."""
+    label = name or type(sae).__name__
+    return evaluate_saes({label: sae}, acts, hook=hook, batch_size=batch_size, zf=zf,
+                         dense_threshold=dense_threshold, progress=progress)[label]
 
 
 def _harvest_batch(model: Any, toks: torch.Tensor, hook: str, exclude_bos: bool) -> torch.Tensor:
     """Hook activations [B·S', d] of one batch; the forward stops at the hook (saelib.lm.activations.harvest)."""
-    from saelib.lm.activations import harvest
-
     return harvest(model, toks, [hook], batch_size=toks.shape[0], exclude_bos=exclude_bos,
                    progress=False, device=_model_device(model))[hook]
 
@@ -500,77 +365,20 @@ def mean_activation(model: Any, tokens: torch.Tensor, hook: str, *, batch_size: 
     return (total / max(count, 1)).float()
 
 
-def evaluate_sae(
-    sae: Any,
-    model: Any,
-    tokens: torch.Tensor,
-    *,
-    hook: str | None = None,
-    batch_size: int = 8,
-    exclude_bos: bool = True,
-    ce: bool = True,
-    zf: bool = True,
-    mean_act: torch.Tensor | None = None,
-    dense_threshold: float = 0.1,
-    name: str | None = None,
-    progress: bool = True,
-    convention: str = "saelib",
-) -> EvalResult:
-    """Evaluate ``sae`` at ``hook`` of ``model`` on held-out ``tokens`` (every non-BOS token).
-
-    With ``ce=True`` each batch of rows runs through the model **once**, stacked four times along
-    the batch axis: at the hook, copy 0 stays clean (its activations feed the SAE), copy 1 gets
-    zeros, copy 2 the mean activation and copy 3 the SAE reconstruction (non-BOS positions only).
-    Everything before the hook is identical across copies, so one pass yields the clean logits,
-    both ablations and the spliced logits. Peak memory ≈ ``4·batch_size·seq_len·vocab`` floats.
-    With ``ce=False`` the forward stops at the hook (``saelib.lm.activations.harvest``).
-
-    Args:
-        sae: a saelib SAE, a SAELens SAE (converted with saelib.interop), or any module with
-            encode/decode/W_dec/b_dec.
-        model: a TransformerBridge (``saelib.lm.models.load_model``).
-        tokens: LongTensor [n_rows, seq_len], BOS at position 0 (``saelib.lm.data.token_rows``).
-        hook: hook to read and splice; defaults to the SAE's own hook name.
-        batch_size: rows per forward pass.
-        exclude_bos: leave position 0 out of every metric and never splice it (its residual norm
-            is two orders of magnitude larger than other tokens'); predictions made *from* the
-            BOS position are then also left out of CE/KL, as no intervention can change them.
-        ce: run the spliced/ablated copies (CE, CE recovered, KL).
-        zf: per-token ZF statistics (saelib.analysis.afa.zf_stats).
-        mean_act: [d_model] activation used for mean ablation; by default the mean over the
-            evaluation tokens (one extra forward that stops at the hook).
-        dense_threshold: fraction of tokens above which a latent counts as dense.
-        name: label stored in the result.
-        progress: tqdm bar over batches.
-        convention: which positions the CE/KL evaluation intervenes on and scores.
-
-            * ``"saelib"`` (default): with ``exclude_bos`` the BOS position is never spliced or
-              ablated, CE and KL are over the predictions made from positions 1..S−2 (the
-              predictions an intervention can change and that have a target).
-            * ``"saelens"``: SAELens' ``get_recons_loss`` (also SAEBench's): the SAE
-              reconstruction, zero- and mean-ablation replace **every** position including BOS;
-              CE is over the predictions from positions 0..S−2 (every position with a target)
-              and KL over **all** positions 0..S−1 (the last one included). Zero-ablating BOS
-              hurts the model much more, so CE recovered is higher under this convention.
-
-            Reconstruction metrics (NMSE, FVU, L0, ZF) use the non-BOS tokens (``exclude_bos``)
-            under both conventions.
-    """
+def evaluate_sae(sae: Any, model: Any, tokens: torch.Tensor, *, name: str | None = None,
+                 **kwargs: Any) -> EvalResult:
+    """:func:`evaluate_saes` for one SAE (every pass holds the clean, two ablated and the spliced copy)."""
     label = name or type(sae).__name__
-    out = evaluate_saes({label: sae}, model, tokens, hook=hook, batch_size=batch_size,
-                        exclude_bos=exclude_bos, ce=ce, zf=zf, mean_act=mean_act,
-                        dense_threshold=dense_threshold, copies_per_pass=4, progress=progress,
-                        convention=convention)
-    return out[label]
+    return evaluate_saes({label: sae}, model, tokens, copies_per_pass=4, **kwargs)[label]
 
 
 def evaluate_saes(
     saes: Mapping[str, Any],
-    model: Any,
-    tokens: torch.Tensor,
+    source: Any,
+    tokens: torch.Tensor | None = None,
     *,
     hook: str | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     exclude_bos: bool = True,
     ce: bool = True,
     zf: bool = True,
@@ -579,29 +387,82 @@ def evaluate_saes(
     copies_per_pass: int = 4,
     progress: bool = True,
     convention: str = "saelib",
+    out_dir: str | Path | None = None,
 ) -> dict[str, EvalResult]:
-    """Evaluate several SAEs of the **same hook** on the same tokens, sharing the LM work.
+    """Evaluate SAEs on held-out data; returns ``{name: EvalResult}`` (metrics in the module docstring).
 
-    Per batch of rows the model sees ``3 + len(saes)`` copies (clean, zero-ablated,
-    mean-ablated, one spliced copy per SAE) in passes of at most ``copies_per_pass`` copies,
-    instead of ``4 · len(saes)`` copies for separate :func:`evaluate_sae` calls. Every pass's hook
-    sees the clean activations (interventions start at the hook), so each SAE encodes the clean
-    ``z`` of its own pass. Arguments as :func:`evaluate_sae`; returns ``{name: EvalResult}``.
+    Args:
+        saes: ``{name: SAE}``: saelib SAEs, SAELens SAEs (converted with saelib.interop), or
+            modules with encode/decode/W_dec/b_dec. All run in eval mode (BatchTopK uses its
+            inference threshold).
+        source: either a language model (``saelib.lm.models.load_model``) with ``tokens``
+            (LongTensor [n_rows, seq_len], BOS at position 0): every SAE reads and is spliced into
+            the same hook, and CE/KL are measured; or activations: ``Tensor[N, d_in]``,
+            ``{hook: Tensor}`` or an iterable of such batches (read once; each SAE reads its own
+            hook): reconstruction, sparsity and ZF only.
+        hook: the hook to read (and splice); defaults to each SAE's own hook.
+        batch_size: rows per forward pass with a model (default 8); tokens per SAE call with
+            activations (default 4096).
+        exclude_bos: leave position 0 out of every metric and never splice it (its residual norm
+            is two orders of magnitude larger); predictions made *from* BOS then also leave CE/KL.
+        ce: run the spliced and ablated copies (CE, CE recovered, KL); with ``False`` the
+            forward stops at the hook.
+        zf: per-token ZF statistics (saelib.analysis.afa.zf_stats).
+        mean_act: [d_model] activation for mean ablation; default the mean over ``tokens``.
+        dense_threshold: fraction of tokens above which a latent counts as dense.
+        copies_per_pass: with a model, per batch of rows the model sees ``3 + len(saes)``
+            copies (clean, zero-ablated, mean-ablated, one spliced copy per SAE) in passes of at
+            most this many copies. Every pass's hook sees the clean activations (interventions
+            start there), so each SAE encodes the clean ``z``. Peak memory ≈
+            ``copies_per_pass · batch_size · seq_len · vocab`` floats.
+        convention: ``"saelib"``: with ``exclude_bos`` BOS is never spliced or ablated; CE and KL
+            over the predictions from positions 1..S−2. ``"saelens"``: SAELens' ``get_recons_loss``
+            (also SAEBench's): every position including BOS is replaced, CE over positions
+            0..S−2 and KL over all positions 0..S−1; zero-ablating BOS hurts the model much more,
+            so CE recovered is higher. Reconstruction metrics use the non-BOS tokens under both.
+        out_dir: also write each result's :meth:`EvalResult.record` to ``<out_dir>/<name>/eval.json``.
     """
     if not saes:
         raise ValueError("evaluate_saes needs at least one SAE: pass {name: sae}.")
+    saes = {n: _as_sae(s) for n, s in saes.items()}
+    accs = {n: _Accumulator(_d_sae(s), zf, dense_threshold) for n, s in saes.items()}
+    with ExitStack() as stack:
+        for s in saes.values():
+            stack.enter_context(_eval_mode(s))
+        if tokens is None:  # activations
+            hooks = {n: hook or sae_hook_name(s) for n, s in saes.items()}
+            for batch in tqdm(_act_batches(source, batch_size or 4096), disable=not progress, desc="eval"):
+                for n, s in saes.items():
+                    z = _pick(batch, hooks[n], n)
+                    _check_width(z, _d_in(s), str(hooks[n]))
+                    acts, x_hat = _encode_decode(s, z)
+                    accs[n].add(s, z.to(acts.device), acts, x_hat)
+        else:
+            hooks = _lm_eval(saes, source, tokens, accs, hook=hook, batch_size=batch_size or 8,
+                             exclude_bos=exclude_bos, ce=ce, mean_act=mean_act, copies_per_pass=copies_per_pass,
+                             progress=progress, convention=convention)
+    out = {n: accs[n].result(n, hooks[n], _d_in(s), _d_sae(s), _sae_info(s, hooks[n])) for n, s in saes.items()}
+    if out_dir is not None:
+        for n, r in out.items():
+            atomic_write_text(Path(out_dir) / n / "eval.json", json.dumps(r.record(), indent=2))
+    return out
+
+
+def _lm_eval(saes: Mapping[str, Any], model: Any, tokens: torch.Tensor, accs: Mapping[str, _Accumulator], *,
+             hook: str | None, batch_size: int, exclude_bos: bool, ce: bool, mean_act: torch.Tensor | None,
+             copies_per_pass: int, progress: bool, convention: str) -> dict[str, str]:
+    """The language-model half of :func:`evaluate_saes`; returns the hook of every SAE."""
     if copies_per_pass < 1:
         raise ValueError(f"copies_per_pass must be >= 1, got {copies_per_pass}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    saes = {n: _as_sae(s) for n, s in saes.items()}
     hooks = {n: hook or sae_hook_name(s) for n, s in saes.items()}
     if any(h is None for h in hooks.values()):
         raise ValueError("An SAE records no hook name: pass hook='blocks.L.hook_resid_pre'.")
     if len(set(hooks.values())) > 1:
         raise ValueError(f"evaluate_saes evaluates SAEs of one hook at a time; got {sorted(set(hooks.values()))}. "
                          "Group the SAEs by hook and call it once per hook.")
-    the_hook = _check_hook(model, next(iter(hooks.values()))) or next(iter(hooks.values()))
+    the_hook = check_hook(model, next(iter(hooks.values()))) or next(iter(hooks.values()))
     d_model = int(model.cfg.d_model)
     for n, s in saes.items():
         if _d_in(s) != d_model and the_hook.split(".")[-1].startswith("hook_resid"):
@@ -615,26 +476,20 @@ def evaluate_saes(
     if tokens.shape[1] - start < 1 + int(ce):
         raise ValueError(f"seq_len={tokens.shape[1]} is too short to evaluate; use rows of >= 3 tokens.")
     device = _model_device(model)
-    accs = {n: _Accumulator(_d_in(s), _d_sae(s), zf, dense_threshold) for n, s in saes.items()}
     if ce and mean_act is None:
         mean_act = mean_activation(model, tokens, the_hook, batch_size=batch_size, exclude_bos=exclude_bos)
-    n_batches = math.ceil(tokens.shape[0] / batch_size)
-    with ExitStack() as stack:
-        for s in saes.values():
-            stack.enter_context(_eval_mode(s))
-        for i in tqdm(range(0, tokens.shape[0], batch_size), total=n_batches, disable=not progress,
-                      desc=f"eval {len(saes)} SAE(s) at {the_hook}"):
-            toks = tokens[i : i + batch_size].to(device)
-            if ce:
-                _ce_batch(model, saes, toks, the_hook, mean_act, start, accs, copies_per_pass, convention)
-            else:
-                z = _harvest_batch(model, toks, the_hook, exclude_bos)
-                for n, s in saes.items():
-                    _check_width(z, _d_in(s), the_hook)
-                    acts, x_hat = _encode_decode(s, z)
-                    accs[n].add(s, z.to(acts.device), acts, x_hat)
-    return {n: accs[n].result(n, the_hook, _d_in(s), _d_sae(s), _sae_info(s, the_hook))
-            for n, s in saes.items()}
+    for i in tqdm(range(0, tokens.shape[0], batch_size), total=math.ceil(tokens.shape[0] / batch_size),
+                  disable=not progress, desc=f"eval {len(saes)} SAE(s) at {the_hook}"):
+        toks = tokens[i : i + batch_size].to(device)
+        if ce:
+            _ce_batch(model, saes, toks, the_hook, mean_act, start, accs, copies_per_pass, convention)
+        else:
+            z = _harvest_batch(model, toks, the_hook, exclude_bos)
+            for n, s in saes.items():
+                _check_width(z, _d_in(s), the_hook)
+                acts, x_hat = _encode_decode(s, z)
+                accs[n].add(s, z.to(acts.device), acts, x_hat)
+    return {n: the_hook for n in saes}
 
 
 CONVENTIONS = ("saelib", "saelens")
@@ -717,268 +572,6 @@ def _ce_batch(model: Any, saes: Mapping[str, Any], toks: torch.Tensor, hook: str
 
 
 # --------------------------------------------------------------------------------------------
-# Across seeds: mean ± t-CI, Welch's t-test
-# --------------------------------------------------------------------------------------------
-
-
-class MeanCI(NamedTuple):
-    """Mean of n values with a two-sided t-distribution confidence interval."""
-
-    mean: float
-    std: float
-    """Sample standard deviation (ddof=1)."""
-    n: int
-    low: float
-    high: float
-    half_width: float
-
-
-def mean_ci(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> MeanCI:
-    """Mean and ``confidence`` CI, ``mean ± t_{(1+c)/2, n−1} · s / √n`` (NaN width for n < 2)."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    x = x[~np.isnan(x)]
-    n = int(x.size)
-    if n == 0:
-        return MeanCI(float("nan"), float("nan"), 0, float("nan"), float("nan"), float("nan"))
-    m = float(x.mean())
-    if n < 2:
-        return MeanCI(m, float("nan"), n, float("nan"), float("nan"), float("nan"))
-    s = float(x.std(ddof=1))
-    hw = float(stats.t.ppf((1 + confidence) / 2, n - 1) * s / math.sqrt(n))
-    return MeanCI(m, s, n, m - hw, m + hw, hw)
-
-
-def aggregate_seeds(
-    results: Sequence[EvalResult | Mapping[str, Any]] | pd.DataFrame,
-    *,
-    metrics: Sequence[str] | None = None,
-    confidence: float = 0.95,
-) -> pd.DataFrame:
-    """Mean, sample std and t-distribution CI of each metric across seeds (one row per metric).
-
-    ``results``: EvalResults, summary dicts, or a DataFrame whose rows are seeds of one
-    configuration. ``metrics`` defaults to every numeric column except identity fields.
-    """
-    if isinstance(results, pd.DataFrame):
-        frame = results
-    else:
-        frame = pd.DataFrame([r.summary() if isinstance(r, EvalResult) else dict(r) for r in results])
-    if frame.empty:
-        raise ValueError("aggregate_seeds needs at least one result.")
-    skip = {"seed", "n_tokens", "d_in", "d_sae", "k", "afa_coeff", "l1_coeff", "layer", "window_tokens"}
-    if metrics is None:
-        metrics = [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
-    rows = []
-    for m in metrics:
-        if m not in frame.columns:
-            raise ValueError(f"metric {m!r} not in results; available: {sorted(frame.columns)}")
-        r = mean_ci(frame[m].to_numpy(dtype=float), confidence)
-        rows.append({"metric": m, "mean": r.mean, "std": r.std, "n": r.n, "ci_low": r.low,
-                     "ci_high": r.high, "ci_half": r.half_width})
-    return pd.DataFrame(rows).set_index("metric")
-
-
-class WelchResult(NamedTuple):
-    """Welch's unequal-variance t-test of mean(a) vs mean(b)."""
-
-    t: float
-    p: float
-    """Two-sided p-value."""
-    df: float
-    """Welch–Satterthwaite degrees of freedom."""
-    mean_a: float
-    mean_b: float
-    n_a: int
-    n_b: int
-
-
-def welch_ttest(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> WelchResult:
-    """Welch's t-test (``scipy.stats.ttest_ind(a, b, equal_var=False)``), as in the paper's rebuttal.
-
-    t < 0 means mean(a) < mean(b). Needs at least two values on each side.
-    """
-    from scipy import stats
-
-    xa = np.asarray(a, dtype=np.float64)
-    xb = np.asarray(b, dtype=np.float64)
-    if xa.size < 2 or xb.size < 2:
-        raise ValueError(f"Welch's t-test needs >= 2 values per group; got {xa.size} and {xb.size} "
-                         "(train more seeds).")
-    r = stats.ttest_ind(xa, xb, equal_var=False)
-    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
-    denom = va**2 / (xa.size - 1) + vb**2 / (xb.size - 1)
-    df = float((va + vb) ** 2 / denom) if denom > 0 else float("nan")
-    return WelchResult(float(r.statistic), float(r.pvalue), df, float(xa.mean()), float(xb.mean()),
-                       int(xa.size), int(xb.size))
-
-
-# --------------------------------------------------------------------------------------------
-# Tables in the paper's format
-# --------------------------------------------------------------------------------------------
-
-
-
-def _frac(x: Any) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    f = Fraction(float(x)).limit_denominator(4096)
-    if f.numerator == 1 and abs(float(f) - float(x)) < 1e-9:
-        return f"1/{f.denominator}"
-    return f"{float(x):.4g}"
-
-
-def comparison_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_mean",
-                     ci: str | None = None) -> pd.DataFrame:
-    """The paper's per-layer table: Layer, Activation, k, λ_AFA, Sparsity (L0), Normalized MSE.
-
-    ``frame`` has one row per SAE (or per configuration averaged over seeds) with columns
-    ``layer``, ``activation``, ``k``, ``afa_coeff``, ``l0`` and ``metric`` (EvalResult summaries
-    work directly). k is shown only for TopK/BatchTopK and λ_AFA only for top-AFA, as in the paper.
-    The column ``best`` marks the layer's minimum of ``metric``; ``ci`` optionally names a column
-    of CI half-widths shown as ± after the metric.
-    """
-    need = {"layer", "activation", metric, l0}
-    missing = need - set(frame.columns)
-    if missing:
-        raise ValueError(f"comparison_table needs columns {sorted(missing)}; got {sorted(frame.columns)}.")
-    rows = []
-    for _, r in frame.iterrows():
-        act = str(r["activation"])
-        k = r.get("k")
-        rows.append({
-            "Layer": int(r["layer"]),
-            "Activation": rule_attr(act, "paper_label", act),
-            "k": int(k) if rule_attr(act, "knob") == "k" and k is not None and not pd.isna(k) else "-",
-            "λ_AFA": _frac(r.get("afa_coeff")) if rule_attr(act, "knob") == "afa_coeff" else "-",
-            "L0": float(r[l0]),
-            "NMSE": float(r[metric]),
-            "±": float(r[ci]) if ci is not None and ci in frame.columns else float("nan"),
-        })
-    out = pd.DataFrame(rows)
-    if ci is None:
-        out = out.drop(columns="±")
-    out["best"] = out.groupby("Layer")["NMSE"].transform("min") == out["NMSE"]
-    order = {r.paper_label: i for i, r in enumerate(RULES.values())}
-    out["_o"] = out["Activation"].map(order).fillna(99)
-    return out.sort_values(["Layer", "_o", "L0"]).drop(columns="_o").reset_index(drop=True)
-
-
-def format_table(table: pd.DataFrame, *, fmt: str = "markdown", mark: str = "best") -> str:
-    """Render a table as markdown (minimum in bold with ★) or LaTeX (bold + underline, as in the paper)."""
-    if fmt not in ("markdown", "latex"):
-        raise ValueError("fmt must be 'markdown' or 'latex'.")
-    cols = [c for c in table.columns if c != mark]
-
-    def cell(c: str, v: Any, best: bool) -> str:
-        if isinstance(v, float):
-            if "L0" in c:
-                s = f"{v:.1f}"
-            elif "bits" in c:
-                s = f"{v:,.1f}"
-            else:
-                s = f"{v:.3e}" if v != 0 and abs(v) < 1e-3 else f"{v:.4g}"
-        else:
-            s = str(v)
-        if best and c in ("NMSE", "MDL (bits)"):
-            s = f"\\underline{{\\textbf{{{s}}}}}" if fmt == "latex" else f"**{s}** ★"
-        return s
-
-    lines = []
-    if fmt == "markdown":
-        lines.append("| " + " | ".join(cols) + " |")
-        lines.append("|" + "|".join("---" for _ in cols) + "|")
-    else:
-        lines.append("\\begin{tabular}{" + "l" * len(cols) + "}\n\\toprule")
-        lines.append(" & ".join(cols) + " \\\\\n\\midrule")
-    for _, r in table.iterrows():
-        best = bool(r[mark]) if mark in table.columns else False
-        cells = [cell(c, r[c], best) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |" if fmt == "markdown" else " & ".join(cells) + " \\\\")
-    if fmt == "latex":
-        lines.append("\\bottomrule\n\\end{tabular}")
-    return "\n".join(lines)
-
-
-def mdl_table(frame: pd.DataFrame, *, metric: str = "nmse_mean", l0: str = "l0_mean",
-              bits_per_float: float = 7.0, best_only: bool = True, tolerance: Any = None,
-              rel_band: float = 0.10) -> pd.DataFrame:
-    """The paper's MDL table: layer, method, tolerance (= NMSE), L0, description length in bits.
-
-    ``DL = L0 · (B + log2 D)`` (Ayonrinde et al. 2024) via ``saelib.analysis.afa.mdl_bits``, with
-    ``B = bits_per_float`` and ``D = d_sae``.
-
-    Description lengths compare only at a common reconstruction tolerance (MDL asks for the
-    shortest code *that reconstructs to a given error*). Two modes:
-
-    * ``tolerance=None`` (the paper's table): with ``best_only`` the minimum-NMSE run of each
-      (layer, method). In the paper these runs sit at nearly the same NMSE (1.6–2.0e-4), so the
-      comparison is at matched tolerance there; on other grids it need not be.
-    * ``tolerance="matched"`` or a number: per layer a common tolerance τ (``"matched"``: the
-      largest of the methods' minimum NMSEs, the tightest error every method reaches); each
-      method contributes its **lowest-L0 run with NMSE ≤ τ**. Grids are discrete, so a method's
-      chosen run can sit well below τ (its DL is then an over-estimate); a layer's ``comparable``
-      column is True only when every chosen run's NMSE is within ``rel_band`` (relative) of τ, and
-      ``best`` (the minimum DL) is marked only in comparable layers.
-
-    Returned columns: layer, method, tolerance (NMSE) (the run's own NMSE), L0, MDL (bits), best,
-    and with a tolerance also tau, comparable.
-    """
-    from saelib.analysis.afa import mdl_bits
-
-    need = {"layer", "activation", "d_sae", metric, l0}
-    missing = need - set(frame.columns)
-    if missing:
-        raise ValueError(f"mdl_table needs columns {sorted(missing)}; got {sorted(frame.columns)}.")
-    if rel_band < 0:
-        raise ValueError(f"rel_band must be >= 0, got {rel_band}")
-    df = frame
-    tau_of: dict[Any, float] = {}
-    if tolerance is not None:
-        if not (tolerance == "matched" or (isinstance(tolerance, (int, float)) and tolerance > 0)):
-            raise ValueError(f"tolerance must be None, 'matched' or a positive NMSE, got {tolerance!r}")
-        picks = []
-        for layer, g in df.groupby("layer"):
-            tau = float(g.groupby("activation")[metric].min().max()) if tolerance == "matched" else float(tolerance)
-            tau_of[layer] = tau
-            ok = g[g[metric] <= tau * (1 + 1e-12)]
-            if len(ok):
-                picks.append(ok.loc[ok.groupby("activation")[l0].idxmin()])
-        df = pd.concat(picks) if picks else df.iloc[:0]
-    elif best_only:
-        df = df.loc[df.groupby(["layer", "activation"])[metric].idxmin()]
-    rows = []
-    for _, r in df.iterrows():
-        act = str(r["activation"])
-        knob = {"k": f" (k={int(r['k'])})" if not pd.isna(r.get("k")) else "",
-                "afa_coeff": f" ({_frac(r.get('afa_coeff'))})"}.get(rule_attr(act, "knob"), "")
-        rows.append({
-            "layer": int(r["layer"]),
-            "method": rule_attr(act, "paper_label", act) + knob,
-            "tolerance (NMSE)": float(r[metric]),
-            "L0": float(r[l0]),
-            "MDL (bits)": float(mdl_bits(float(r[l0]), bits_per_value=bits_per_float, dict_size=int(r["d_sae"]))),
-        })
-    out = pd.DataFrame(rows, columns=["layer", "method", "tolerance (NMSE)", "L0", "MDL (bits)"])
-    out = out.sort_values(["layer", "method"]).reset_index(drop=True)
-    out["best"] = out.groupby("layer")["MDL (bits)"].transform("min") == out["MDL (bits)"]
-    if tolerance is not None:
-        out["tau"] = out["layer"].map(tau_of)
-        within = out["tolerance (NMSE)"] >= out["tau"] / (1 + rel_band)
-        methods = frame.groupby("layer")["activation"].nunique()
-        comp = within.groupby(out["layer"]).transform("all") & (
-            out.groupby("layer")["method"].transform("count") == out["layer"].map(methods))
-        out["comparable"] = comp
-        out["best"] = out["best"] & out["comparable"]
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The paper's published numbers (for side-by-side tables; never used as targets)
-# --------------------------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------------------------
 # Massive-activation tokens
 # --------------------------------------------------------------------------------------------
 
@@ -1048,20 +641,3 @@ def massive_summary(acts: Mapping[str, torch.Tensor], *, factor: float = 5.0, po
                      "positions": ", ".join(f"{p}: {c}" for p, c in sorted(m.position_counts.items(),
                                                                            key=lambda t: -t[1])[:4])})
     return pd.DataFrame(rows).set_index("hook")
-
-
-# The numbers and their sources live in saelib.paper.
-
-
-def paper_zf_medians() -> pd.DataFrame:
-    """The paper's per-layer ZF medians (moved to :func:`saelib.paper.zf_medians`, which names the source)."""
-    from saelib.paper import zf_medians
-
-    return zf_medians()
-
-
-def paper_best_runs() -> pd.DataFrame:
-    """The paper's best runs (moved to :func:`saelib.paper.best_runs`, which names the source)."""
-    from saelib.paper import best_runs
-
-    return best_runs()

@@ -22,22 +22,25 @@ What this module gives:
   with random-unit-vector and covariance-matched Gaussian baselines.
 * :func:`split_recovery`, :func:`shared_meta_ratio`: do children of one parent latent share
   meta-latents more often than random pairs of latents? (ratio with a cluster-bootstrap CI)
-* :func:`top_activating_contexts`, :func:`top_logits`, :func:`latent_view`,
-  :func:`latent_view_html`: reading a latent and its meta-latents.
+* Reading a latent with its meta-latents: :mod:`saelib.analysis.inspect` (``latent_view`` takes a
+  :class:`Decomposition`).
 """
 
 from __future__ import annotations
 
-import html as _html
 import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from saelib.analysis.afa import max_cosine
+from saelib.analysis.concentration import random_unit_dictionary
+from saelib.sae.metrics import ReconstructionMetrics
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.train import EarlyStopping, TrainConfig, train_saes
 
@@ -49,28 +52,20 @@ __all__ = [
     "Decomposition",
     "MaxCosStats",
     "SplitRecovery",
-    "Context",
     "train_meta_sae",
     "meta_codes",
     "fve",
     "reconstruct",
     "decompose",
     "inverse_index",
-    "max_cos",
     "max_cos_comparison",
     "max_cos_table",
-    "random_unit_vectors",
     "random_rows",
     "fve_control",
     "matched_gaussian_vectors",
     "split_children",
     "shared_meta_ratio",
     "split_recovery",
-    "top_activating_contexts",
-    "top_logits",
-    "unembedding",
-    "latent_view",
-    "latent_view_html",
 ]
 
 _ROWS = "decoder_rows"  # the meta-SAE's "hook": its batches are {_ROWS: rows}
@@ -307,11 +302,6 @@ class MetaCodes(NamedTuple):
         return out
 
 
-def _chunks(n: int, size: int):
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
-
-
 @torch.no_grad()
 def meta_codes(meta: SAE, W_dec: torch.Tensor, mode: str = "threshold", *,
                threshold: float | None = None, chunk_size: int = 8192, normalize_rows: bool = True) -> MetaCodes:
@@ -333,8 +323,8 @@ def meta_codes(meta: SAE, W_dec: torch.Tensor, mode: str = "threshold", *,
     if mode == "threshold":
         thr = float(meta.threshold) if threshold is None else float(threshold)
         rs, cs, vs = [], [], []
-        for s, e in _chunks(N, chunk_size):
-            pre = _pre_acts(X[s:e], meta.W_enc, meta.b_dec, meta.b_enc)
+        for s in range(0, N, chunk_size):
+            pre = _pre_acts(X[s:s + chunk_size], meta.W_enc, meta.b_dec, meta.b_enc)
             r, c = (pre > thr).nonzero(as_tuple=True)
             rs.append(r + s), cs.append(c), vs.append(pre[r, c])
         rows, cols, vals = torch.cat(rs), torch.cat(cs), torch.cat(vs)
@@ -343,8 +333,8 @@ def meta_codes(meta: SAE, W_dec: torch.Tensor, mode: str = "threshold", *,
         c = min(m, 4 * meta.cfg.k)
         while True:  # the top n are among each row's top c unless a row has all c above the cut
             cv, ci = [], []
-            for s, e in _chunks(N, chunk_size):
-                v, i = _pre_acts(X[s:e], meta.W_enc, meta.b_dec, meta.b_enc).topk(c, dim=-1)
+            for s in range(0, N, chunk_size):
+                v, i = _pre_acts(X[s:s + chunk_size], meta.W_enc, meta.b_dec, meta.b_enc).topk(c, dim=-1)
                 cv.append(v), ci.append(i)
             cand_v, cand_i = torch.cat(cv), torch.cat(ci)
             flat_v, flat_pos = cand_v.flatten().topk(min(n, cand_v.numel()))
@@ -382,14 +372,14 @@ class FVEResult(NamedTuple):
 @torch.no_grad()
 def fve(meta: SAE, W_dec: torch.Tensor, mode: str = "threshold", *,
         threshold: float | None = None, codes: MetaCodes | None = None, normalize_rows: bool = True) -> FVEResult:
-    """FVE = 1 - sum ||d - d_hat||^2 / sum ||d - d_mean||^2 over the rows of ``W_dec``."""
+    """FVE = 1 − Σ‖d − d̂‖² / Σ‖d − d̄‖² over the rows ``d`` of ``W_dec``: the ``explained_variance``
+    of :class:`saelib.sae.metrics.ReconstructionMetrics` with decoder rows as the data."""
     codes = codes if codes is not None else meta_codes(meta, W_dec, mode, threshold=threshold)
-    X = _prepare_rows(W_dec, normalize_rows).cpu()
-    err = (X - reconstruct(meta, codes)).pow(2).sum()
-    total = (X - X.mean(0)).pow(2).sum()
+    m = ReconstructionMetrics()
+    m.add(_prepare_rows(W_dec, normalize_rows).cpu(), reconstruct(meta, codes))
     dead = float((codes.members_per_meta() == 0).float().mean())
     thr = (float(meta.threshold) if threshold is None else threshold) if codes.mode == "threshold" else None
-    return FVEResult(float(1 - err / total), codes.l0, dead, codes.mode, thr)
+    return FVEResult(m.result()["explained_variance"], codes.l0, dead, codes.mode, thr)
 
 
 class Decomposition(NamedTuple):
@@ -438,21 +428,6 @@ def inverse_index(codes: MetaCodes) -> list[Decomposition]:
 # --------------------------------------------------------------------------------------------
 
 
-def max_cos(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row of ``A [n, d]``: the max cosine over the rows of ``B [m, d]`` and its argmax
-    (blockwise, :func:`saelib.analysis.stitching.max_cosine`)."""
-    from saelib.analysis.stitching import max_cosine
-
-    vals, idx = max_cosine(A, B)
-    return vals, idx
-
-
-def random_unit_vectors(n: int, d: int, seed: int = 0) -> torch.Tensor:
-    """``n`` isotropic random unit vectors in R^d."""
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g), dim=1)
-
-
 def matched_gaussian_vectors(n: int, W: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """``n`` unit vectors drawn from a Gaussian with the mean and covariance of the rows of ``W``.
 
@@ -478,7 +453,7 @@ def random_rows(W: torch.Tensor, kind: str = "isotropic", seed: int = 0) -> torc
     second-order statistics.
     """
     if kind == "isotropic":
-        return random_unit_vectors(W.shape[0], W.shape[1], seed)
+        return random_unit_dictionary(W.shape[0], W.shape[1], seed)
     if kind == "matched":
         return matched_gaussian_vectors(W.shape[0], W, seed)
     raise ValueError(f"kind must be 'isotropic' or 'matched', got {kind!r}")
@@ -512,17 +487,16 @@ def max_cos_comparison(meta_dirs: torch.Tensor, decoders: dict[str, torch.Tensor
     meta-SAE was trained on, is given) ``d_meta`` Gaussian vectors matched to its mean/covariance.
     """
     n, d = meta_dirs.shape
-    rand = random_unit_vectors(n, d, seed)
+    rand = random_unit_dictionary(n, d, seed)
     matched = matched_gaussian_vectors(n, base_W, seed) if base_W is not None else None
     out = []
     for name, W in decoders.items():
         if W.shape[1] != d:
             raise ValueError(f"decoder {name!r} has d_model {W.shape[1]}, the meta-SAE {d}.")
-        fwd = max_cos(meta_dirs, W)[0]
-        rev = max_cos(W, meta_dirs)[0]
-        fr, rr = max_cos(rand, W)[0], max_cos(W, rand)[0]
+        fwd, _, rev, _ = max_cosine(meta_dirs, W, both=True)
+        fr, _, rr, _ = max_cosine(rand, W, both=True)
         if matched is not None:
-            fm, rm = max_cos(matched, W)[0], max_cos(W, matched)[0]
+            fm, _, rm, _ = max_cosine(matched, W, both=True)
         else:
             fm, rm = torch.full_like(fwd, float("nan")), torch.full_like(rev, float("nan"))
         out.append(MaxCosStats(name, W.shape[0], fwd, fr, fm, rev, rr, rm))
@@ -531,8 +505,6 @@ def max_cos_comparison(meta_dirs: torch.Tensor, decoders: dict[str, torch.Tensor
 
 def max_cos_table(stats: list[MaxCosStats]):
     """A pandas DataFrame of means (one row per decoder) from :func:`max_cos_comparison`."""
-    import pandas as pd
-
     return pd.DataFrame([{
         "decoder": s.name, "width": s.width,
         "meta→SAE": s.forward.mean().item(), "random→SAE": s.forward_random.mean().item(),
@@ -556,8 +528,8 @@ def split_children(W_large: torch.Tensor, W_small: torch.Tensor, theta: float = 
     A = F.normalize(W_large.detach().float().cpu(), dim=1)
     Bm = F.normalize(W_small.detach().float().cpu(), dim=1)
     groups: dict[int, list[int]] = {}
-    for s, e in _chunks(A.shape[0], block_size):
-        child, parent = ((A[s:e] @ Bm.T) > theta).nonzero(as_tuple=True)
+    for s in range(0, A.shape[0], block_size):
+        child, parent = ((A[s:s + block_size] @ Bm.T) > theta).nonzero(as_tuple=True)
         for c, p in zip((child + s).tolist(), parent.tolist()):
             groups.setdefault(p, []).append(c)
     return {p: sorted(cs) for p, cs in sorted(groups.items()) if len(cs) >= min_children}
@@ -755,187 +727,7 @@ def split_recovery(meta: SAE, codes: MetaCodes, W_large: torch.Tensor, W_small: 
             "better-trained SAEs (untrained decoders share no directions)."
         )
     parents = torch.tensor(list(groups))
-    closest = max_cos(W_small[parents].float().cpu(), meta.W_dec.detach().float().cpu())[1]
+    closest = max_cosine(W_small[parents].cpu(), meta.W_dec.cpu()).indices
     parent_meta = dict(zip(parents.tolist(), closest.tolist()))
     kwargs.setdefault("W", W_large)
     return shared_meta_ratio(codes, groups, parent_meta=parent_meta, **kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Interpretation: contexts, logits, views
-# --------------------------------------------------------------------------------------------
-
-
-class Context(NamedTuple):
-    """One top-activating token context of a latent."""
-
-    latent: int
-    act: float
-    row: int  # row of the token matrix
-    pos: int  # position of the active token in the row
-    text: str  # the window with the active token marked ``[[tok]]``
-    html: str  # same, with the active token in <mark>
-
-
-def _token_strs(tokenizer, ids: Sequence[int]) -> list[str]:
-    return [tokenizer.decode([int(i)]) for i in ids]
-
-
-def _sae_hook(sae) -> str:
-    hook = getattr(getattr(sae, "cfg", None), "hook_name", None)
-    if not hook:
-        raise ValueError("The SAE has no cfg.hook_name: pass hook='blocks.L.hook_resid_pre'.")
-    return hook
-
-
-@torch.no_grad()
-def top_activating_contexts(model, sae, tokens: torch.Tensor, latents: int | Sequence[int], *,
-                            n: int = 10, hook: str | None = None, batch_size: int = 16,
-                            before: int = 8, after: int = 2, exclude_bos: bool = True,
-                            progress: bool = False) -> dict[int, list[Context]]:
-    """Top ``n`` activating token contexts of each latent of ``sae`` over ``tokens [R, S]``.
-
-    One forward of ``model`` per batch of rows (``run_with_cache`` with only the SAE's hook); the
-    activations of all requested latents are kept as a running top-``n``. Returns
-    ``{latent: [Context, ...]}`` sorted by activation; contexts show ``before`` tokens before and
-    ``after`` after the active one.
-    """
-    single = isinstance(latents, (int, np.integer))
-    lat = torch.tensor([int(latents)] if single else [int(x) for x in latents], dtype=torch.long)
-    if lat.numel() == 0:
-        return {}
-    hook = hook or _sae_hook(sae)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [rows, seq_len] token ids (got shape {tuple(tokens.shape)}).")
-    R, S = tokens.shape
-    best_v = torch.full((lat.numel(), n), -float("inf"))
-    best_i = torch.full((lat.numel(), n), -1, dtype=torch.long)
-    dev = next(sae.parameters()).device if hasattr(sae, "parameters") else "cpu"
-    from tqdm.auto import tqdm
-
-    for s, e in tqdm(list(_chunks(R, batch_size)), desc="contexts", disable=not progress, leave=False):
-        x = _hook_acts(model, tokens[s:e], hook).float().to(dev)  # [b, S, d]
-        acts = sae.encode(x.reshape(-1, x.shape[-1])).float().cpu()[:, lat]  # [b*S, L]
-        acts = acts.reshape(e - s, S, -1)
-        if exclude_bos:
-            acts[:, 0] = -float("inf")
-        flat = acts.reshape(-1, lat.numel()).T  # [L, b*S]
-        v, i = flat.topk(min(n, flat.shape[1]), dim=1)
-        i = i + s * S  # global flat index row*S + pos
-        cat_v, cat_i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-        top = cat_v.topk(n, dim=1).indices
-        best_v, best_i = cat_v.gather(1, top), cat_i.gather(1, top)
-    tok = model.tokenizer
-    out: dict[int, list[Context]] = {}
-    for li, latent in enumerate(lat.tolist()):
-        ctxs = []
-        for v, gi in zip(best_v[li].tolist(), best_i[li].tolist()):
-            if gi < 0 or not v > 0:
-                continue
-            r, p = divmod(gi, S)
-            lo, hi = max(0, p - before), min(S, p + after + 1)
-            strs = _token_strs(tok, tokens[r, lo:hi].tolist())
-            j = p - lo
-            pre, mid, post = "".join(strs[:j]), strs[j], "".join(strs[j + 1:])
-            text = (pre + "[[" + mid + "]]" + post).replace("\n", "↵")
-            htm = (_html.escape(pre) + "<mark><b>" + _html.escape(mid) + "</b></mark>"
-                   + _html.escape(post)).replace("\n", "↵")
-            ctxs.append(Context(latent, v, r, p, text, htm))
-        out[latent] = ctxs
-    return out
-
-
-def _hook_acts(model, toks: torch.Tensor, hook: str) -> torch.Tensor:
-    """Activations [b, S, d] at ``hook`` for every position (BOS included)."""
-    try:  # stops the forward pass after the hook's layer
-        from saelib.lm.activations import harvest
-    except ImportError:
-        harvest = None
-    if harvest is not None:
-        flat = harvest(model, toks, [hook], batch_size=toks.shape[0], exclude_bos=False, progress=False)[hook]
-        return flat.reshape(toks.shape[0], toks.shape[1], -1)
-    _, cache = model.run_with_cache(toks, names_filter=lambda name: name == hook)
-    return cache[hook]
-
-
-def unembedding(model) -> torch.Tensor:
-    """The model's unembedding ``W_U [d_model, d_vocab]`` (TransformerBridge or HF model)."""
-    for get in (lambda m: m.W_U, lambda m: m.unembed.W_U, lambda m: m.lm_head.weight.T,
-                lambda m: m.original_model.lm_head.weight.T):
-        try:
-            W = get(model)
-        except (AttributeError, TypeError, KeyError, NotImplementedError):
-            continue
-        if isinstance(W, torch.Tensor) and W.ndim == 2:
-            return W.detach()
-    raise ValueError("Could not find the model's unembedding (tried W_U, unembed.W_U, lm_head).")
-
-
-@torch.no_grad()
-def top_logits(direction: torch.Tensor, model=None, *, W_U: torch.Tensor | None = None,
-               k: int = 10, tokenizer=None) -> list[tuple[str, float]]:
-    """Top ``k`` boosted tokens of a residual direction: ``direction @ W_U`` (no final norm)."""
-    W_U = W_U if W_U is not None else unembedding(model)
-    tokenizer = tokenizer or getattr(model, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("top_logits needs a tokenizer: pass model=... or tokenizer=....")
-    logits = direction.detach().float().to(W_U.device) @ W_U.float()
-    v, i = logits.topk(k)
-    return list(zip(_token_strs(tokenizer, i.tolist()), v.tolist()))
-
-
-def latent_view(latent: int, decomposition: Decomposition, *, contexts: list[Context] | None = None,
-                members: list[Decomposition] | None = None, meta_logits: dict[int, list] | None = None,
-                latent_logits: list | None = None, labels: dict[int, str] | None = None,
-                n_members: int = 5) -> str:
-    """A plain-text view of one latent: its contexts, logits and meta-latents (with members).
-
-    ``members``: the :func:`inverse_index`, to list other latents that share each meta-latent.
-    ``meta_logits``: meta-latent -> top logits. ``labels``: meta-latent -> a human label.
-    """
-    lines = [f"latent {latent}"]
-    if latent_logits:
-        lines.append("  top logits: " + ", ".join(f"{t!r}" for t, _ in latent_logits))
-    if contexts:
-        lines.append("  top contexts:")
-        lines += [f"    {c.act:7.3f}  {c.text}" for c in contexts]
-    lines.append(f"  meta-latents ({len(decomposition.meta_latents)}):")
-    for c, a in zip(decomposition.meta_latents, decomposition.acts):
-        head = f"    meta {c:5d}  act {a:.3f}"
-        if labels and c in labels:
-            head += f"  [{labels[c]}]"
-        if members is not None:
-            mem = [m for m in members[c].meta_latents if m != latent]
-            head += f"  in {len(members[c].meta_latents)} latents; others: {mem[:n_members]}"
-        lines.append(head)
-        if meta_logits and c in meta_logits:
-            lines.append("        logits: " + ", ".join(f"{t!r}" for t, _ in meta_logits[c]))
-    return "\n".join(lines)
-
-
-def latent_view_html(latent: int, decomposition: Decomposition, *, contexts: list[Context] | None = None,
-                     members: list[Decomposition] | None = None, meta_logits: dict[int, list] | None = None,
-                     latent_logits: list | None = None, labels: dict[int, str] | None = None,
-                     n_members: int = 5) -> str:
-    """HTML version of :func:`latent_view` (for ``IPython.display.HTML`` in notebooks)."""
-    esc = _html.escape
-    parts = [f"<div style='font-family:sans-serif;font-size:90%'><b>latent {latent}</b>"]
-    if latent_logits:
-        parts.append("<div>top logits: " + ", ".join(f"<code>{esc(repr(t))}</code>" for t, _ in latent_logits)
-                     + "</div>")
-    if contexts:
-        parts.append("<table>" + "".join(
-            f"<tr><td style='text-align:right'>{c.act:.3f}</td><td style='text-align:left'>{c.html}</td></tr>"
-            for c in contexts) + "</table>")
-    rows = []
-    for c, a in zip(decomposition.meta_latents, decomposition.acts):
-        lab = esc(labels[c]) if labels and c in labels else ""
-        mem = ""
-        if members is not None:
-            others = [m for m in members[c].meta_latents if m != latent][:n_members]
-            mem = f"{len(members[c].meta_latents)} latents; e.g. {others}"
-        lg = ", ".join(esc(repr(t)) for t, _ in meta_logits[c]) if meta_logits and c in meta_logits else ""
-        rows.append(f"<tr><td>{c}</td><td>{a:.3f}</td><td>{lab}</td><td>{esc(mem)}</td><td>{lg}</td></tr>")
-    parts.append("<table><tr><th>meta-latent</th><th>act</th><th>label</th><th>members</th>"
-                 "<th>top logits</th></tr>" + "".join(rows) + "</table></div>")
-    return "".join(parts)

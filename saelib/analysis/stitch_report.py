@@ -37,7 +37,7 @@ def family_table(family: Any, x: Tensor, *, device: str | None = None, init_cos:
     for arch, by_w in family.saes.items():
         for w, sae in sorted(by_w.items()):
             s = st.reconstruction_stats(sae, x, device=device)
-            rows.append({"arch": arch, "width": w, "mse": s["mse"], "nmse": s["nmse"], "l0": s["l0"],
+            rows.append({"arch": arch, "width": w, "mse": s["mse"], "fvu": s["fvu"], "l0": s["l0"],
                          "alive_frac": float((st.firing_frequency(sae, x, device=device) > 0).float().mean()),
                          "cos_to_init": float(st.cos_to_init(sae).median()) if init_cos else float("nan")})
     return pd.DataFrame(rows)

@@ -43,6 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelib.analysis.afa import MaxCosine, max_cosine  # noqa: F401 - re-exported: stitching's Step A
+from saelib.sae.metrics import ReconstructionMetrics
+
 from saelib.sae.core import SAE
 __all__ = [
     "StitchConfig",
@@ -179,27 +182,6 @@ def _check_pair(S: SAE, L: SAE) -> None:
 # ============================================================================================
 # Step A: decoder cosine similarity, blockwise
 # ============================================================================================
-
-
-class MaxCosine(NamedTuple):
-    """Row-wise max cosine of A's rows against B's rows."""
-
-    values: Tensor
-    """[n_A] max cosine."""
-    indices: Tensor
-    """[n_A] argmax row of B."""
-
-
-def max_cosine(A: Tensor, B: Tensor, *, block_size: int = 4096) -> MaxCosine:
-    """For each row of ``A [n, d]``, the max cosine against the rows of ``B [m, d]`` (blockwise)."""
-    A = F.normalize(A.detach().float(), dim=1)
-    B = F.normalize(B.detach().float(), dim=1)
-    vals, idx = [], []
-    for s in range(0, A.shape[0], block_size):
-        v, i = (A[s:s + block_size] @ B.T).max(dim=1)
-        vals.append(v)
-        idx.append(i)
-    return MaxCosine(torch.cat(vals), torch.cat(idx))
 
 
 class CosineMatch(NamedTuple):
@@ -667,8 +649,8 @@ class Curve(NamedTuple):
     """[P] latents of the stitched SAE (m_S − removed + added)."""
     mse: np.ndarray
     """[P] per-element MSE."""
-    nmse: np.ndarray
-    """[P] Σ‖x − x̂‖² / Σ‖x − x̄‖²."""
+    fvu: np.ndarray
+    """[P] Σ‖x − x̂‖² / Σ‖x − x̄‖² (saelib.sae.metrics' ``fvu``)."""
     l0: np.ndarray
     """[P] mean active latents per token."""
     order: np.ndarray
@@ -748,17 +730,14 @@ def interpolation_curve(small: Any, large: Any, fam: Families, op_delta: Tensor,
 
 @torch.no_grad()
 def reconstruction_stats(sae: Any, x: Tensor, *, chunk_tokens: int = 2048, device: str | None = None) -> dict[str, float]:
-    """MSE (per element), NMSE, L0 and latent count of an SAE on activations x [N, d]."""
+    """``n_latents`` and the :class:`~saelib.sae.metrics.ReconstructionMetrics` (``mse``, ``fvu``,
+    ``nmse``, ``l0``, ``dead``, ...) of an SAE on activations x [N, d]."""
     p = _view(sae, device)
-    x = x.float()
-    var = float(((x - x.mean(0)) ** 2).sum(dtype=torch.float64))
-    se = l0 = 0.0
-    for xc in _chunks(x, chunk_tokens, p.W_dec.device):
+    m = ReconstructionMetrics(p.cfg.d_sae)
+    for xc in _chunks(x.float(), chunk_tokens, p.W_dec.device):
         a = _encode(p, xc)
-        se += float(((xc - _decode(p, a)) ** 2).sum(dtype=torch.float64))
-        l0 += float((a > 0).sum())
-    N = x.shape[0]
-    return {"n_latents": p.cfg.d_sae, "mse": se / (N * p.cfg.d_in), "nmse": se / var, "l0": l0 / N}
+        m.add(xc, _decode(p, a), a)
+    return {"n_latents": p.cfg.d_sae, **m.result()}
 
 
 @torch.no_grad()
@@ -795,7 +774,7 @@ def cos_to_init(sae: Any) -> Tensor:
 def frankenstein(saes: Sequence[Any], x: Tensor, *, theta: float = 0.7, chunk_tokens: int = 2048):
     """Grow the first (smallest) SAE by each later SAE's novel latents (max cos < θ against the
     current dictionary; latents dead on ``x`` skipped), no swaps. Returns a pandas DataFrame with
-    one row per step: source width, latents, MSE, NMSE, L0; and the final stitched SAE."""
+    one row per step: source width, latents and :func:`reconstruction_stats`; and the final stitched SAE."""
     import pandas as pd
 
     views = [_view(s) for s in saes]

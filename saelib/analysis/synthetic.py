@@ -262,7 +262,8 @@ def run_synthetic(
     """
     import pandas as pd
 
-    from saelib.sae.train import TrainConfig, evaluate_saes, train_saes
+    from saelib.sae.metrics import held_out_metrics
+    from saelib.sae.train import TrainConfig, train_saes
 
     rows = []
     for cond in conditions:
@@ -294,7 +295,7 @@ def run_synthetic(
                 t0 = time.perf_counter()
                 saes = train_saes(cfgs, data.batches(batch_size, seed=1000 + int(seed)), tc)
                 wall = time.perf_counter() - t0
-                evals = evaluate_saes(saes, [{HOOK: x_eval}])
+                evals = held_out_metrics(saes, [{HOOK: x_eval}])
                 for name, sae in saes.items():
                     ev = evals[name]
                     start = name.partition("+")[2]

@@ -15,7 +15,8 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 
-from saelib.analysis.afa import ConcentrationBand, NormRatioSim, bound_slopes, concentration_band
+from saelib.analysis.afa import bound_slopes
+from saelib.analysis.concentration import ConcentrationBand, NormRatioSim, concentration_band
 from saelib.plots.style import kde_violin, legend_outside
 
 __all__ = ["zf_plot", "half_violin", "epsilon_welch_plot", "norm_ratio_plot", "cone_slopes_plot"]
@@ -74,7 +75,7 @@ def zf_plot(
         cones: extra cones ``{label: (lower slope, upper slope)}`` drawn as dotted lines
             (e.g. ``saelib.analysis.afa.tight_slopes`` from a measured ε).
         band_d: if given, draw the probabilistic random-dictionary band for width d
-            (``saelib.analysis.afa.concentration_band(band_d, coverage=band_coverage)``) as dashed lines.
+            (``saelib.analysis.concentration.concentration_band(band_d, coverage=band_coverage)``) as dashed lines.
         max_points: points per layer (random subsample, seeded) to keep the figure light.
         log: log–log axes (useful when layer norms span orders of magnitude).
         ax: draw into this Axes instead of a new figure.
@@ -258,7 +259,7 @@ def norm_ratio_plot(
     """Distribution of ‖f‖/‖z‖ per support size k (violins) with the probabilistic band.
 
     Args:
-        sim: output of ``saelib.analysis.afa.random_dictionary_norm_ratios``.
+        sim: output of ``saelib.analysis.concentration.random_dictionary_norm_ratios``.
         band: ``concentration_band(sim.d)`` by default (dense-code limit, 98%).
         worst_case_lower: optional lower slopes of the worst-case bound per k to draw (they are
             usually off the scale, which is the point).

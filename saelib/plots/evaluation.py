@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from saelib.analysis.tables import mean_ci
 from saelib.plots.style import apply_style, figure_legend_below, legend_outside, log_ticks, metric_label
 from saelib.sae.rules import rule_attr, rule_in
 
@@ -27,8 +28,8 @@ def _axes(ax: plt.Axes | None, figsize=(6.4, 4.0)) -> tuple[plt.Figure, plt.Axes
 def pareto_plot(
     frame: pd.DataFrame,
     *,
-    x: str = "l0_mean",
-    y: str = "nmse_mean",
+    x: str = "l0",
+    y: str = "nmse",
     yerr: str | None = None,
     hue: str = "activation",
     d_in: int | None = None,
@@ -86,8 +87,6 @@ def seed_comparison_plot(
 
     ``frame``: one row per trained SAE with columns ``group``, ``metric`` and optionally ``panel``.
     """
-    from saelib.analysis.evaluate import mean_ci
-
     apply_style()
     panels = [None] if panel is None or panel not in frame.columns else list(dict.fromkeys(frame[panel]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 0.6, 3.6), squeeze=False)

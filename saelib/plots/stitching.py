@@ -5,6 +5,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from saelib.plots.style import legend_outside, metric_label
 from saelib.sae.rules import rule_attr
@@ -55,8 +56,6 @@ def delta_vs_maxcos(max_cos: np.ndarray, delta_mse: np.ndarray, label: np.ndarra
         top = np.abs(delta_mse[alive]).max()
         decades = [10.0 ** e for e in range(int(np.ceil(np.log10(thresh * 10))), int(np.ceil(np.log10(max(top, thresh * 10)))) + 1)]
         decades = decades[::-1][::2][::-1] if len(decades) > 4 else decades
-        from matplotlib.ticker import FixedLocator, NullLocator
-
         ax.yaxis.set_major_locator(FixedLocator([-d for d in decades[::-1]] + [0.0] + decades))
         ax.yaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("max cosine to the smaller SAE's decoder")
@@ -108,8 +107,6 @@ def interpolation_curves(curves: Sequence[dict], trained: Sequence[dict], *, y: 
         ax.scatter([t["n_latents"]], [t[y]], color=t.get("color", "k"), marker=t.get("marker", "o"), s=36, zorder=4,
                    edgecolor="k", label=lab)
     ax.set_xscale("log", base=2)
-    from matplotlib.ticker import FuncFormatter
-
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))  # 1024, not 2^10
     ax.set_xlabel("latents in the SAE")
     ax.set_ylabel(ylabel or metric_label(y))

@@ -39,7 +39,7 @@ def apply_style() -> None:
 # Axis labels for the metric names used in tables (never print a raw column name on an axis).
 METRIC_LABELS = {
     "nmse": "normalised MSE", "mse": "MSE (per element)", "l0": "L0 (active latents per token)",
-    "dead_frac": "fraction of dead latents", "nmse_mean": "normalised MSE", "l0_mean": "L0 (mean)",
+    "dead_frac": "fraction of dead latents",
     "ce_recovered_zero": "CE loss recovered (zero ablation)", "loss": "loss", "aux": "auxiliary loss",
     "fve": "fraction of variance explained", "eps_lbo": "εLBO",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib.colors as mc
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -79,8 +80,6 @@ def plot_frontier(
 
 def _shade(color: str, j: int, n: int) -> tuple:
     """The j-th of n shades of ``color``: from the colour itself towards black."""
-    import matplotlib.colors as mc
-
     rgb = np.array(mc.to_rgb(color))
     f = 0.0 if n <= 1 else 0.55 * j / (n - 1)
     return tuple(rgb * (1 - f))

@@ -87,6 +87,7 @@ from tqdm.auto import tqdm
 from saelib.io import atomic_path, atomic_write_text, folder_lock
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.geometry import pair_cosines
+from saelib.sae.metrics import held_out_metrics
 
 __all__ = [
     "TrainConfig",
@@ -95,7 +96,6 @@ __all__ = [
     "make_adam",
     "train_step",
     "train_saes",
-    "evaluate_saes",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -741,7 +741,7 @@ def train_saes(
             original sequence (the consumed prefix is skipped).
         cfg: the :class:`TrainConfig`.
         eval_batches: optional held-out batches; after training every SAE is evaluated on all of
-            them (:func:`evaluate_saes`) and ``<out_dir>/<name>/eval.json`` is written.
+            them (:func:`saelib.sae.metrics.held_out_metrics`) and ``<out_dir>/<name>/eval.json`` is written.
         hooks: callables ``hook(step, {name: record}) -> bool`` run after every metrics record
             (see the module docstring); True stops training (e.g. :class:`EarlyStopping`).
 
@@ -890,7 +890,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
         for r in runs:
             r.sae.save(out_dir / r.name)
     if eval_batches is not None:
-        evals = evaluate_saes(result, eval_batches, device=device, progress=cfg.progress)
+        evals = held_out_metrics(result, eval_batches, device=device, progress=cfg.progress)
         if out_dir is not None:
             for name, ev in evals.items():
                 ev = {"train_steps": step, "train_tokens": tokens, **ev}
@@ -907,95 +907,3 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
 def _call_hooks(hooks: list, step: int, records: dict[str, dict[str, Any]]) -> bool:
     """Run every hook (all of them, even after one asks to stop); True when one asks to stop."""
     return any([bool(h(step, records)) for h in hooks])
-
-
-# --------------------------------------------------------------------------------------------
-# held-out evaluation
-# --------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_saes(
-    saes: Mapping[str, torch.nn.Module],
-    batches: Iterable[Mapping[str, Tensor]],
-    *,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Reconstruction metrics of every SAE over *all* tokens of ``batches`` (one pass).
-
-    Returns per SAE: ``n_tokens``, ``nmse`` (mean_t ||x-x_hat||^2/||x||^2), ``fvu``
-    (sum ||x-x_hat||^2 / sum ||x-x_bar||^2, x_bar = mean over the whole eval set), ``mse_loss``
-    (the SAE's own loss in its normalised space; the paper's "Normalized MSE" for
-    ``input_norm="token"``), ``l0`` mean, ``l0_p10/p50/p90/min/max``, ``l0_hist`` (count of tokens
-    per L0 value, trimmed after the largest L0), ``cos`` (mean cosine x vs x_hat),
-    ``l2_ratio`` (mean ||x_hat||/||x||), ``dead_eval`` (latents that never fired on these tokens).
-    SAEs run in eval mode (BatchTopK uses its inference threshold).
-    """
-    dev = torch.device(device) if device is not None else None
-    acc: dict[str, dict[str, Any]] = {}
-    for name, sae in saes.items():
-        sae.eval()
-        d_sae = int(sae.cfg.d_sae)
-        acc[name] = {
-            "n": 0,
-            "err": torch.zeros((), dtype=torch.float64),
-            "nmse": torch.zeros((), dtype=torch.float64),
-            "sum_x": torch.zeros(int(sae.cfg.d_in), dtype=torch.float64),
-            "sum_sq": torch.zeros((), dtype=torch.float64),
-            "mse_loss": torch.zeros((), dtype=torch.float64),
-            "cos": torch.zeros((), dtype=torch.float64),
-            "l2_ratio": torch.zeros((), dtype=torch.float64),
-            "hist": torch.zeros(d_sae + 1, dtype=torch.long),
-            "fired": torch.zeros(d_sae, dtype=torch.bool),
-            "n_batches": 0,
-        }
-    it = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(batches, desc="held-out eval", unit="batch")
-    for batch in it:
-        for name, sae in saes.items():
-            hook = sae.cfg.hook_name
-            if hook not in batch:
-                raise ValueError(f"eval batch lacks hook {hook!r} needed by SAE {name!r}; it has {sorted(batch)}")
-            p = sae.W_dec
-            x = batch[hook].to(device=dev or p.device, dtype=p.dtype)
-            out = sae(x)
-            x_hat = out.x_hat
-            a = acc[name]
-            err = (x - x_hat).pow(2).sum(-1).double()
-            sq = x.pow(2).sum(-1).double()
-            a["err"] += err.sum().cpu()
-            a["nmse"] += (err / sq.clamp_min(1e-12)).sum().cpu()
-            a["sum_x"] += x.double().sum(0).cpu()
-            a["sum_sq"] += sq.sum().cpu()
-            a["mse_loss"] += out.mse_loss.double().cpu() * x.shape[0]
-            a["cos"] += torch.nn.functional.cosine_similarity(x, x_hat, dim=-1).double().sum().cpu()
-            a["l2_ratio"] += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).double().sum().cpu()
-            a["hist"] += torch.bincount(out.l0_tokens, minlength=a["hist"].numel()).cpu()
-            a["fired"] |= out.fired.cpu()
-            a["n"] += x.shape[0]
-            a["n_batches"] += 1
-    res: dict[str, dict[str, Any]] = {}
-    for name, a in acc.items():
-        n = a["n"]
-        if n == 0:
-            raise ValueError("eval_batches yielded no tokens; pass a held-out batch iterable with at least one batch")
-        total_var = a["sum_sq"] - a["sum_x"].pow(2).sum() / n  # sum ||x - x_bar||^2
-        hist = a["hist"]
-        last = int(torch.nonzero(hist).flatten()[-1]) if hist.any() else 0
-        l0_mean = float((hist.double() * torch.arange(hist.numel(), dtype=torch.float64)).sum() / n)
-        r = {
-            "n_tokens": n,
-            "nmse": float(a["nmse"] / n),
-            "fvu": float(a["err"] / total_var.clamp_min(1e-12)),
-            "mse_loss": float(a["mse_loss"] / n),
-            "l0": l0_mean,
-            **_hist_quantiles(hist),
-            "cos": float(a["cos"] / n),
-            "l2_ratio": float(a["l2_ratio"] / n),
-            "dead_eval": int((~a["fired"]).sum()),
-            "l0_hist": hist[: last + 1].tolist(),
-        }
-        res[name] = r
-    return res
