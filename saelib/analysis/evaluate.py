@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from saelib.analysis.afa import to_decoder_space, zf_stats
 from saelib.interop import from_saelens
 from saelib.io import atomic_write_text
-from saelib.lm.activations import _model_device, harvest
-from saelib.lm.models import check_hook
+from saelib.lm.activations import harvest
+from saelib.lm.models import check_hook, model_device
 from saelib.sae.metrics import ReconstructionMetrics
 
 __all__ = [
@@ -349,7 +349,7 @@ def reconstruction_metrics(sae: Any, acts: Any, *, hook: str | None = None, batc
 def _harvest_batch(model: Any, toks: torch.Tensor, hook: str, exclude_bos: bool) -> torch.Tensor:
     """Hook activations [B·S', d] of one batch; the forward stops at the hook (saelib.lm.activations.harvest)."""
     return harvest(model, toks, [hook], batch_size=toks.shape[0], exclude_bos=exclude_bos,
-                   progress=False, device=_model_device(model))[hook]
+                   progress=False, device=model_device(model))[hook]
 
 
 @torch.no_grad()
@@ -475,7 +475,7 @@ def _lm_eval(saes: Mapping[str, Any], model: Any, tokens: torch.Tensor, accs: Ma
     start = 1 if exclude_bos else 0
     if tokens.shape[1] - start < 1 + int(ce):
         raise ValueError(f"seq_len={tokens.shape[1]} is too short to evaluate; use rows of >= 3 tokens.")
-    device = _model_device(model)
+    device = model_device(model)
     if ce and mean_act is None:
         mean_act = mean_activation(model, tokens, the_hook, batch_size=batch_size, exclude_bos=exclude_bos)
     for i in tqdm(range(0, tokens.shape[0], batch_size), total=math.ceil(tokens.shape[0] / batch_size),
