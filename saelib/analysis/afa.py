@@ -30,9 +30,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from saelib.sae.geometry import MaxCosine, max_cosine, pair_cosines, unit_rows  # noqa: F401 - MaxCosine/max_cosine re-exported
 
 __all__ = [
     "Epsilon",
@@ -109,18 +109,6 @@ def _finite_decoder(W: Tensor) -> Tensor:
     return W
 
 
-def _unit_rows(W: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows of ``W`` scaled to unit norm, and the norms; zero rows raise (cosine undefined)."""
-    norms = W.norm(dim=1)
-    n_zero = int((norms == 0).sum())
-    if n_zero:
-        raise ValueError(
-            f"W_dec has {n_zero} all-zero rows; the cosine of a zero vector is undefined. "
-            "Drop them first, e.g. W_dec[W_dec.norm(dim=1) > 0]."
-        )
-    return W / norms[:, None], norms
-
-
 def _bias_vector(b_dec: Any, d: int, like: Tensor) -> Tensor:
     if b_dec is None:
         return torch.zeros(d, dtype=like.dtype, device=like.device)
@@ -156,17 +144,6 @@ class Epsilon(NamedTuple):
     """Standard error of ``mean`` (0.0 when exact)."""
 
 
-_TRIL_CACHE: dict[tuple[int, str], Tensor] = {}
-
-
-def _lower_incl_diag(b: int, device: torch.device) -> Tensor:
-    key = (b, str(device))
-    if key not in _TRIL_CACHE:
-        _TRIL_CACHE.clear()  # keep at most one mask alive (memory budget)
-        _TRIL_CACHE[key] = torch.ones(b, b, dtype=torch.bool, device=device).tril_()
-    return _TRIL_CACHE[key]
-
-
 @torch.no_grad()
 def epsilon(
     W_dec: Any,
@@ -179,10 +156,9 @@ def epsilon(
 ) -> Epsilon:
     """ε-quasi-orthogonality of the rows of ``W_dec [h, d]`` (rows are normalised first).
 
-    Exact mode walks the upper triangle of the Gram matrix in ``block_size × block_size``
-    tiles, so the h×h Gram is never held: extra memory is one unit-row copy of W (h·d floats)
-    plus one float32 tile and a boolean mask (5·block_size² bytes), about 58 MiB for h=12288,
-    d=768 at the default block size. Row sums are float32, totals float64.
+    Exact mode is :func:`saelib.sae.geometry.pair_cosines` (the trainer's ε log uses it too): the
+    upper triangle of the Gram matrix in ``block_size × block_size`` tiles, never the h×h Gram;
+    about 58 MiB extra for h=12288, d=768 at the default block size.
 
     Args:
         W_dec: decoder ``[h, d]`` (tensor/array) or any object with a ``W_dec`` attribute.
@@ -196,89 +172,7 @@ def epsilon(
     W = _finite_decoder(_decoder_matrix(W_dec))
     if not exact:
         return epsilon_sampled(W, n_pairs=n_pairs, seed=seed)
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    h = W.shape[0]
-    if h < 2:
-        raise ValueError(f"need at least 2 decoder rows to form a pair, got h={h}")
-    U, _ = _unit_rows(W.float())
-    block_size = min(block_size, h)
-    sum_abs = sum_signed = sum_sq = 0.0
-    best, best_ij = -1.0, (0, 1)
-    starts = range(0, h, block_size)
-    if progress:
-        starts = tqdm(starts, desc="ε row blocks", unit="block")
-    for i0 in starts:
-        i1 = min(i0 + block_size, h)
-        Ui = U[i0:i1]
-        for j0 in range(i0, h, block_size):
-            j1 = min(j0 + block_size, h)
-            G = Ui @ U[j0:j1].T  # [bi, bj] tile of the Gram matrix
-            if j0 == i0:
-                # diagonal tile: keep only the strict upper triangle (pairs i < j)
-                G.masked_fill_(_lower_incl_diag(block_size, G.device)[: i1 - i0, : j1 - j0], 0.0)
-            # row sums in float32 (≤ block_size terms), then float64 across rows: no tile-sized
-            # float64 temporaries
-            sum_signed += float(G.sum(1).double().sum())
-            sum_sq += float(torch.linalg.vector_norm(G, dim=1).double().square().sum())
-            G.abs_()
-            sum_abs += float(G.sum(1).double().sum())
-            m = float(G.max())
-            if m > best:
-                flat = int(G.argmax())
-                r, c = divmod(flat, G.shape[1])
-                best, best_ij = m, (i0 + r, j0 + c)
-            del G
-    if best <= 0.0:  # all-zero Gram (orthonormal rows): every pair is a maximiser
-        best_ij = (0, 1)
-    n = h * (h - 1) // 2
-    return Epsilon(
-        max=max(best, 0.0),
-        mean=sum_abs / n,
-        mean_signed=sum_signed / n,
-        rms=math.sqrt(sum_sq / n),
-        n_pairs=n,
-        argmax=best_ij,
-        exact=True,
-        mean_stderr=0.0,
-    )
-
-
-class MaxCosine(NamedTuple):
-    """Row-wise max cosine of A's rows against B's rows (and, with ``both``, of B's against A's)."""
-
-    values: Tensor
-    """[n_A] max cosine of each row of A over the rows of B."""
-    indices: Tensor
-    """[n_A] the row of B achieving it."""
-    values_b: Tensor | None = None
-    """[n_B] max cosine of each row of B over the rows of A (``both=True``)."""
-    indices_b: Tensor | None = None
-    """[n_B] the row of A achieving it (``both=True``)."""
-
-
-@torch.no_grad()
-def max_cosine(A: Any, B: Any, *, both: bool = False, block_size: int = 4096) -> MaxCosine:
-    """For each row of ``A [n, d]``, the max cosine over the rows of ``B [m, d]`` and its argmax;
-    with ``both`` also each row of B against A's rows, from the same blocks. Blockwise over A's
-    rows: memory ``block_size × m``, like :func:`epsilon`."""
-    A = F.normalize(_as_tensor(A, "A").detach().float(), dim=1)
-    B = F.normalize(_as_tensor(B, "B").detach().float().to(A.device), dim=1)
-    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
-        raise ValueError(f"max_cosine needs A [n, d] and B [m, d] of one width d; got {tuple(A.shape)}, {tuple(B.shape)}")
-    vals, idx = [], []
-    vb = torch.full((B.shape[0],), -2.0, device=A.device)
-    ib = torch.zeros(B.shape[0], dtype=torch.long, device=A.device)
-    for s in range(0, A.shape[0], block_size):
-        C = A[s : s + block_size] @ B.T
-        v, i = C.max(dim=1)
-        vals.append(v)
-        idx.append(i)
-        if both:
-            cv, ci = C.max(dim=0)
-            better = cv > vb
-            vb, ib = torch.where(better, cv, vb), torch.where(better, ci + s, ib)
-    return MaxCosine(torch.cat(vals), torch.cat(idx), *((vb, ib) if both else (None, None)))
+    return Epsilon(*pair_cosines(W, block_size=block_size, progress=progress), exact=True, mean_stderr=0.0)
 
 
 @torch.no_grad()
@@ -288,7 +182,7 @@ def epsilon_dense(W_dec: Any) -> Epsilon:
     h = W.shape[0]
     if h < 2:
         raise ValueError(f"need at least 2 decoder rows to form a pair, got h={h}")
-    U, _ = _unit_rows(W.float())
+    U, _ = unit_rows(W)
     G = U @ U.T  # [h, h]
     G.fill_diagonal_(0.0)
     # G is symmetric: sums over ordered pairs are twice the sums over pairs i < j
@@ -324,7 +218,7 @@ def epsilon_sampled(W_dec: Any, n_pairs: int = 1_000_000, seed: int = 0, *, min_
         raise ValueError(f"need at least 2 decoder rows to form a pair, got h={h}")
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-    _, norms = _unit_rows(W)
+    _, norms = unit_rows(W)
     n_blocks = max(min_blocks, math.ceil(n_pairs / 1024**2))
     m = max(2, math.ceil(math.sqrt(n_pairs / n_blocks)))
     gen = torch.Generator().manual_seed(seed)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.analysis.afa import _as_tensor, _decoder_matrix, _unit_rows
+from saelib.analysis.afa import _as_tensor, _decoder_matrix
+from saelib.sae.geometry import unit_rows
 
 __all__ = ["ConcentrationBand", "concentration_sigma", "concentration_band", "NormRatioSim", "random_unit_dictionary",
            "coherent_unit_dictionary", "random_sparse_codes", "random_dictionary_norm_ratios"]
@@ -206,7 +207,7 @@ def random_dictionary_norm_ratios(
     W = random_unit_dictionary(h, d, seed) if dictionary is None else _decoder_matrix(dictionary).float()
     if W.shape != (h, d):
         raise ValueError(f"dictionary must be [h, d] = [{h}, {d}], got {tuple(W.shape)}")
-    U, _ = _unit_rows(W)
+    U, _ = unit_rows(W)
     s = U.sum(0)
     mean_cos = (float(s.double().square().sum()) - h) / (h * (h - 1))
     gen = torch.Generator().manual_seed(seed + 1)

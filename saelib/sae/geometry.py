@@ -5,7 +5,8 @@
   Gram matrix in ``block_size x block_size`` tiles: extra memory is one unit-row copy of W plus
   one float32 tile and a boolean mask (5 * block_size^2 bytes; ~58 MiB for h = 12288, d = 768).
   Row sums are float32, totals float64.
-* :func:`max_cosine` -- for each row of A, the largest cosine over the rows of B and its index.
+* :func:`max_cosine` -- for each row of A, the largest cosine over the rows of B and its index
+  (and, with ``both``, the same for B's rows against A's, from the same blocks).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["PairCosines", "pair_cosines", "max_cosine", "unit_rows"]
+__all__ = ["MaxCosine", "PairCosines", "pair_cosines", "max_cosine", "unit_rows"]
 
 _TRIL: dict[tuple[int, str], Tensor] = {}
 
@@ -109,15 +110,38 @@ def pair_cosines(W_dec: Tensor, *, block_size: int = 2048, progress: bool = Fals
     return PairCosines(max(best, 0.0), sum_abs / n, sum_signed / n, math.sqrt(sum_sq / n), n, best_ij)
 
 
+class MaxCosine(NamedTuple):
+    """Row-wise max cosine of A's rows against B's rows (and, with ``both``, of B's against A's)."""
+
+    values: Tensor
+    """[n_A] max cosine of each row of A over the rows of B."""
+    indices: Tensor
+    """[n_A] the row of B achieving it."""
+    values_b: Tensor | None = None
+    """[n_B] max cosine of each row of B over the rows of A (``both=True``)."""
+    indices_b: Tensor | None = None
+    """[n_B] the row of A achieving it (``both=True``)."""
+
+
 @torch.no_grad()
-def max_cosine(A: Tensor, B: Tensor, *, block_size: int = 4096) -> tuple[Tensor, Tensor]:
-    """For each row of ``A [n, d]``: the largest cosine over the rows of ``B [m, d]`` and its index
-    (``[n]`` float, ``[n]`` long), ``block_size`` rows of A at a time."""
-    A = F.normalize(A.detach().float(), dim=1)
-    B = F.normalize(B.detach().float(), dim=1)
+def max_cosine(A: Tensor, B: Tensor, *, both: bool = False, block_size: int = 4096) -> MaxCosine:
+    """For each row of ``A [n, d]``, the max cosine over the rows of ``B [m, d]`` and its argmax;
+    with ``both`` also each row of B against A's rows, from the same blocks. Blockwise over A's
+    rows: memory ``block_size × m``, like :func:`pair_cosines`."""
+    A = F.normalize(torch.as_tensor(A).detach().float(), dim=1)
+    B = F.normalize(torch.as_tensor(B).detach().float().to(A.device), dim=1)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+        raise ValueError(f"max_cosine needs A [n, d] and B [m, d] of one width d; got {tuple(A.shape)}, {tuple(B.shape)}")
     vals, idx = [], []
+    vb = torch.full((B.shape[0],), -2.0, device=A.device)
+    ib = torch.zeros(B.shape[0], dtype=torch.long, device=A.device)
     for s in range(0, A.shape[0], block_size):
-        v, i = (A[s:s + block_size] @ B.T).max(dim=1)
+        C = A[s : s + block_size] @ B.T
+        v, i = C.max(dim=1)
         vals.append(v)
         idx.append(i)
-    return torch.cat(vals), torch.cat(idx)
+        if both:
+            cv, ci = C.max(dim=0)
+            better = cv > vb
+            vb, ib = torch.where(better, cv, vb), torch.where(better, ci + s, ib)
+    return MaxCosine(torch.cat(vals), torch.cat(idx), *((vb, ib) if both else (None, None)))
