@@ -43,36 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saelib.analysis.afa import MaxCosine, max_cosine  # noqa: F401 - re-exported: stitching's Step A
+from saelib.sae.core import SAE
+from saelib.sae.geometry import MaxCosine, max_cosine
 from saelib.sae.metrics import ReconstructionMetrics
 
-from saelib.sae.core import SAE
 __all__ = [
-    "StitchConfig",
-    "MaxCosine",
-    "max_cosine",
-    "CosineMatch",
-    "decoder_cosine",
-    "InsertionResult",
-    "insertion_delta_mse",
-    "insertion_delta_mse_bruteforce",
-    "Classification",
-    "classify_latents",
-    "auroc",
-    "Families",
-    "build_families",
-    "family_summary",
-    "op_delta_mse",
-    "stitch",
-    "Curve",
-    "interpolation_curve",
-    "reconstruction_stats",
-    "cos_to_init",
-    "firing_frequency",
-    "frankenstein",
-    "PairAnalysis",
-    "analyze_pair",
-    "log_interp",
+    "StitchConfig", "MaxCosine", "max_cosine", "CosineMatch", "decoder_cosine", "InsertionResult",
+    "insertion_delta_mse", "insertion_delta_mse_bruteforce", "Classification", "classify_latents",
+    "auroc", "Families", "build_families", "family_summary", "op_delta_mse", "stitch", "Curve",
+    "interpolation_curve", "reconstruction_stats", "cos_to_init", "firing_frequency", "frankenstein",
+    "PairAnalysis", "analyze_pair", "log_interp",
 ]
 
 _SENTINEL = 1e8  # top-AFA: the last cumulative entry (squared norm) is replaced by this (paper's code)
