@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saelib.sae.geometry import MaxCosine, max_cosine, pair_cosines, unit_rows  # noqa: F401 - MaxCosine/max_cosine re-exported
+from saelib.sae.geometry import Epsilon, MaxCosine, max_cosine, pair_cosines, unit_rows  # noqa: F401 - Epsilon/MaxCosine/max_cosine re-exported
 
 __all__ = [
     "Epsilon",
@@ -123,27 +123,6 @@ def _bias_vector(b_dec: Any, d: int, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class Epsilon(NamedTuple):
-    """Quasi-orthogonality of a dictionary: statistics of cos(w_i, w_j) over pairs i < j."""
-
-    max: float
-    """ε = max_{i<j} |cos(w_i, w_j)| (for a sampled estimate: the max over the sample, a lower bound)."""
-    mean: float
-    """Mean |cos| over pairs (the paper's code logs a *signed* mean instead; see ``mean_signed``)."""
-    mean_signed: float
-    """Signed mean of cos over pairs (≈ 0 for most dictionaries, so not a useful summary)."""
-    rms: float
-    """sqrt(mean cos²); the Welch bound also bounds this from below, so it is the fair comparison."""
-    n_pairs: int
-    """Number of unordered pairs used (h(h−1)/2 when exact)."""
-    argmax: tuple[int, int]
-    """Indices (i, j) of the pair with the largest |cos| (within the sample if sampled)."""
-    exact: bool
-    """True for the exhaustive computation, False for a sampled estimate."""
-    mean_stderr: float
-    """Standard error of ``mean`` (0.0 when exact)."""
-
-
 @torch.no_grad()
 def epsilon(
     W_dec: Any,
@@ -172,7 +151,7 @@ def epsilon(
     W = _finite_decoder(_decoder_matrix(W_dec))
     if not exact:
         return epsilon_sampled(W, n_pairs=n_pairs, seed=seed)
-    return Epsilon(*pair_cosines(W, block_size=block_size, progress=progress), exact=True, mean_stderr=0.0)
+    return pair_cosines(W, block_size=block_size, progress=progress)
 
 
 @torch.no_grad()

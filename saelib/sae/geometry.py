@@ -19,25 +19,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["MaxCosine", "PairCosines", "pair_cosines", "max_cosine", "unit_rows"]
+__all__ = ["MaxCosine", "Epsilon", "pair_cosines", "max_cosine", "unit_rows"]
 
 _TRIL: dict[tuple[int, str], Tensor] = {}
 
 
-class PairCosines(NamedTuple):
-    """Cosine statistics over the h(h-1)/2 pairs i < j of rows."""
+class Epsilon(NamedTuple):
+    """Quasi-orthogonality of a dictionary: statistics of cos(w_i, w_j) over pairs i < j."""
 
     max: float
-    """max |cos| (the paper's ε)."""
+    """ε = max_{i<j} |cos(w_i, w_j)| (for a sampled estimate: the max over the sample, a lower bound)."""
     mean: float
-    """mean |cos|."""
+    """Mean |cos| over pairs (the paper's code logs a *signed* mean instead; see ``mean_signed``)."""
     mean_signed: float
-    """mean cos (what the paper's code logs; ~0 and says little)."""
+    """Signed mean of cos over pairs (≈ 0 for most dictionaries, so not a useful summary)."""
     rms: float
-    """sqrt(mean cos^2)."""
+    """sqrt(mean cos²); the Welch bound also bounds this from below, so it is the fair comparison."""
     n_pairs: int
+    """Number of unordered pairs used (h(h−1)/2 when exact)."""
     argmax: tuple[int, int]
-    """(i, j), i < j, of the pair with the largest |cos|."""
+    """Indices (i, j) of the pair with the largest |cos| (within the sample if sampled)."""
+    exact: bool
+    """True for the exhaustive computation, False for a sampled estimate."""
+    mean_stderr: float
+    """Standard error of ``mean`` (0.0 when exact)."""
 
 
 def unit_rows(W: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,7 +79,7 @@ def _lower_incl_diag(b: int, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def pair_cosines(W_dec: Tensor, *, block_size: int = 2048, progress: bool = False) -> PairCosines:
+def pair_cosines(W_dec: Tensor, *, block_size: int = 2048, progress: bool = False) -> Epsilon:
     """ε statistics of the rows of ``W_dec [h, d]`` (normalised first), exact, tile by tile."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -107,7 +112,7 @@ def pair_cosines(W_dec: Tensor, *, block_size: int = 2048, progress: bool = Fals
     if best <= 0.0:  # orthonormal rows: every pair is a maximiser
         best_ij = (0, 1)
     n = h * (h - 1) // 2
-    return PairCosines(max(best, 0.0), sum_abs / n, sum_signed / n, math.sqrt(sum_sq / n), n, best_ij)
+    return Epsilon(max(best, 0.0), sum_abs / n, sum_signed / n, math.sqrt(sum_sq / n), n, best_ij, True, 0.0)
 
 
 class MaxCosine(NamedTuple):
