@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from saelib.analysis.evaluate import mean_ci
 from saelib.plots.style import apply_style, figure_legend_below, legend_outside, log_ticks, metric_label
 from saelib.sae.rules import rule_attr, rule_in
 
@@ -86,8 +87,6 @@ def seed_comparison_plot(
 
     ``frame``: one row per trained SAE with columns ``group``, ``metric`` and optionally ``panel``.
     """
-    from saelib.analysis.evaluate import mean_ci
-
     apply_style()
     panels = [None] if panel is None or panel not in frame.columns else list(dict.fromkeys(frame[panel]))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels) + 0.6, 3.6), squeeze=False)
