@@ -128,17 +128,9 @@ def _check_manifest(m, mpath: Path) -> None:
 class ActivationCache:
     """Activations stored on disk in shards, read back through memory maps.
 
-    Layout of ``path``: ``manifest.json`` (hooks, dims, dtype, token fingerprint, and for every
-    complete shard its token count and each file's size and sha256) and one raw file per
-    (shard, hook): ``shard_00000.blocks.3.hook_resid_pre.bin`` holding ``[n, d]`` values.
-    A shard exists for readers only once the manifest lists it, and files and manifest are
-    written to temp names and renamed, so an interrupted or disk-full build never exposes a
-    half-written shard; building again resumes after the last complete shard.
-
-    Args:
-        path: cache folder written by :meth:`build`.
-        verify: check each file's sha256 the first time it is read (sizes are always checked
-            on open).
+    ``path`` is a folder written by :meth:`build`: ``manifest.json`` and one raw ``[n, d]`` file per
+    (shard, hook), e.g. ``shard_00000.blocks.3.hook_resid_pre.bin`` (module docstring). Sizes are
+    checked on open; with ``verify`` each file's sha256 is checked the first time it is read.
     """
 
     def __init__(self, path: str | Path, *, verify: bool = True) -> None:
