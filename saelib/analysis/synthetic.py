@@ -47,19 +47,12 @@ from torch import Tensor
 
 from saelib.analysis.afa import epsilon
 from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.geometry import max_cosine
 from saelib.sae.topafa import topafa_select
 from saelib.sae.train import TrainConfig, evaluate_saes, train_saes
 
-__all__ = [
-    "SyntheticSpec",
-    "SyntheticData",
-    "recovery",
-    "afa_diagnostics",
-    "synthetic_rules",
-    "run_synthetic",
-    "summarize",
-    "paired_difference",
-]
+__all__ = ["SyntheticSpec", "SyntheticData", "recovery", "afa_diagnostics", "synthetic_rules", "run_synthetic",
+           "summarize", "paired_difference"]
 
 HOOK = "synthetic"
 
@@ -166,10 +159,7 @@ class SyntheticData:
 def recovery(W_true: Tensor, W_dec: Tensor, threshold: float = 0.9) -> dict[str, float]:
     """Mean over true directions of the max cosine to any decoder row, and the share of true
     directions whose max cosine exceeds ``threshold``."""
-    Wt = W_true / W_true.norm(dim=-1, keepdim=True)
-    Wd = W_dec.detach().float()
-    Wd = Wd / Wd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    best = (Wt.float() @ Wd.T).max(-1).values
+    best = max_cosine(W_true, W_dec)[0]
     return {"recovery": float(best.mean()), "frac_recovered": float((best > threshold).float().mean())}
 
 
