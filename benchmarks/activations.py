@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from saelib.lm.activations import ActivationCache, ActivationStore, harvest
+from saelib.lm.activations import ActivationStore, harvest
+from saelib.lm.cache import ActivationCache
 from saelib.lm.models import hook_name, load_model
 
 

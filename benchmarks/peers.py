@@ -58,7 +58,7 @@ INSTALL_HINT = ("pip install --target .bench-peers --no-deps eai-sparsify==1.3.3
 
 def activations(args) -> tuple[torch.Tensor, torch.Tensor, str]:
     """(train [N, d], held-out [M, d], hook) from saelib's activation cache of the embedded model."""
-    from saelib.lm.activations import ActivationCache
+    from saelib.lm.cache import ActivationCache
     from saelib.lm.data import token_rows
     from saelib.lm.models import hook_name, load_model
 

@@ -20,9 +20,8 @@ _EXPORTS = {
     "saelib.runs": ["runs_dir", "data_dir", "repo_root"],
     "saelib.lm.models": ["load_model", "hook_name", "check_hook", "hook_layer"],
     "saelib.lm.data": ["load_texts", "token_rows", "iter_token_rows"],
-    "saelib.lm.activations": [
-        "harvest", "ActivationStore", "ActivationCache", "tensor_batches",
-    ],
+    "saelib.lm.activations": ["harvest", "ActivationStore", "tensor_batches"],
+    "saelib.lm.cache": ["ActivationCache"],
     "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
     "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
     "saelib.sae.train": ["TrainConfig", "train_saes"],

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from saelib.bookhtml import render_site
 from saelib.io import atomic_write_text, load_yaml
 from saelib.runs import (  # noqa: F401 - PROGRESS_ENV, check_parameters, runs_dir: the runner's API
     PROFILES,
@@ -335,8 +336,6 @@ def build_site(profile: str = "embedded") -> Path:
 
 def render_html(folder: Path) -> Path:
     """Render MyST's site content (``_build/site``) as a static, offline HTML book."""
-    from saelib.bookhtml import render_site
-
     return render_site(folder / "_build" / "site", folder / "html", repo_root() / "node_modules" / "katex" / "dist")
 
 

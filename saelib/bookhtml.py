@@ -58,6 +58,26 @@ blockquote { border-left: 3px solid #ccd; margin-left: 0; padding-left: 12px; co
 """
 
 
+# MyST node types rendered as a fixed tag around their children, and those rendered as a constant
+_WRAP = {
+    "paragraph": ("<p>", "</p>\n"),
+    "emphasis": ("<em>", "</em>"),
+    "strong": ("<strong>", "</strong>"),
+    "delete": ("<del>", "</del>"),
+    "subscript": ("<sub>", "</sub>"),
+    "superscript": ("<sup>", "</sup>"),
+    "blockquote": ("<blockquote>", "</blockquote>\n"),
+    "listItem": ("<li>", "</li>\n"),
+    "table": ('<div class="table-wrap"><table class="md-table">', "</table></div>\n"),
+    "tableRow": ("<tr>", "</tr>"),
+    "admonitionTitle": ('<p class="admonition-title">', "</p>\n"),
+    "caption": ("<figcaption>", "</figcaption>"),
+    "legend": ('<div class="legend">', "</div>"),
+    "captionNumber": ('<span class="caption-number">', "</span>"),
+}
+_CONST = {"break": "<br>", "thematicBreak": "<hr>\n", "comment": "", "mystTarget": ""}
+
+
 class _Renderer:
     def __init__(self, slug_to_file: dict[str, str], public_prefix: str = "public/"):
         self.slug_to_file = slug_to_file
@@ -85,8 +105,12 @@ class _Renderer:
 
     # --- nodes ----------------------------------------------------------------------------
     def node(self, n) -> str:
-        t = n.get("type")
-        fn = getattr(self, "n_" + str(t), None)
+        t = str(n.get("type"))
+        if t in _WRAP:
+            return _WRAP[t][0] + self.children(n) + _WRAP[t][1]
+        if t in _CONST:
+            return _CONST[t]
+        fn = getattr(self, "n_" + t, None)
         if fn is not None:
             return fn(n)
         if "children" in n:
@@ -96,9 +120,6 @@ class _Renderer:
     def n_text(self, n):
         return esc(n.get("value", ""))
 
-    def n_paragraph(self, n):
-        return f"<p>{self.children(n)}</p>\n"
-
     def n_heading(self, n):
         d = n.get("depth", 2)
         number = f"{self.chapter}.{n.get('enumerator')}" if self.chapter is not None else n.get("enumerator")
@@ -106,41 +127,11 @@ class _Renderer:
         hid = esc(n.get("html_id", n.get("identifier", "")))
         return f'<h{d} id="{hid}">{enum}{self.children(n)}</h{d}>\n'
 
-    def n_emphasis(self, n):
-        return f"<em>{self.children(n)}</em>"
-
-    def n_strong(self, n):
-        return f"<strong>{self.children(n)}</strong>"
-
-    def n_delete(self, n):
-        return f"<del>{self.children(n)}</del>"
-
-    def n_subscript(self, n):
-        return f"<sub>{self.children(n)}</sub>"
-
-    def n_superscript(self, n):
-        return f"<sup>{self.children(n)}</sup>"
-
     def n_inlineCode(self, n):
         return f"<code>{esc(n.get('value', ''))}</code>"
 
-    def n_break(self, n):
-        return "<br>"
-
-    def n_thematicBreak(self, n):
-        return "<hr>\n"
-
-    def n_comment(self, n):
-        return ""
-
-    def n_mystTarget(self, n):
-        return ""
-
     def n_html(self, n):
         return n.get("value", "")
-
-    def n_blockquote(self, n):
-        return f"<blockquote>{self.children(n)}</blockquote>\n"
 
     def n_code(self, n):
         cls = "code" if n.get("executable") else "code listing"
@@ -160,15 +151,6 @@ class _Renderer:
         start = f' start="{n["start"]}"' if n.get("ordered") and n.get("start") not in (None, 1) else ""
         return f"<{tag}{start}>{self.children(n)}</{tag}>\n"
 
-    def n_listItem(self, n):
-        return f"<li>{self.children(n)}</li>\n"
-
-    def n_table(self, n):
-        return f'<div class="table-wrap"><table class="md-table">{self.children(n)}</table></div>\n'
-
-    def n_tableRow(self, n):
-        return f"<tr>{self.children(n)}</tr>"
-
     def n_tableCell(self, n):
         tag = "th" if n.get("header") else "td"
         align = f' style="text-align:{n["align"]}"' if n.get("align") else ""
@@ -187,21 +169,9 @@ class _Renderer:
         kind = esc(n.get("kind", "note"))
         return f'<aside class="admonition {kind}">{self.children(n)}</aside>\n'
 
-    def n_admonitionTitle(self, n):
-        return f'<p class="admonition-title">{self.children(n)}</p>\n'
-
     def n_container(self, n):
         hid = f' id="{esc(n["html_id"])}"' if n.get("html_id") else ""
         return f'<figure class="{esc(n.get("kind", "figure"))}"{hid}>{self.children(n)}</figure>\n'
-
-    def n_caption(self, n):
-        return f"<figcaption>{self.children(n)}</figcaption>"
-
-    def n_legend(self, n):
-        return f'<div class="legend">{self.children(n)}</div>'
-
-    def n_captionNumber(self, n):
-        return f'<span class="caption-number">{self.children(n)}</span>'
 
     def n_image(self, n):
         return f'<img src="{esc(self.url(n.get("url", "")))}" alt="{esc(n.get("alt", "") or "")}">'
@@ -367,7 +337,7 @@ def render_site(site: Path, out: Path, katex_dist: Path) -> Path:
         h1 = (f'<span class="enum">{int(num.group())}</span>' if num else "") + esc(title)
         atomic_write_text(out / files[slug], _page(title, f"<h1>{h1}</h1>\n{body}", nav, book_title))
         bodies.append(f'<section class="chapter"><h1>{esc(title)}</h1>\n{body}</section>')
-    nav = f'<nav class="bar"><span></span><span>Contents</span>' + (
+    nav = '<nav class="bar"><span></span><span>Contents</span>' + (
         f'<a rel="next" href="{files[order[0]]}">Start reading →</a>' if order else "<span></span>") + "</nav>"
     desc = esc(project.get("description", "") or "")
     items = []

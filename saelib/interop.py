@@ -23,6 +23,7 @@ No Hugging Face Hub access is ever needed: pass objects or local folders.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,8 @@ from typing import Any
 import torch
 
 from saelib.io import atomic_folder
+from saelib.lm.models import TINY_SHAPES
+from saelib.runs import data_dir
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.rules import RULES
 
@@ -217,8 +220,6 @@ STANDIN_LAYOUTS = {
 
 def standin_dir(release: str, model_name: str = "tiny-gpt2-small") -> Path:
     """Folder of the stand-in of ``release`` for ``model_name``: ``<data_dir>/releases/standin/<model>/<release>``."""
-    from saelib.runs import data_dir
-
     return data_dir() / "releases" / "standin" / model_name / release
 
 
@@ -234,8 +235,6 @@ def write_standin_release(release: str, path: str | os.PathLike | None = None, *
     name and renamed, so a half-written stand-in is never used. Returns its path.
     """
     from sae_lens import StandardSAE, StandardSAEConfig
-
-    from saelib.lm.models import TINY_SHAPES
 
     if release not in STANDIN_LAYOUTS:
         raise ValueError(f"no stand-in layout for release {release!r}; known: {sorted(STANDIN_LAYOUTS)}")
@@ -332,8 +331,6 @@ def expects_centred_input(release: str | os.PathLike, *, model_name: str = "tiny
     then centre each activation vector (subtract its mean over d_model) before the SAE sees it."""
     folder = release_dir(release, model_name=model_name)
     if folder is not None:
-        import json
-
         first = folder / release_sae_ids(folder)[0] / "cfg.json"
         meta = json.loads(first.read_text()).get("metadata") or {}
         kwargs = meta.get("model_from_pretrained_kwargs") or {}

@@ -161,7 +161,7 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 # Fingerprints: what made a cached result (code, weights, files)
 # --------------------------------------------------------------------------------------------
-ACTIVATION_CODE = ("saelib.lm.activations", "saelib.lm.models")
+ACTIVATION_CODE = ("saelib.lm.activations", "saelib.lm.cache", "saelib.lm.models")
 """Modules whose code decides the values in an activation cache."""
 TRAINING_CODE = ("saelib.sae.core", "saelib.sae.topafa", "saelib.sae.train", "saelib.sae.metrics", *ACTIVATION_CODE)
 """Modules whose code decides a trained SAE (its rule, losses, trainer and the activations it saw)."""

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from saelib import interop
 from saelib.io import ACTIVATION_CODE, TRAINING_CODE, FolderInUseError, folder_lock, model_fingerprint
-from saelib.lm.activations import MANIFEST, STAMP, ActivationCache, ActivationStore
+from saelib.lm.activations import ActivationStore
+from saelib.lm.cache import MANIFEST, STAMP, ActivationCache
 from saelib.lm.data import token_rows
 from saelib.lm.models import load_model
 from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, write_stamp

@@ -51,7 +51,8 @@ from saelib.lm import activations
 from saelib.analysis import afa
 
 from saelib.sae import geometry  # noqa: E402
-from saelib.lm.activations import ActivationCache, harvest, tensor_batches  # noqa: E402
+from saelib.lm.activations import harvest, tensor_batches  # noqa: E402
+from saelib.lm.cache import ActivationCache  # noqa: E402
 from saelib.interop import from_saelens, to_saelens  # noqa: E402
 from saelib.lm.models import load_model  # noqa: E402
 from saelib.sae.core import SAE, SAEConfig  # noqa: E402
@@ -895,11 +896,11 @@ def cache_kill_children(points: dict[str, int]) -> dict[str, tuple[Path, Path, s
             import sys, time, torch
             sys.path.insert(0, {str(REPO)!r})
             torch.set_num_threads(1)
-            from saelib.lm import activations
+            from saelib.lm import cache
             from saelib.lm.models import load_model
             m = load_model("tiny-gpt2", device="cpu")
             toks = torch.tensor({TOK.tolist()!r})
-            real, n = activations._write_bytes, [0]
+            real, n = cache._write_bytes, [0]
             def slow(path, data):
                 n[0] += 1
                 if n[0] == {nth}:
@@ -908,8 +909,8 @@ def cache_kill_children(points: dict[str, int]) -> dict[str, tuple[Path, Path, s
                     open({str(ready)!r}, "w").write("1")
                     time.sleep(300)
                 real(path, data)
-            activations._write_bytes = slow
-            activations.ActivationCache.build({str(d / 'c')!r}, m, toks, {HOOK!r}, progress=False, shard_tokens=16)
+            cache._write_bytes = slow
+            cache.ActivationCache.build({str(d / 'c')!r}, m, toks, {HOOK!r}, progress=False, shard_tokens=16)
         """)
         kids[label] = (d, ready, subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.DEVNULL))
     return kids

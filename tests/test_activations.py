@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from saelib.lm import activations
-from saelib.lm.activations import ActivationCache, ActivationStore, harvest, tensor_batches
+from saelib.lm import cache as cache_mod
+from saelib.lm.activations import ActivationStore, harvest, tensor_batches
+from saelib.lm.cache import ActivationCache
 from saelib.lm.models import hook_name, load_model
 
 HOOKS = ["blocks.1.hook_resid_pre", "blocks.3.hook_resid_post", "blocks.0.hook_resid_pre"]
@@ -185,7 +186,7 @@ def test_cache_iter_batches_aligned_across_hooks(tmp_path, model, tokens, ref):
 
 
 def test_cache_resumes_after_interrupted_build(tmp_path, model, tokens, ref, monkeypatch):
-    real_write, real_harvest = activations._write_bytes, activations.harvest
+    real_write, real_harvest = cache_mod._write_bytes, cache_mod.harvest
     writes = []
 
     def interrupting_write(path, data):
@@ -194,7 +195,7 @@ def test_cache_resumes_after_interrupted_build(tmp_path, model, tokens, ref, mon
             raise KeyboardInterrupt
         real_write(path, data)
 
-    monkeypatch.setattr(activations, "_write_bytes", interrupting_write)
+    monkeypatch.setattr(cache_mod, "_write_bytes", interrupting_write)
     with pytest.raises(KeyboardInterrupt):
         ActivationCache.build(tmp_path / "c", model, tokens, HOOKS, shard_tokens=SHARD, progress=False)
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
@@ -208,8 +209,8 @@ def test_cache_resumes_after_interrupted_build(tmp_path, model, tokens, ref, mon
         harvested_rows.append(rows.shape[0])
         return real_harvest(m, rows, *a, **k)
 
-    monkeypatch.setattr(activations, "_write_bytes", real_write)
-    monkeypatch.setattr(activations, "harvest", counting_harvest)
+    monkeypatch.setattr(cache_mod, "_write_bytes", real_write)
+    monkeypatch.setattr(cache_mod, "harvest", counting_harvest)
     cache = ActivationCache.build(tmp_path / "c", model, tokens, HOOKS, shard_tokens=SHARD, progress=False)
     assert sum(harvested_rows) == 12 - 2 * 4  # only the missing shard was computed
     for h in HOOKS:
@@ -240,7 +241,7 @@ def test_corrupted_and_truncated_shards_are_reported(tmp_path, model, tokens):
 
 
 def test_disk_full_leaves_no_partial_shard(tmp_path, model, tokens, ref, monkeypatch):
-    real_write = activations._write_bytes
+    real_write = cache_mod._write_bytes
     writes = []
 
     def full_disk(path, data):
@@ -251,12 +252,12 @@ def test_disk_full_leaves_no_partial_shard(tmp_path, model, tokens, ref, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr(activations, "_write_bytes", full_disk)
+    monkeypatch.setattr(cache_mod, "_write_bytes", full_disk)
     with pytest.raises(OSError, match="Disk full.*shard 1.*1 of 3 shards.*resume") as e:
         ActivationCache.build(tmp_path / "c", model, tokens, HOOKS, shard_tokens=SHARD, progress=False)
     assert e.value.errno == errno.ENOSPC
     files = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name != ".saelib.lock")
     assert files == ["manifest.json"] + sorted(f"shard_00000.{h}.bin" for h in HOOKS)
-    monkeypatch.setattr(activations, "_write_bytes", real_write)
+    monkeypatch.setattr(cache_mod, "_write_bytes", real_write)
     cache = ActivationCache.build(tmp_path / "c", model, tokens, HOOKS, shard_tokens=SHARD, progress=False)
     assert all(torch.equal(cache.load(h), ref[h]) for h in HOOKS)

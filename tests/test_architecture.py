@@ -1,5 +1,6 @@
 """The package's shape, checked: layers import downward, the book runner is imported by nobody,
-saelib's own imports sit at the top of each module, and only the rules branch on a rule's name."""
+saelib's own imports sit at the top of each module (never behind ``try/except ImportError``),
+every module has a docstring, and only the rules branch on a rule's name."""
 
 from __future__ import annotations
 
@@ -29,6 +30,23 @@ def _layer(module: str) -> int | None:
     return LAYERS.get(parts[1]) if len(parts) > 1 else None
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports there exist for annotations only."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and not node.orelse and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _top_level(tree: ast.Module) -> set[int]:
+    """Statements at module level, including the body of a top-level ``if TYPE_CHECKING:``."""
+    top = {id(node) for node in tree.body}
+    for node in tree.body:
+        if _is_type_checking(node):
+            top.update(id(sub) for sub in node.body)
+    return top
+
+
 def _saelib_imports(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "saelib":
@@ -44,19 +62,49 @@ def test_module_shape(path):
     src = path.read_text()
     tree = ast.parse(src)
     me = _name(path)
+    problems = []  # all of them at once, so one run shows a module's owner everything to fix
     n = len(src.splitlines())
-    assert n <= MAX_LINES, f"{me} has {n} lines; split it by concept (at most {MAX_LINES})"
-    top = {id(node) for node in tree.body}
+    if n > MAX_LINES:
+        problems.append(f"{me} has {n} lines; split it by concept (at most {MAX_LINES})")
+    top = _top_level(tree)
+    mine = _layer(me)
     for node, targets in _saelib_imports(tree):
-        assert id(node) in top, f"{me}:{node.lineno} imports saelib inside a function or block; move it to the top"
-        if me != "saelib.book":
-            assert not any(t == "saelib.book" or t.startswith("saelib.book.") for t in targets), \
-                f"{me}:{node.lineno} imports the book runner; take repo_root/runs_dir/check_parameters from saelib.runs"
-        mine = _layer(me)
+        if id(node) not in top:
+            problems.append(f"{me}:{node.lineno} imports saelib inside a function or block; move it to the top")
+        if me != "saelib.book" and any(t == "saelib.book" or t.startswith("saelib.book.") for t in targets):
+            problems.append(f"{me}:{node.lineno} imports the book runner; take repo_root/runs_dir/check_parameters "
+                            "from saelib.runs")
         for t in targets:
             theirs = _layer(t)
-            if mine is not None and theirs is not None and me.split(".")[1] != t.split(".")[1]:
-                assert theirs <= mine, f"{me}:{node.lineno} imports {t}, a higher layer"
+            if mine is not None and theirs is not None and me.split(".")[1] != t.split(".")[1] and theirs > mine:
+                problems.append(f"{me}:{node.lineno} imports {t}, a higher layer")
+    assert not problems, "\n".join(problems)
+
+
+def _catches_import_error(handler: ast.ExceptHandler) -> bool:
+    if handler.type is None:
+        return True
+    names = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+    return any(isinstance(n, ast.Name) and n.id in ("ImportError", "ModuleNotFoundError", "Exception",
+                                                    "BaseException") for n in names)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_no_guarded_saelib_imports(path):
+    """saelib's own modules are always there: an import of one behind ``except ImportError`` hides a bug."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(_catches_import_error(h) for h in node.handlers):
+            for sub in node.body:
+                for imp, _ in _saelib_imports(sub):
+                    pytest.fail(f"{_name(path)}:{imp.lineno} imports saelib inside try/except ImportError; "
+                                "import it at the top of the module, unguarded")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_module_docstring(path):
+    assert ast.get_docstring(ast.parse(path.read_text())), \
+        f"{_name(path)} has no module docstring; say in one line which concept the module holds"
 
 
 def _rule_literals(node: ast.AST) -> bool:

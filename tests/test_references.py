@@ -621,7 +621,7 @@ def test_tensor_batches_seed_changes_order_and_epochs_are_permutations():
 
 
 def test_iter_batches_seed_changes_batches(tmp_path):
-    from saelib.lm.activations import ActivationCache
+    from saelib.lm.cache import ActivationCache
 
     model = _tiny()
     g = torch.Generator().manual_seed(0)

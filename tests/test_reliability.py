@@ -21,11 +21,12 @@ import torch
 
 import saelib
 from saelib.lm import activations
+from saelib.lm import cache as cache_mod
 from saelib.analysis import afa
 from saelib.sae import geometry
 from saelib import pipeline, runs
 from saelib.sae import train as train_mod
-from saelib.lm.activations import ActivationCache
+from saelib.lm.cache import ActivationCache
 from saelib.io import FolderInUseError, code_fingerprint, folder_lock, load_yaml
 from saelib.lm.models import load_model
 from saelib.sae.core import SAE, SAEConfig
@@ -474,7 +475,7 @@ def test_results_of_other_code_are_not_reused(tmp_path, x, model, tokens, monkey
     assert len(calls) == 2
     # an activation cache made by other code is rebuilt (its own files only)
     ActivationCache.build(tmp_path / "c", model, tokens, HOOK, progress=False)
-    monkeypatch.setattr(activations, "code_fingerprint", _bump(activations.code_fingerprint))
+    monkeypatch.setattr(cache_mod, "code_fingerprint", _bump(cache_mod.code_fingerprint))
     with pytest.warns(UserWarning, match="other saelib code; rebuilding"):
         c = ActivationCache.build(tmp_path / "c", model, tokens, HOOK, progress=False)
     assert c.manifest["code"].endswith("-changed")

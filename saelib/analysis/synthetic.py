@@ -41,19 +41,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
-__all__ = [
-    "SyntheticSpec",
-    "SyntheticData",
-    "recovery",
-    "afa_diagnostics",
-    "synthetic_rules",
-    "run_synthetic",
-    "summarize",
-    "paired_difference",
-]
+from saelib.analysis.afa import epsilon
+from saelib.sae.core import SAE, SAEConfig
+from saelib.sae.geometry import max_cosine
+from saelib.sae.topafa import topafa_select
+from saelib.sae.metrics import held_out_metrics
+from saelib.sae.train import TrainConfig, train_saes
+
+__all__ = ["SyntheticSpec", "SyntheticData", "recovery", "afa_diagnostics", "synthetic_rules", "run_synthetic",
+           "summarize", "paired_difference"]
 
 HOOK = "synthetic"
 
@@ -160,19 +160,13 @@ class SyntheticData:
 def recovery(W_true: Tensor, W_dec: Tensor, threshold: float = 0.9) -> dict[str, float]:
     """Mean over true directions of the max cosine to any decoder row, and the share of true
     directions whose max cosine exceeds ``threshold``."""
-    Wt = W_true / W_true.norm(dim=-1, keepdim=True)
-    Wd = W_dec.detach().float()
-    Wd = Wd / Wd.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    best = (Wt.float() @ Wd.T).max(-1).values
+    best = max_cosine(W_true, W_dec)[0]
     return {"recovery": float(best.mean()), "frac_recovered": float((best > threshold).float().mean())}
 
 
 @torch.no_grad()
 def afa_diagnostics(data: SyntheticData, n: int = 4096, seed: int = 12345) -> dict[str, float]:
     """The AFA view of the true dictionary on n sampled tokens (see module docstring)."""
-    from saelib.analysis.afa import epsilon
-    from saelib.sae.topafa import topafa_select
-
     _, f = data.sample(n, torch.Generator().manual_seed(seed))
     W = data.W.double()  # float64: float32 rounding would give inactive features ~1e-7 pre-activations
     f = f.double()
@@ -208,8 +202,6 @@ def synthetic_rules(d_in: int, d_sae: int, k: int, *, l1_coeff: float, afa_coeff
     """``{name: SAEConfig}`` for every trainable rule: ReLU-L1, TopK and BatchTopK at ``k``,
     top-AFA with the paper's and the consistent target, and JumpReLU when ``l0_coeff`` is given.
     Model space (``input_norm="none"``)."""
-    from saelib.sae.core import SAEConfig
-
     common = dict(d_in=d_in, d_sae=d_sae, hook_name=hook, seed=seed, b_dec_init=b_dec_init)
     out = {
         "relu": dict(activation="relu", l1_coeff=l1_coeff),
@@ -260,11 +252,6 @@ def run_synthetic(
     ``l0`` (SAE), ``true_l0``, ``l0_ratio`` = l0 / true_l0, ``recovery``, ``frac_recovered``,
     the true dictionary's AFA diagnostics and the wall time.
     """
-    import pandas as pd
-
-    from saelib.sae.metrics import held_out_metrics
-    from saelib.sae.train import TrainConfig, train_saes
-
     rows = []
     for cond in conditions:
         for seed in seeds:
@@ -280,7 +267,6 @@ def run_synthetic(
                 if truth_init:
                     if d_sae != spec.n_features:
                         raise ValueError("truth_init needs dict_ratio = 1 (one latent per true feature)")
-                    from saelib.sae.core import SAE
                     for name, c in synthetic_rules(spec.d, d_sae, k, l1_coeff=l1_coeff, afa_coeff=afa_coeff,
                                                    seed=int(seed), b_dec_init=init, rules=truth_init).items():
                         sae = SAE(c)
@@ -326,8 +312,6 @@ def paired_difference(df: Any, metric: str, a: str, b: str) -> Any:
     """Per condition (``superposition, l0``): mean over seeds of ``metric(a) - metric(b)`` (rules
     ``a``, ``b`` on the same seed), its standard error, the seed count and a verdict: ``"lower"`` /
     ``"higher"`` when the mean difference is more than 2 standard errors from 0."""
-    import pandas as pd
-
     piv = df.pivot_table(index=["superposition", "l0", "seed"], columns="rule", values=metric)
     diff = (piv[a] - piv[b]).groupby(level=[0, 1])
     out = pd.DataFrame({"mean_diff": diff.mean(), "se": diff.std() / np.sqrt(diff.count()), "n": diff.count()})

@@ -1,2 +1,3 @@
-"""The language model side: models (embedded default, hub names, tiny test models), corpora and
-token rows, activations (harvest, store, on-disk cache)."""
+"""The language-model side: ``models`` (embedded default, hub names, tiny test models, hook names),
+``data`` (corpora and token rows), ``activations`` (harvest, the shuffled store), ``cache`` (the
+on-disk activation cache)."""

@@ -1,18 +1,12 @@
 """Text corpora and fixed-length token rows for harvesting activations.
 
-Two entry points:
-
-* :func:`load_texts` iterates over the documents of a corpus: ``"embedded"`` (the English corpus
-  built from registry packages by ``scripts/prepare_corpus.py``, see ``data/README.md``),
-  ``"openwebtext"`` (Hugging Face ``datasets`` streaming, needs the hub),
-  ``"openwebtext-standin"`` (a small local stand-in for it, read through the same streaming
-  path; see :func:`prepare_standin_corpus`) or a local ``.txt`` / ``.jsonl`` / ``.parquet`` file.
-* :func:`token_rows` turns a corpus split into a ``LongTensor[n_rows, seq_len]``: documents are
-  tokenised, concatenated with EOS after every document, cut into chunks of ``seq_len - 1``
-  tokens, and every row gets BOS at position 0. Rows are cached on disk (unshuffled, keyed by
-  tokenizer, corpus checksum, ``seq_len`` and split) and returned in a seeded random order, so
-  ``n_tokens`` takes a prefix of the same shuffled rows whatever its value.
-  :func:`iter_token_rows` is the streaming variant for corpora too large to materialise.
+* :func:`load_texts` iterates over a corpus's documents: ``"embedded"`` (the English corpus that
+  ``scripts/prepare_corpus.py`` builds from registry packages, see ``data/README.md``),
+  ``"openwebtext"`` (``datasets`` streaming, needs the hub), ``"openwebtext-standin"`` (its small
+  local stand-in, read the same way) or a local ``.txt`` / ``.jsonl`` / ``.parquet`` file.
+* :func:`token_rows` cuts a split's token stream (EOS after every document) into rows of BOS +
+  ``seq_len - 1`` tokens, cached on disk and returned in a seeded order, so any ``n_tokens`` is a
+  prefix of the same shuffled rows; :func:`iter_token_rows` streams them unshuffled.
 
 Train and held-out splits are disjoint by document: a document is held out when a hash of its
 text falls in the lowest :data:`HELDOUT_FRACTION` of the hash range. The rule depends on the
@@ -38,19 +32,8 @@ from tqdm.auto import tqdm
 from saelib.io import atomic_path, atomic_write_json, file_sha256
 from saelib.runs import data_dir, hub_offline
 
-__all__ = [
-    "HELDOUT_FRACTION",
-    "SPLITS",
-    "corpus_checksum",
-    "corpus_path",
-    "document_split",
-    "iter_token_rows",
-    "load_texts",
-    "prepare_standin_corpus",
-    "resolve_tokenizer",
-    "token_rows",
-    "tokenizer_fingerprint",
-]
+__all__ = ["HELDOUT_FRACTION", "SPLITS", "corpus_checksum", "corpus_path", "document_split", "iter_token_rows",
+           "load_texts", "prepare_standin_corpus", "resolve_tokenizer", "token_rows", "tokenizer_fingerprint"]
 
 HELDOUT_FRACTION = 0.05
 """Fraction of documents (by text hash) in the ``"heldout"`` split."""
@@ -115,13 +98,12 @@ def standin_corpus_path() -> Path:
 def prepare_standin_corpus(*, force: bool = False) -> Path:
     """Build (once) the small local stand-in for OpenWebText and return its path.
 
-    The stand-in lets the ``openwebtext`` code path (``datasets`` streaming, stream-keyed token
-    caches, ``n_tokens``-limited reads) run offline in tests and in the ``smoke`` profile. It holds
-    :data:`STANDIN_DOCS` documents of the embedded corpus (every k-th one, so every source is
-    represented), each cut to :data:`STANDIN_MAX_CHARS` characters at a paragraph break, in an
-    order set by a hash of the text (OpenWebText's rows come in no topical order), as a parquet
-    file with a ``"text"`` column like the hub dataset. It is deterministic: the same embedded
-    corpus gives the same file. It is *not* web text; only the code path is OpenWebText's.
+    It runs the ``openwebtext`` code path (``datasets`` streaming, stream-keyed token caches,
+    ``n_tokens``-limited reads) offline, in tests and the ``smoke`` profile: a parquet file with a
+    ``"text"`` column like the hub's, holding :data:`STANDIN_DOCS` documents of the embedded corpus
+    (every k-th, so every source is represented), each cut to :data:`STANDIN_MAX_CHARS` characters
+    at a paragraph break, ordered by a hash of the text (OpenWebText has no topical order).
+    Deterministic. It is *not* web text; only the code path is OpenWebText's.
     """
     import pyarrow as pa  # optional heavy imports: only the parquet corpora need them
     import pyarrow.parquet as pq
@@ -248,13 +230,10 @@ def _corpus_source(corpus: str | os.PathLike) -> tuple[str, Path | None]:
 def load_texts(corpus: str | os.PathLike = "embedded", *, split: str = "train") -> Iterator[str]:
     """Iterate over the documents of ``corpus`` that belong to ``split``.
 
-    Args:
-        corpus: ``"embedded"``, ``"openwebtext"`` (online only), ``"openwebtext-standin"`` (its
-            local stand-in, same streaming path) or a path to a ``.txt``
-            (documents separated by blank lines), ``.jsonl`` (one JSON object per line with a
-            ``"text"`` field) or ``.parquet`` (a ``"text"`` column) file.
-        split: ``"train"``, ``"heldout"`` (about :data:`HELDOUT_FRACTION` of the documents,
-            chosen by text hash) or ``"all"``.
+    ``corpus``: a named corpus (module docstring) or a path to a ``.txt`` (documents separated by
+    blank lines), ``.jsonl`` (a ``"text"`` field per line) or ``.parquet`` (a ``"text"`` column)
+    file. ``split``: ``"train"``, ``"heldout"`` (:data:`HELDOUT_FRACTION` of the documents, by
+    text hash) or ``"all"``.
     """
     # Validate eagerly (bad names, missing files, offline hub) so errors surface at the call.
     _check_split(split)
@@ -473,11 +452,8 @@ def token_rows(
     only the trailing partial row of the stream is dropped.
 
     Args:
-        model_or_tokenizer: a tokenizer (fast Hugging Face tokenizers are batched; any object
-            with ``encode``, ``bos_token_id``, ``eos_token_id`` works) or a model with
-            ``.tokenizer`` such as a TransformerBridge.
-        corpus: see :func:`load_texts`.
-        split: ``"train"``, ``"heldout"`` or ``"all"``.
+        model_or_tokenizer: see :func:`resolve_tokenizer` (fast Hugging Face tokenizers are batched).
+        corpus, split: see :func:`load_texts`.
         n_tokens: total tokens wanted, BOS included: returns ``ceil(n_tokens / seq_len)`` rows,
             the first ones of the seeded order (so a larger ``n_tokens`` extends a smaller one).
             ``None`` returns every row (not allowed for the streamed ``"openwebtext"`` and its stand-in).

@@ -43,18 +43,8 @@ from saelib.runs import data_dir, hub_offline
 if TYPE_CHECKING:  # the bridge import costs ~3 s; only pay it when a model is loaded
     from transformer_lens.model_bridge import TransformerBridge
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "HubUnavailableError",
-    "check_embedded_cache",
-    "check_hook",
-    "embedded_cache_dir",
-    "hook_layer",
-    "hook_name",
-    "load_model",
-    "model_device",
-    "prepare_embedded_model",
-]
+__all__ = ["BUILTIN_MODELS", "HubUnavailableError", "check_embedded_cache", "check_hook", "embedded_cache_dir",
+           "hook_layer", "hook_name", "load_model", "model_device", "prepare_embedded_model"]
 
 EMBEDDED_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """Hub id of the embedded model (used only as a label: nothing is downloaded)."""
@@ -116,7 +106,6 @@ def gguf_path() -> Path:
 
 def _load_from_gguf(*, tokenizer_only: bool = False):
     """Dequantize the GGUF into a float32 ``LlamaForCausalLM`` (slow: ~20 s) and its tokenizer."""
-    # transformers costs seconds to import: only the functions that build a model import it
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -317,8 +306,7 @@ def load_model(
     """Load a language model as a TransformerLens ``TransformerBridge`` in eval mode.
 
     Args:
-        name: ``"embedded"``/``"smollm2-135m"`` (offline, cached), ``"tiny-gpt2"``/``"tiny-llama"``/
-            ``"tiny-gpt2-small"`` (random weights), or a hub id such as ``"gpt2"`` (online only).
+        name: a built-in name or a hub id (module docstring).
         device: ``"cpu"``, ``"cuda"`` ...; default: CUDA when available.
         dtype: parameter dtype.
         seed: seed of the random weights of the tiny models (ignored otherwise).
@@ -328,8 +316,8 @@ def load_model(
             centre writing weights ...) via ``enable_compatibility_mode``, the activation basis
             of pretrained SAELens SAEs such as ``gpt2-small-res-jb``.
 
-    The bridge gets an attribute ``saelib_name`` with the canonical name
-    (``"smollm2-135m"``, ``"tiny-gpt2"``, the hub id ...), used to name activation caches.
+    The bridge carries ``saelib_name`` (canonical: ``"smollm2-135m"``, ``"tiny-gpt2"``, the hub id)
+    and ``saelib_processing``, which name activation caches.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
@@ -348,7 +336,7 @@ def load_model(
                     stacklevel=2,
                 )
             prepare_embedded_model(target, force=target.exists())
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # slow import, see _load_from_gguf
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # seconds to import: only when loading
 
         tok = AutoTokenizer.from_pretrained(target)
         hf = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)

@@ -12,7 +12,7 @@ SAEs):
   :class:`~saelib.lm.activations.ActivationStore` whose every buffer fill gives each rank a share
   of the forward chunks; the activations are exchanged with ``all_gather`` so that every rank
   holds the whole fill and serves the whole stream: every SAE sees every token, as in one
-  process. (An :class:`~saelib.lm.activations.ActivationCache` needs no exchange: every rank reads
+  process. (An :class:`~saelib.lm.cache.ActivationCache` needs no exchange: every rank reads
   the same files.)
 
 Equality with one process: each chunk of ``model_batch_size`` rows is forwarded exactly as the
