@@ -78,15 +78,8 @@ from saelib.sae.geometry import pair_cosines
 from saelib.sae.train_files import (CHECKPOINT, METRICS, append_jsonl, batch_fingerprint, jsonable, load_checkpoint,
                                     open_logs, save_checkpoint, write_combined_csv)
 
-__all__ = [
-    "TrainConfig",
-    "TrainingDivergedError",
-    "EarlyStopping",
-    "make_adam",
-    "train_step",
-    "train_saes",
-    "evaluate_saes",
-]
+__all__ = ["TrainConfig", "TrainingDivergedError", "EarlyStopping", "make_adam", "train_step", "train_saes",
+           "evaluate_saes"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
 _QUANTILES = (0.1, 0.5, 0.9)
@@ -133,7 +126,7 @@ class TrainConfig:
     keep_checkpoint: bool = False
     """Keep the last checkpoint after a successful run (it holds optimiser state: ~3x the SAEs)."""
     resume: bool = True
-    """Resume from ``<out_dir>/checkpoint.pt`` when it exists (see module docstring)."""
+    """Resume from ``<out_dir>/checkpoint.pt`` when it exists (see :mod:`saelib.sae.train_files`)."""
     out_dir: str | Path | None = None
     """Folder for ``<name>/metrics.jsonl``, ``<name>/eval.json``, final SAEs and ``metrics.csv``;
     None keeps everything in memory (no files, no checkpoints; hooks still get the records)."""
@@ -216,7 +209,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# per-SAE training state
+# the training step and each SAE's state
 # --------------------------------------------------------------------------------------------
 def make_adam(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float],
               eps: float = 1e-8) -> torch.optim.Adam:
@@ -309,20 +302,15 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
 
 
 @torch.no_grad()
-def _fit_global_norms(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
-    """input_norm="global": fit the scale on the first batch unless it was set beforehand."""
+def _init_from_first_batch(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
+    """input_norm="global" fits its scale unless it was set beforehand; SAEConfig.b_dec_init sets
+    b_dec where it is still all zero (a passed-in, already trained SAE keeps its own)."""
     for r in runs:
+        x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype)
         if r.sae.cfg.input_norm == "global" and float(r.sae.input_scale) == 1.0:
-            r.sae.fit_input_norm(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
-
-
-@torch.no_grad()
-def _init_b_decs(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
-    """SAEConfig.b_dec_init on the first batch, for SAEs whose b_dec is still all zero (a
-    passed-in, already trained SAE keeps its bias)."""
-    for r in runs:
+            r.sae.fit_input_norm(x)
         if getattr(r.sae.cfg, "b_dec_init", "zeros") != "zeros" and not bool(r.sae.b_dec.any()):
-            r.sae.init_b_dec(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
+            r.sae.init_b_dec(x)
 
 
 def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
@@ -418,9 +406,8 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int
             extra["eps_max"], extra["eps_mean"] = eps.max, eps.mean
         rec = records[r.name] = _window_record(r, cfg, step, tokens, extra)
         r.reset_window(r.since_fired.device)
-        if out_dir is None:
-            continue
-        append_jsonl(out_dir / r.name / METRICS, rec)
+        if out_dir is not None:
+            append_jsonl(out_dir / r.name / METRICS, rec)
     if wb is not None:
         wb.log({f"{n}/{k}": v for n, rec in records.items() for k, v in rec.items() if v is not None}, step=step)
     if pbar is not None and len(runs) == 1:
@@ -429,6 +416,9 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
 class EarlyStopping:
     """A training hook: stop once ``metric`` has stopped improving, for every SAE it watches.
 
@@ -479,6 +469,9 @@ class EarlyStopping:
         return self.converged
 
 
+# --------------------------------------------------------------------------------------------
+# non-finite stop: the loss is watched every step, weights before every save
+# --------------------------------------------------------------------------------------------
 class TrainingDivergedError(FloatingPointError):
     """Training produced a non-finite loss, metric or weight; nothing of it was saved."""
 
@@ -640,10 +633,9 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
             if not _check_batch(batch, runs, cfg):
                 continue  # drop a short trailing batch
             if step == 0:
-                _fit_global_norms(runs, batch, device)
+                _init_from_first_batch(runs, batch, device)
                 if ckpt_path is not None:
                     stream["first"] = batch_fingerprint(batch, hook_points)
-                _init_b_decs(runs, batch, device)
             if calib_hooks:
                 recent.append({h: batch[h] for h in calib_hooks})
             lr = cfg.lr_at(step)
