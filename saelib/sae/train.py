@@ -75,8 +75,8 @@ from tqdm.auto import tqdm
 from saelib.io import atomic_write_text, folder_lock
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.geometry import pair_cosines
-from saelib.sae.train_files import (CHECKPOINT, METRICS, append_jsonl, batch_fingerprint, jsonable, load_checkpoint,
-                                    open_logs, save_checkpoint, write_combined_csv)
+from saelib.sae.train_files import (CHECKPOINT, METRICS, append_jsonl, batch_fingerprint, load_checkpoint, open_logs,
+                                    save_checkpoint, write_combined_csv)
 
 __all__ = ["TrainConfig", "TrainingDivergedError", "EarlyStopping", "make_adam", "train_step", "train_saes",
            "evaluate_saes"]
@@ -243,10 +243,7 @@ class _Run:
     """One SAE being trained: model, optimiser, counters and the current metrics window."""
 
     def __init__(self, name: str, sae: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-        self.name = name
-        self.sae = sae
-        self.hook = sae.cfg.hook_name
-        self.d_sae = int(sae.cfg.d_sae)
+        self.name, self.sae, self.hook, self.d_sae = name, sae, sae.cfg.hook_name, int(sae.cfg.d_sae)
         self.opt = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         # tokens since each latent last fired (trainer-side, for the `dead` metric)
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=device)
@@ -288,11 +285,8 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ValueError(f"SAE name {name!r} is not a valid folder name: use letters, digits and . _ - + = only "
                              "(sweep_name() builds valid names)")
-        if isinstance(obj, SAEConfig):
-            sae = SAE(obj)
-        elif isinstance(obj, SAE):
-            sae = obj
-        else:
+        sae = SAE(obj) if isinstance(obj, SAEConfig) else obj
+        if not isinstance(sae, SAE):
             raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
         if not getattr(sae.cfg, "hook_name", None):
             raise ValueError(f"saes[{name!r}].cfg.hook_name is empty: set it to the batch key the SAE reads, "
@@ -381,16 +375,13 @@ def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: d
     rec: dict[str, Any] = {"step": step, "tokens": tokens}
     rec.update({k: v / n for k, v in zip(keys, vals)})
     rec.update(_hist_quantiles(run.l0_hist))
-    if run.tokens_seen >= cfg.dead_window_tokens:
-        dead = int((run.since_fired >= cfg.dead_window_tokens).sum())
-        rec["dead"], rec["dead_frac"] = dead, dead / run.d_sae
-    else:
-        rec["dead"], rec["dead_frac"] = None, None
+    dead = int((run.since_fired >= cfg.dead_window_tokens).sum()) if run.tokens_seen >= cfg.dead_window_tokens else None
+    rec["dead"], rec["dead_frac"] = dead, None if dead is None else dead / run.d_sae
     rec.update(extra)
     bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # never written as null: a non-finite metric means the run diverged
         raise TrainingDivergedError(f"SAE {run.name!r}: metrics {bad} are non-finite at step {step}; " + _DIVERGED_ADVICE)
-    return {k: jsonable(v) for k, v in rec.items()}
+    return rec
 
 
 def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int, tokens: int, lr: float,
@@ -476,11 +467,9 @@ class TrainingDivergedError(FloatingPointError):
     """Training produced a non-finite loss, metric or weight; nothing of it was saved."""
 
 
-_DIVERGED_ADVICE = (
-    "training stopped and the diverged weights were not saved. Likely causes: a learning rate too high "
-    "for the input scale (lower TrainConfig.lr, add warmup_steps or grad_clip), inputs with a large or "
-    "uneven norm (SAEConfig.input_norm='global' or 'token'), or NaN/inf in the activations."
-)
+_DIVERGED_ADVICE = ("training stopped and the diverged weights were not saved. Likely causes: a learning rate too high "
+                    "for the input scale (lower TrainConfig.lr, add warmup_steps or grad_clip), inputs with a large or "
+                    "uneven norm (SAEConfig.input_norm='global' or 'token'), or NaN/inf in the activations.")
 
 
 def _check_finite(runs: list[_Run], cfg: TrainConfig, n_done: int, *, weights: bool) -> None:
@@ -492,9 +481,8 @@ def _check_finite(runs: list[_Run], cfg: TrainConfig, n_done: int, *, weights: b
             raise TrainingDivergedError(f"SAE {r.name!r} diverged: its loss became non-finite (NaN/inf) at step {bad} "
                                         f"(0-based, lr {cfg.lr_at(bad):.3g}); " + _DIVERGED_ADVICE)
         if bad_w:
-            raise TrainingDivergedError(
-                f"SAE {r.name!r} diverged: its weights {bad_w} are non-finite after step {n_done}; " + _DIVERGED_ADVICE
-            )
+            raise TrainingDivergedError(f"SAE {r.name!r} diverged: its weights {bad_w} are non-finite after step "
+                                        f"{n_done}; " + _DIVERGED_ADVICE)
 
 
 def _watch_loss(runs: list[_Run], r: _Run, cfg: TrainConfig, step: int, loss: Tensor) -> None:
@@ -522,14 +510,9 @@ def _lazy_wandb(cfg: TrainConfig, names: list[str]):
     return wandb.init(project=cfg.wandb_project, config={"train": cfg.to_dict(), "saes": names})
 
 
-def train_saes(
-    saes: Mapping[str, Any],
-    batches: Iterable[Mapping[str, Tensor]],
-    cfg: TrainConfig,
-    eval_batches: Iterable[Mapping[str, Tensor]] | None = None,
-    *,
-    hooks: Iterable[Callable[[int, dict[str, dict[str, Any]]], bool]] = (),
-) -> dict[str, torch.nn.Module]:
+def train_saes(saes: Mapping[str, Any], batches: Iterable[Mapping[str, Tensor]], cfg: TrainConfig,
+               eval_batches: Iterable[Mapping[str, Tensor]] | None = None, *,
+               hooks: Iterable[Callable[[int, dict[str, dict[str, Any]]], bool]] = ()) -> dict[str, torch.nn.Module]:
     """Train every SAE in ``saes`` on one pass over ``batches``; return ``{name: trained SAE}``.
 
     Args:
@@ -542,8 +525,8 @@ def train_saes(
         cfg: the :class:`TrainConfig`.
         eval_batches: optional held-out batches; after training every SAE is evaluated on all of
             them (:func:`evaluate_saes`) and ``<out_dir>/<name>/eval.json`` is written.
-        hooks: callables ``hook(step, {name: record}) -> bool`` run after every metrics record
-            (see the module docstring); True stops training (e.g. :class:`EarlyStopping`).
+        hooks: ``hook(step, {name: record}) -> bool`` after every record (module docstring), e.g.
+            :class:`EarlyStopping`; True stops training.
 
     Files under ``cfg.out_dir``: ``<name>/metrics.jsonl``, ``<name>/sae.safetensors`` +
     ``cfg.json`` (``SAE.save``), ``<name>/eval.json``, ``metrics.csv`` (all SAEs, all records),
@@ -586,25 +569,23 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
     calib_hooks = sorted({r.hook for r in runs if r.sae.rule.calibrates}) \
         if cfg.batchtopk_threshold == "final" else []
     recent: collections.deque = collections.deque(maxlen=cfg.threshold_batches)
-    if step:  # replay the stream up to where the checkpoint left it
-        skipped = 0
-        while skipped < step:
-            try:
-                b = next(it)
-            except StopIteration:
-                raise ValueError(f"cannot resume at step {step}: the batch stream ended after {skipped} batches; "
-                                 "pass the same (fresh) batch iterable as the interrupted run") from None
-            if _check_batch(b, runs, cfg):
-                for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
-                    if skipped == at and stream.get(key) != batch_fingerprint(b, hook_points):
-                        raise ValueError(
-                            f"cannot resume {ckpt_path} at step {step}: batch {at} of this stream differs from the one "
-                            "the checkpoint was trained on (another dataset, seed, order or dtype). Pass the same (fresh) "
-                            "batch iterable as the interrupted run, or start over with TrainConfig(resume=False)"
-                        )
-                skipped += 1
-                if calib_hooks:
-                    recent.append({h: b[h] for h in calib_hooks})
+    skipped = 0  # replay the stream up to where the checkpoint left it
+    while skipped < step:
+        try:
+            b = next(it)
+        except StopIteration:
+            raise ValueError(f"cannot resume at step {step}: the batch stream ended after {skipped} batches; "
+                             "pass the same (fresh) batch iterable as the interrupted run") from None
+        if _check_batch(b, runs, cfg):
+            for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
+                if skipped == at and stream.get(key) != batch_fingerprint(b, hook_points):
+                    raise ValueError(f"cannot resume {ckpt_path} at step {step}: batch {at} of this stream differs from "
+                                     "the one the checkpoint was trained on (another dataset, seed, order or dtype). Pass "
+                                     "the same (fresh) batch iterable as the interrupted run, or start over with "
+                                     "TrainConfig(resume=False)")
+            skipped += 1
+            if calib_hooks:
+                recent.append({h: b[h] for h in calib_hooks})
 
     stop = False
     if out_dir is not None:  # written only once the checkpoint and the stream are known to belong to this run
@@ -624,11 +605,8 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
             try:
                 batch = next(it)
             except StopIteration:
-                warnings.warn(
-                    f"the batch stream ended after {step} of {n_steps} steps ({tokens} tokens); the SAEs are "
-                    "saved as they are. Pass more batches (e.g. epochs=...) to train the full n_tokens",
-                    stacklevel=2,
-                )
+                warnings.warn(f"the batch stream ended after {step} of {n_steps} steps ({tokens} tokens); the SAEs are "
+                              "saved as they are. Pass more batches (e.g. epochs=...) to train the full n_tokens", stacklevel=2)
                 break
             if not _check_batch(batch, runs, cfg):
                 continue  # drop a short trailing batch
@@ -687,7 +665,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
                 atomic_write_text(out_dir / name / "eval.json", json.dumps(ev, indent=2))
     if out_dir is not None:
         write_combined_csv(out_dir)
-        if ckpt_path is not None and ckpt_path.exists() and not cfg.keep_checkpoint:
+        if ckpt_path.exists() and not cfg.keep_checkpoint:
             ckpt_path.unlink()
     if wb is not None:
         wb.finish()

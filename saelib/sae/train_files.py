@@ -11,8 +11,8 @@ skips the ``step`` batches it already consumed and continues. The result is bit-
 uninterrupted run (tested); the learning-rate schedule is a pure function of the step.
 The checkpoint holds tensors and plain data only (``torch.load(weights_only=True)``); it records
 fingerprints of the first batch and of the last batch before it, so resuming on another stream
-is an error. ``metrics.jsonl`` has one JSON record per line (never ``null`` for a number); a torn
-last line (a kill during an append) is dropped on resume, as are records past the checkpoint.
+is an error. ``metrics.jsonl`` holds one JSON record per line; on resume a torn last line (a kill
+during an append) and the records past the checkpoint are dropped.
 """
 
 from __future__ import annotations
@@ -37,30 +37,14 @@ from torch import Tensor
 
 from saelib.io import atomic_path, atomic_write_text
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "append_jsonl", "batch_fingerprint", "cfg_dict", "jsonable",
-           "load_checkpoint", "natural_key", "open_logs", "read_checkpoint", "read_jsonl", "run_identity",
-           "save_checkpoint", "write_combined_csv"]
-
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2  # 2: no pickled objects (weights_only load), batch-stream fingerprint
 METRICS = "metrics.jsonl"
 
 
-def jsonable(v: Any) -> Any:
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def cfg_dict(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON data (dtypes and paths as strings, tuples as lists)."""
-    return {k: jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
+    """An SAE config as plain data, a non-finite float as None (as in ``cfg.json``)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
 def natural_key(s: str) -> list:
@@ -199,7 +183,7 @@ def save_checkpoint(path: Path, runs: list, cfg: Any, step: int, tokens: int, st
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: tensors and plain data only, never unpickled objects."""
-    fix = (f"delete {path} to start over (the SAEs restart from step 0), or pass TrainConfig(resume=False)")
+    fix = f"delete {path} to start over (the SAEs restart from step 0), or pass TrainConfig(resume=False)"
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is empty (a crash while it was written?): {fix}")
     try:
