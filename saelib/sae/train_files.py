@@ -43,7 +43,7 @@ METRICS = "metrics.jsonl"
 
 
 def cfg_dict(cfg: Any) -> dict[str, Any]:
-    """An SAE config as plain data, a non-finite float as None (as in ``cfg.json``)."""
+    """An SAE config as plain data (a non-finite float as None), e.g. for comparing configs."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
