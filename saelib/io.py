@@ -163,7 +163,11 @@ def folder_lock(folder: str | Path, what: str = "folder") -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------
 ACTIVATION_CODE = ("saelib.lm.activations", "saelib.lm.cache", "saelib.lm.models")
 """Modules whose code decides the values in an activation cache."""
-TRAINING_CODE = ("saelib.sae.core", "saelib.sae.topafa", "saelib.sae.train", "saelib.sae.metrics", *ACTIVATION_CODE)
+TRAINING_CODE = ("saelib.sae.core", "saelib.sae.topafa", "saelib.sae.kernels", "saelib.sae.geometry",
+                 "saelib.sae.checkpoint", "saelib.sae.rules", "saelib.sae.rules.base", "saelib.sae.rules.topk",
+                 "saelib.sae.rules.batchtopk", "saelib.sae.rules.topafa", "saelib.sae.rules.relu",
+                 "saelib.sae.rules.jumprelu", "saelib.sae.train", "saelib.sae.train_files",
+                 "saelib.sae.metrics", *ACTIVATION_CODE)
 """Modules whose code decides a trained SAE (its rule, losses, trainer and the activations it saw)."""
 
 

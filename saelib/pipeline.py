@@ -43,7 +43,8 @@ from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, write_
 from saelib.runs import runs_dir as resolve_runs
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.rules import RULES, get_rule
-from saelib.sae.train import TrainConfig, _cfg_dict, _identity, _natural_key, _read_jsonl, train_saes
+from saelib.sae.train import TrainConfig, train_saes
+from saelib.sae.train_files import cfg_dict, natural_key, read_jsonl, run_identity
 
 __all__ = sorted(PIPELINE_NAMES)  # listed in saelib.runs, which forwards them
 
@@ -194,7 +195,7 @@ def load_saes(out_dir: str | Path, names: Iterable[str] | None = None, *, device
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"no sweep folder {out_dir}; train it first (train_saes / ensure_sweep)")
-    found = sorted((p.parent.name for p in out_dir.glob("*/cfg.json")), key=_natural_key)
+    found = sorted((p.parent.name for p in out_dir.glob("*/cfg.json")), key=natural_key)
     if names is not None:
         names = list(names)
         missing = [n for n in names if n not in found]
@@ -210,8 +211,8 @@ def load_saes(out_dir: str | Path, names: Iterable[str] | None = None, *, device
 
 def load_metrics(out_dir: str | Path, *, as_frame: bool = True):
     """Training records of every SAE in ``out_dir``: a pandas DataFrame (column ``name``) or a dict."""
-    res = {p.parent.name: [rec for _, rec in _read_jsonl(p)]
-           for p in sorted(Path(out_dir).glob("*/metrics.jsonl"), key=lambda p: _natural_key(p.parent.name))}
+    res = {p.parent.name: [rec for _, rec in read_jsonl(p)]
+           for p in sorted(Path(out_dir).glob("*/metrics.jsonl"), key=lambda p: natural_key(p.parent.name))}
     if not as_frame:
         return res
     return pd.DataFrame([{"name": n, **r} for n, recs in res.items() for r in recs])
@@ -220,7 +221,7 @@ def load_metrics(out_dir: str | Path, *, as_frame: bool = True):
 def load_evals(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     """``{name: eval.json contents}`` for every evaluated SAE of a sweep folder."""
     return {p.parent.name: json.loads(p.read_text())
-            for p in sorted(Path(out_dir).glob("*/eval.json"), key=lambda p: _natural_key(p.parent.name))}
+            for p in sorted(Path(out_dir).glob("*/eval.json"), key=lambda p: natural_key(p.parent.name))}
 
 
 def sweep_table(out_dir: str | Path):
@@ -247,7 +248,7 @@ LOG_ONLY = ("dead_window_tokens",)
 def train_settings(cfg: TrainConfig) -> dict[str, Any]:
     """The TrainConfig fields that decide the trained weights (a sweep stamp's ``config``):
     everything but bookkeeping (folders, logging, checkpoints, device) and :data:`LOG_ONLY`."""
-    return {k: v for k, v in _identity([], cfg)["train"].items() if k not in LOG_ONLY}
+    return {k: v for k, v in run_identity([], cfg)["train"].items() if k not in LOG_ONLY}
 
 
 def _is_finished(folder: Path, cfg: SAEConfig, need_eval: bool) -> bool:
@@ -259,7 +260,7 @@ def _is_finished(folder: Path, cfg: SAEConfig, need_eval: bool) -> bool:
         return False
     try:  # compare configs without loading the weights
         doc = json.loads((folder / "cfg.json").read_text())
-        if _cfg_dict(SAEConfig.from_dict(doc.get("cfg", doc))) != _cfg_dict(cfg):
+        if cfg_dict(SAEConfig.from_dict(doc.get("cfg", doc))) != cfg_dict(cfg):
             return False
     except Exception:  # noqa: BLE001 - an unreadable folder is simply "not finished"
         return False

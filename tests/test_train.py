@@ -150,6 +150,21 @@ def test_checkpoint_resume_is_exact(tmp_path, data):
         train_saes(configs, stream(data, 64), part_cfg)
 
 
+def test_resume_from_checkpoint_before_first_record(tmp_path, data):
+    """A checkpoint written before any metrics record (checkpoint_every < log_every) resumes exactly."""
+    configs = {"topk": SAEConfig(d_in=D, d_sae=H, activation="topk", k=4, hook_name=HOOK_A)}
+    full = train_saes(configs, stream(data, 64), small_cfg(tmp_path / "full", n_tokens=64 * 12))
+    part_cfg = small_cfg(tmp_path / "part", n_tokens=64 * 12, checkpoint_every=3)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_saes(configs, stream(data, 64, fail_after=7), part_cfg)
+    assert not (tmp_path / "part" / "topk" / "metrics.jsonl").exists()
+    resumed = train_saes(configs, stream(data, 64), part_cfg)
+    for k, v in _state(full)["topk"].items():  # bitwise (topk's unused threshold is NaN in both)
+        torch.testing.assert_close(_state(resumed)["topk"][k], v, rtol=0, atol=0, equal_nan=True)
+    ma, mb = (load_metrics(tmp_path / p).drop(columns=["tokens_per_s"]) for p in ("full", "part"))
+    assert ma.equals(mb) and list(mb["step"]) == [10, 12]
+
+
 def test_decoder_rows_unit_norm(tmp_path, data):
     cfg = small_cfg(tmp_path, n_tokens=64 * 20, lr=3e-2)
     out = train_saes({"r": SAEConfig(d_in=D, d_sae=H, activation="relu", l1_coeff=1e-3, hook_name=HOOK_A)}, stream(data, 64), cfg)

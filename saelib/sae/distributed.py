@@ -52,7 +52,8 @@ from torch import Tensor
 
 from saelib.lm.activations import ActivationStore
 from saelib.io import atomic_write_text
-from saelib.sae.train import _write_combined_csv, train_saes
+from saelib.sae.train import train_saes
+from saelib.sae.train_files import write_combined_csv
 from saelib.sae.rules import rule_attr
 
 __all__ = ["DistributedActivationStore", "init", "plan_saes", "rank_dir", "train_sweep", "world"]
@@ -216,7 +217,7 @@ def train_sweep(
         os.replace(src, dst)
     dist.barrier()
     if rank == 0:
-        _write_combined_csv(out_dir)
+        write_combined_csv(out_dir)
         atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
         atomic_write_text(out_dir / PLAN_FILE, json.dumps({"world_size": n_ranks, "plan": plan}, indent=2))
     dist.barrier()

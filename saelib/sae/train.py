@@ -41,16 +41,8 @@ finished as after the last step: threshold, save, eval). :class:`EarlyStopping` 
 On resume the records already in ``metrics.jsonl`` are replayed to the hooks first, so a
 stateful hook decides as in an uninterrupted run.
 
-Exact resume: ``<out_dir>/checkpoint.pt`` (written atomically every ``checkpoint_every`` steps)
-holds every SAE's weights and buffers (dead counters, BatchTopK threshold), its optimiser state,
-the trainer's dead-latent counters and metric accumulators, the step count and the RNG states.
-Re-running :func:`train_saes` with the same configs, the same ``out_dir`` and a *fresh* batch
-iterable that yields the same sequence as before (same source, same seed) resumes: the trainer
-skips the ``step`` batches it already consumed and continues. The result is bit-identical to an
-uninterrupted run (tested). The learning-rate schedule is a pure function of the step.
-The checkpoint holds tensors and plain data only (``torch.load(weights_only=True)``); it records
-fingerprints of the first batch and of the last batch before it, so resuming on another stream
-is an error. A torn last line of ``metrics.jsonl`` (a kill during an append) is dropped on resume.
+Exact resume from ``<out_dir>/checkpoint.pt``, bit-identical to an uninterrupted run: see
+:mod:`saelib.sae.train_files`, which owns the run folder's files.
 
 Reliability: one process writes a run folder at a time (an advisory lock; a second gets an
 error naming the holder's pid). Training stops at the first non-finite loss (on CPU at once; on
@@ -62,18 +54,14 @@ are never checkpointed, saved or returned, and metrics are never written as ``nu
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import pickle
 import random
 import re
 import time
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,22 +72,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from saelib.io import atomic_path, atomic_write_text, folder_lock
+from saelib.io import atomic_write_text, folder_lock
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.geometry import pair_cosines
 from saelib.sae.metrics import held_out_metrics
+from saelib.sae.train_files import (CHECKPOINT, METRICS, append_jsonl, batch_fingerprint, load_checkpoint, open_logs,
+                                    save_checkpoint, write_combined_csv)
 
-__all__ = [
-    "TrainConfig",
-    "TrainingDivergedError",
-    "EarlyStopping",
-    "make_adam",
-    "train_step",
-    "train_saes",
-]
+__all__ = ["TrainConfig", "TrainingDivergedError", "EarlyStopping", "make_adam", "train_step", "train_saes"]
 
-CHECKPOINT = "checkpoint.pt"
-_CHECKPOINT_FORMAT = 2  # 2: no pickled objects (weights_only load), batch-stream fingerprint
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
 _QUANTILES = (0.1, 0.5, 0.9)
 
@@ -145,7 +126,7 @@ class TrainConfig:
     keep_checkpoint: bool = False
     """Keep the last checkpoint after a successful run (it holds optimiser state: ~3x the SAEs)."""
     resume: bool = True
-    """Resume from ``<out_dir>/checkpoint.pt`` when it exists (see module docstring)."""
+    """Resume from ``<out_dir>/checkpoint.pt`` when it exists (see :mod:`saelib.sae.train_files`)."""
     out_dir: str | Path | None = None
     """Folder for ``<name>/metrics.jsonl``, ``<name>/eval.json``, final SAEs and ``metrics.csv``;
     None keeps everything in memory (no files, no checkpoints; hooks still get the records)."""
@@ -228,44 +209,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# small helpers
-# --------------------------------------------------------------------------------------------
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-    except OSError as e:
-        raise OSError(e.errno, f"could not write {path} ({e.strerror or e}); the previous checkpoint (if any) is kept. "
-                               "Free disk space and run again to resume from it") from None
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    if isinstance(v, Path):
-        return str(v)
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def _cfg_dict(cfg: Any) -> dict[str, Any]:
-    return {k: _jsonable(v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def _natural_key(s: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def _loss_fields(out: Any) -> dict[str, Tensor]:
-    """Scalar ``*loss`` tensors of an SAE output NamedTuple (None entries skipped)."""
-    return {k: v.detach() for k, v in out._asdict().items() if k.endswith("loss") and isinstance(v, Tensor) and v.numel() == 1}
-
-
-# --------------------------------------------------------------------------------------------
-# per-SAE training state
+# the training step and each SAE's state
 # --------------------------------------------------------------------------------------------
 def make_adam(params: Iterable[torch.nn.Parameter], *, lr: float, betas: tuple[float, float],
               eps: float = 1e-8) -> torch.optim.Adam:
@@ -299,10 +243,7 @@ class _Run:
     """One SAE being trained: model, optimiser, counters and the current metrics window."""
 
     def __init__(self, name: str, sae: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-        self.name = name
-        self.sae = sae
-        self.hook = sae.cfg.hook_name
-        self.d_sae = int(sae.cfg.d_sae)
+        self.name, self.sae, self.hook, self.d_sae = name, sae, sae.cfg.hook_name, int(sae.cfg.d_sae)
         self.opt = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps)
         # tokens since each latent last fired (trainer-side, for the `dead` metric)
         self.since_fired = torch.zeros(self.d_sae, dtype=torch.long, device=device)
@@ -344,11 +285,8 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ValueError(f"SAE name {name!r} is not a valid folder name: use letters, digits and . _ - + = only "
                              "(sweep_name() builds valid names)")
-        if isinstance(obj, SAEConfig):
-            sae = SAE(obj)
-        elif isinstance(obj, SAE):
-            sae = obj
-        else:
+        sae = SAE(obj) if isinstance(obj, SAEConfig) else obj
+        if not isinstance(sae, SAE):
             raise ValueError(f"saes[{name!r}] is a {type(obj).__name__}; expected saelib.sae.core.SAEConfig or SAE")
         if not getattr(sae.cfg, "hook_name", None):
             raise ValueError(f"saes[{name!r}].cfg.hook_name is empty: set it to the batch key the SAE reads, "
@@ -358,20 +296,15 @@ def _prepare_saes(saes: Mapping[str, Any], device: torch.device) -> dict[str, to
 
 
 @torch.no_grad()
-def _fit_global_norms(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
-    """input_norm="global": fit the scale on the first batch unless it was set beforehand."""
+def _init_from_first_batch(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
+    """input_norm="global" fits its scale unless it was set beforehand; SAEConfig.b_dec_init sets
+    b_dec where it is still all zero (a passed-in, already trained SAE keeps its own)."""
     for r in runs:
+        x = batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype)
         if r.sae.cfg.input_norm == "global" and float(r.sae.input_scale) == 1.0:
-            r.sae.fit_input_norm(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
-
-
-@torch.no_grad()
-def _init_b_decs(runs: list[_Run], batch: Mapping[str, Tensor], device: torch.device) -> None:
-    """SAEConfig.b_dec_init on the first batch, for SAEs whose b_dec is still all zero (a
-    passed-in, already trained SAE keeps its bias)."""
-    for r in runs:
+            r.sae.fit_input_norm(x)
         if getattr(r.sae.cfg, "b_dec_init", "zeros") != "zeros" and not bool(r.sae.b_dec.any()):
-            r.sae.init_b_dec(batch[r.hook].to(device=device, dtype=r.sae.W_dec.dtype))
+            r.sae.init_b_dec(x)
 
 
 def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
@@ -413,8 +346,9 @@ def _accumulate(run: _Run, x: Tensor, out: Any) -> None:
     l0_tok = out.l0_tokens  # [B], counted by the forward pass without an [B, d_sae] temporary
     run.add("l0", l0_tok.float().mean())
     run.l0_hist += torch.bincount(l0_tok, minlength=run.d_sae + 1)
-    for k, v in _loss_fields(out).items():
-        run.add(k, v)
+    for k, v in out._asdict().items():  # every scalar *loss of the output
+        if k.endswith("loss") and isinstance(v, Tensor) and v.numel() == 1:
+            run.add(k, v)
     run.n_steps_window += 1
     run.since_fired += x.shape[0]
     run.since_fired[out.fired] = 0
@@ -441,16 +375,13 @@ def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: d
     rec: dict[str, Any] = {"step": step, "tokens": tokens}
     rec.update({k: v / n for k, v in zip(keys, vals)})
     rec.update(_hist_quantiles(run.l0_hist))
-    if run.tokens_seen >= cfg.dead_window_tokens:
-        dead = int((run.since_fired >= cfg.dead_window_tokens).sum())
-        rec["dead"], rec["dead_frac"] = dead, dead / run.d_sae
-    else:
-        rec["dead"], rec["dead_frac"] = None, None
+    dead = int((run.since_fired >= cfg.dead_window_tokens).sum()) if run.tokens_seen >= cfg.dead_window_tokens else None
+    rec["dead"], rec["dead_frac"] = dead, None if dead is None else dead / run.d_sae
     rec.update(extra)
     bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # never written as null: a non-finite metric means the run diverged
         raise TrainingDivergedError(f"SAE {run.name!r}: metrics {bad} are non-finite at step {step}; " + _DIVERGED_ADVICE)
-    return {k: _jsonable(v) for k, v in rec.items()}
+    return rec
 
 
 def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int, tokens: int, lr: float,
@@ -466,16 +397,8 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int
             extra["eps_max"], extra["eps_mean"] = eps.max, eps.mean
         rec = records[r.name] = _window_record(r, cfg, step, tokens, extra)
         r.reset_window(r.since_fired.device)
-        if out_dir is None:
-            continue
-        mpath = out_dir / r.name / "metrics.jsonl"
-        try:
-            with open(mpath, "a") as f:
-                f.write(json.dumps(rec, allow_nan=False) + "\n")
-        except OSError as e:
-            raise OSError(e.errno, f"could not append to {mpath} ({e.strerror or e}); free disk space (or fix the "
-                                   "folder's permissions) and run again: training resumes from the last checkpoint "
-                                   "and a torn last line is dropped") from None
+        if out_dir is not None:
+            append_jsonl(out_dir / r.name / METRICS, rec)
     if wb is not None:
         wb.log({f"{n}/{k}": v for n, rec in records.items() for k, v in rec.items() if v is not None}, step=step)
     if pbar is not None and len(runs) == 1:
@@ -484,6 +407,9 @@ def _log_all(runs: list[_Run], cfg: TrainConfig, out_dir: Path | None, step: int
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
 class EarlyStopping:
     """A training hook: stop once ``metric`` has stopped improving, for every SAE it watches.
 
@@ -534,153 +460,16 @@ class EarlyStopping:
         return self.converged
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """``(line, record)`` pairs of a metrics file. A torn last line (a kill during an append) is
-    dropped with a warning; an unreadable line elsewhere is an error naming the file and line."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    out = []
-    for i, line in enumerate(lines):
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            if i == len(lines) - 1:
-                warnings.warn(f"{path}: ignoring a torn last line (an interrupted append): {line[:60]!r}", stacklevel=3)
-                break
-            raise ValueError(f"{path}:{i + 1} is not a JSON record ({e}); the metrics file is damaged: delete that "
-                             "line (or the file, losing the training curve) and run again") from None
-        out.append((line, rec))
-    return out
-
-
-def _truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop records past ``max_step`` (written after the checkpoint we resume from) and a torn last line."""
-    if not path.exists():
-        return
-    keep = [line for line, rec in _read_jsonl(path) if rec.get("step", 0) <= max_step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def _write_combined_csv(out_dir: Path) -> Path | None:
-    rows = []
-    for p in sorted(out_dir.glob("*/metrics.jsonl"), key=lambda p: _natural_key(p.parent.name)):
-        rows += [{"name": p.parent.name, **r} for _, r in _read_jsonl(p)]
-    if not rows:
-        return None
-    cols: list[str] = []
-    for r in rows:
-        cols += [c for c in r if c not in cols]
-    path = out_dir / "metrics.csv"
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 # --------------------------------------------------------------------------------------------
-# checkpoints
+# non-finite stop: the loss is watched every step, weights before every save
 # --------------------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    """Every RNG state as tensors, numbers and lists (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, py_state, gauss = random.getstate()
-    st = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "state": list(py_state), "gauss": gauss},
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = list(torch.cuda.get_rng_state_all())
-    return st
-
-
-def _set_rng_state(st: Mapping[str, Any]) -> None:
-    torch.set_rng_state(st["torch"].cpu())
-    n = st["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    p = st["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda"]])
-
-
-def _batch_fingerprint(batch: Mapping[str, Tensor], hooks: Iterable[str]) -> str:
-    """sha256 of the hooks' tensors of one batch (dtype, shape and bytes)."""
-    h = hashlib.sha256()
-    for k in sorted(set(hooks)):
-        t = batch[k].detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _identity(runs: list[_Run], cfg: TrainConfig) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumable."""
-    tc = cfg.to_dict()
-    for k in ("progress", "out_dir", "wandb_project", "checkpoint_every", "keep_checkpoint", "resume", "device", "log_every", "eps_every", "eps_block"):
-        tc.pop(k, None)
-    return {"train": tc, "saes": {r.name: _cfg_dict(r.sae.cfg) for r in runs}}
-
-
-def _save_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig, step: int, tokens: int,
-                     stream: dict[str, Any]) -> None:
-    _atomic_torch_save({"format": _CHECKPOINT_FORMAT, "step": step, "tokens": tokens, "identity": _identity(runs, cfg),
-                        "stream": stream, "runs": {r.name: r.state() for r in runs}, "rng": _rng_state()}, path)
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)``: tensors and plain data only, never unpickled objects."""
-    fix = (f"delete {path} to start over (the SAEs restart from step 0), or pass TrainConfig(resume=False)")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path} is empty (a crash while it was written?): {fix}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # a torch archive or a pickle stream
-            raise ValueError(f"{path} is not a saelib checkpoint: it holds pickled objects, which saelib never loads "
-                             f"(they could run code). ({str(e).splitlines()[0][:200]}) Remove that file: {fix}") from None
-        raise ValueError(f"{path} is not a checkpoint (unrecognised bytes); it is corrupt: {fix}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else 'truncated'}); it is truncated or corrupt: {fix}") from None
-    if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT:
-        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        raise ValueError(f"{path} has checkpoint format {got!r}, this saelib reads format {_CHECKPOINT_FORMAT}: {fix}")
-    missing = [k for k in ("step", "tokens", "identity", "stream", "runs", "rng") if k not in ck]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}: it is damaged: {fix}")
-    return ck
-
-
-def _load_checkpoint(path: Path, runs: list[_Run], cfg: TrainConfig) -> tuple[int, int, dict[str, Any]]:
-    ck = _read_checkpoint(path)
-    want = _identity(runs, cfg)
-    if ck.get("identity") != want:
-        have = ck.get("identity", {})
-        diff = sorted(set(have.get("saes", {})) ^ set(want["saes"]))
-        what = f"SAE names differ ({diff})" if diff else "SAE or training configs differ"
-        raise ValueError(f"{path} belongs to a different run: {what}. Use another out_dir, delete the checkpoint, "
-                         "or pass TrainConfig(resume=False) to start over")
-    for r in runs:
-        r.load_state(ck["runs"][r.name])
-    _set_rng_state(ck["rng"])
-    return int(ck["step"]), int(ck["tokens"]), dict(ck["stream"])
-
-
 class TrainingDivergedError(FloatingPointError):
     """Training produced a non-finite loss, metric or weight; nothing of it was saved."""
 
 
-_DIVERGED_ADVICE = (
-    "training stopped and the diverged weights were not saved. Likely causes: a learning rate too high "
-    "for the input scale (lower TrainConfig.lr, add warmup_steps or grad_clip), inputs with a large or "
-    "uneven norm (SAEConfig.input_norm='global' or 'token'), or NaN/inf in the activations."
-)
+_DIVERGED_ADVICE = ("training stopped and the diverged weights were not saved. Likely causes: a learning rate too high "
+                    "for the input scale (lower TrainConfig.lr, add warmup_steps or grad_clip), inputs with a large or "
+                    "uneven norm (SAEConfig.input_norm='global' or 'token'), or NaN/inf in the activations.")
 
 
 def _check_finite(runs: list[_Run], cfg: TrainConfig, n_done: int, *, weights: bool) -> None:
@@ -692,9 +481,8 @@ def _check_finite(runs: list[_Run], cfg: TrainConfig, n_done: int, *, weights: b
             raise TrainingDivergedError(f"SAE {r.name!r} diverged: its loss became non-finite (NaN/inf) at step {bad} "
                                         f"(0-based, lr {cfg.lr_at(bad):.3g}); " + _DIVERGED_ADVICE)
         if bad_w:
-            raise TrainingDivergedError(
-                f"SAE {r.name!r} diverged: its weights {bad_w} are non-finite after step {n_done}; " + _DIVERGED_ADVICE
-            )
+            raise TrainingDivergedError(f"SAE {r.name!r} diverged: its weights {bad_w} are non-finite after step "
+                                        f"{n_done}; " + _DIVERGED_ADVICE)
 
 
 def _watch_loss(runs: list[_Run], r: _Run, cfg: TrainConfig, step: int, loss: Tensor) -> None:
@@ -722,14 +510,9 @@ def _lazy_wandb(cfg: TrainConfig, names: list[str]):
     return wandb.init(project=cfg.wandb_project, config={"train": cfg.to_dict(), "saes": names})
 
 
-def train_saes(
-    saes: Mapping[str, Any],
-    batches: Iterable[Mapping[str, Tensor]],
-    cfg: TrainConfig,
-    eval_batches: Iterable[Mapping[str, Tensor]] | None = None,
-    *,
-    hooks: Iterable[Callable[[int, dict[str, dict[str, Any]]], bool]] = (),
-) -> dict[str, torch.nn.Module]:
+def train_saes(saes: Mapping[str, Any], batches: Iterable[Mapping[str, Tensor]], cfg: TrainConfig,
+               eval_batches: Iterable[Mapping[str, Tensor]] | None = None, *,
+               hooks: Iterable[Callable[[int, dict[str, dict[str, Any]]], bool]] = ()) -> dict[str, torch.nn.Module]:
     """Train every SAE in ``saes`` on one pass over ``batches``; return ``{name: trained SAE}``.
 
     Args:
@@ -742,8 +525,8 @@ def train_saes(
         cfg: the :class:`TrainConfig`.
         eval_batches: optional held-out batches; after training every SAE is evaluated on all of
             them (:func:`saelib.sae.metrics.held_out_metrics`) and ``<out_dir>/<name>/eval.json`` is written.
-        hooks: callables ``hook(step, {name: record}) -> bool`` run after every metrics record
-            (see the module docstring); True stops training (e.g. :class:`EarlyStopping`).
+        hooks: ``hook(step, {name: record}) -> bool`` after every record (module docstring), e.g.
+            :class:`EarlyStopping`; True stops training.
 
     Files under ``cfg.out_dir``: ``<name>/metrics.jsonl``, ``<name>/sae.safetensors`` +
     ``cfg.json`` (``SAE.save``), ``<name>/eval.json``, ``metrics.csv`` (all SAEs, all records),
@@ -777,7 +560,7 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if ckpt_path.exists() and cfg.resume:
-            step, tokens, stream = _load_checkpoint(ckpt_path, runs, cfg)
+            step, tokens, stream = load_checkpoint(ckpt_path, runs, cfg)
 
     n_steps = cfg.n_steps
     hook_points = [r.hook for r in runs]
@@ -786,39 +569,28 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
     calib_hooks = sorted({r.hook for r in runs if r.sae.rule.calibrates}) \
         if cfg.batchtopk_threshold == "final" else []
     recent: collections.deque = collections.deque(maxlen=cfg.threshold_batches)
-    if step:  # replay the stream up to where the checkpoint left it
-        skipped = 0
-        while skipped < step:
-            try:
-                b = next(it)
-            except StopIteration:
-                raise ValueError(f"cannot resume at step {step}: the batch stream ended after {skipped} batches; "
-                                 "pass the same (fresh) batch iterable as the interrupted run") from None
-            if _check_batch(b, runs, cfg):
-                for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
-                    if skipped == at and stream.get(key) != _batch_fingerprint(b, hook_points):
-                        raise ValueError(
-                            f"cannot resume {ckpt_path} at step {step}: batch {at} of this stream differs from the one "
-                            "the checkpoint was trained on (another dataset, seed, order or dtype). Pass the same (fresh) "
-                            "batch iterable as the interrupted run, or start over with TrainConfig(resume=False)"
-                        )
-                skipped += 1
-                if calib_hooks:
-                    recent.append({h: b[h] for h in calib_hooks})
+    skipped = 0  # replay the stream up to where the checkpoint left it
+    while skipped < step:
+        try:
+            b = next(it)
+        except StopIteration:
+            raise ValueError(f"cannot resume at step {step}: the batch stream ended after {skipped} batches; "
+                             "pass the same (fresh) batch iterable as the interrupted run") from None
+        if _check_batch(b, runs, cfg):
+            for key, at in (("first", 0), ("last", stream.get("last_step", 0) - 1)):
+                if skipped == at and stream.get(key) != batch_fingerprint(b, hook_points):
+                    raise ValueError(f"cannot resume {ckpt_path} at step {step}: batch {at} of this stream differs from "
+                                     "the one the checkpoint was trained on (another dataset, seed, order or dtype). Pass "
+                                     "the same (fresh) batch iterable as the interrupted run, or start over with "
+                                     "TrainConfig(resume=False)")
+            skipped += 1
+            if calib_hooks:
+                recent.append({h: b[h] for h in calib_hooks})
 
     stop = False
     if out_dir is not None:  # written only once the checkpoint and the stream are known to belong to this run
         atomic_write_text(out_dir / "train.json", json.dumps(cfg.to_dict(), indent=2))
-        replay: dict[int, dict[str, dict[str, Any]]] = {}
-        for r in runs:
-            mpath = out_dir / r.name / "metrics.jsonl"
-            if step:
-                _truncate_jsonl(mpath, step)
-                for _, rec in _read_jsonl(mpath):
-                    replay.setdefault(int(rec["step"]), {})[r.name] = rec
-            elif mpath.exists():
-                mpath.unlink()  # a fresh run starts a fresh log
-            (out_dir / r.name).mkdir(parents=True, exist_ok=True)
+        replay = open_logs(out_dir, [r.name for r in runs], step)
         for s_, recs in sorted(replay.items()):  # hooks see the records of the resumed steps first
             stop = _call_hooks(hooks, s_, recs) or stop
 
@@ -833,19 +605,15 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
             try:
                 batch = next(it)
             except StopIteration:
-                warnings.warn(
-                    f"the batch stream ended after {step} of {n_steps} steps ({tokens} tokens); the SAEs are "
-                    "saved as they are. Pass more batches (e.g. epochs=...) to train the full n_tokens",
-                    stacklevel=2,
-                )
+                warnings.warn(f"the batch stream ended after {step} of {n_steps} steps ({tokens} tokens); the SAEs are "
+                              "saved as they are. Pass more batches (e.g. epochs=...) to train the full n_tokens", stacklevel=2)
                 break
             if not _check_batch(batch, runs, cfg):
                 continue  # drop a short trailing batch
             if step == 0:
-                _fit_global_norms(runs, batch, device)
+                _init_from_first_batch(runs, batch, device)
                 if ckpt_path is not None:
-                    stream["first"] = _batch_fingerprint(batch, hook_points)
-                _init_b_decs(runs, batch, device)
+                    stream["first"] = batch_fingerprint(batch, hook_points)
             if calib_hooks:
                 recent.append({h: batch[h] for h in calib_hooks})
             lr = cfg.lr_at(step)
@@ -868,8 +636,8 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
             if (ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
                     and step < n_steps and not stop):
                 _check_finite(runs, cfg, step, weights=True)  # a checkpoint never holds diverged weights
-                stream.update(last=_batch_fingerprint(batch, hook_points), last_step=step)
-                _save_checkpoint(ckpt_path, runs, cfg, step, tokens, stream)
+                stream.update(last=batch_fingerprint(batch, hook_points), last_step=step)
+                save_checkpoint(ckpt_path, runs, cfg, step, tokens, stream)
             if pbar is not None:
                 pbar.update(1)
     finally:
@@ -896,8 +664,8 @@ def _train(saes, batches, cfg: TrainConfig, eval_batches, hooks: list) -> dict[s
                 ev = {"train_steps": step, "train_tokens": tokens, **ev}
                 atomic_write_text(out_dir / name / "eval.json", json.dumps(ev, indent=2))
     if out_dir is not None:
-        _write_combined_csv(out_dir)
-        if ckpt_path is not None and ckpt_path.exists() and not cfg.keep_checkpoint:
+        write_combined_csv(out_dir)
+        if ckpt_path.exists() and not cfg.keep_checkpoint:
             ckpt_path.unlink()
     if wb is not None:
         wb.finish()
