@@ -220,17 +220,16 @@ def test_trainer_dead_metric_boundary(tmp_path):
     # every token has L0 = k = 1: the per-token L0 histogram puts all quantiles at 1
     assert [recs[1][k] for k in ("l0_p10", "l0_p50", "l0_p90", "l0_max")] == [1, 1, 1, 1]
     assert recs[1]["dead_frac"] == pytest.approx(5 / 6)
-    # per-batch NMSE and FVU (batch mean as the centre), averaged over the window's 2 batches
-    fvu, nmse = [], []
-    for i in range(2):
-        xb = x[i * 5:(i + 1) * 5].double()
-        with torch.no_grad():
-            xh = frozen.reconstruct(x[i * 5:(i + 1) * 5]).double()
-        err = ((xb - xh) ** 2).sum(1)
-        fvu.append(float(err.sum() / ((xb - xb.mean(0)) ** 2).sum()))
-        nmse.append(float((err / (xb ** 2).sum(1)).mean()))
-    assert recs[0]["fvu"] == pytest.approx(sum(fvu) / 2, rel=1e-4)
-    assert recs[0]["nmse"] == pytest.approx(sum(nmse) / 2, rel=1e-4)
+    # NMSE: mean over the window's 10 tokens; FVU: summed error over the window's tokens / their
+    # summed squared distance to the window's mean (not a mean of per-batch FVUs)
+    xw = x[:10].double()
+    with torch.no_grad():
+        xh = frozen.reconstruct(x[:10]).double()
+    err = ((xw - xh) ** 2).sum(1)
+    assert recs[0]["fvu"] == pytest.approx(float(err.sum() / ((xw - xw.mean(0)) ** 2).sum()), rel=1e-4)
+    assert recs[0]["nmse"] == pytest.approx(float((err / (xw ** 2).sum(1)).mean()), rel=1e-4)
+    per_batch_fvu = sum(float(err[i:i + 5].sum() / ((xw[i:i + 5] - xw[i:i + 5].mean(0)) ** 2).sum()) for i in (0, 5)) / 2
+    assert abs(recs[0]["fvu"] - per_batch_fvu) > 1e-3 * per_batch_fvu  # the two definitions differ here
     tc2 = TrainConfig(batch_size=5, n_tokens=20, lr=1e-9, log_every=2, dead_window_tokens=11,
                       progress=False, out_dir=tmp_path / "b")
     sae2 = SAE(cfg)

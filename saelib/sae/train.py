@@ -19,15 +19,16 @@ off the unit sphere between steps (which is why its top-AFA rule multiplies by r
 renormalise after the step, so the rows are unit norm whenever the SAE is used, saved or
 evaluated; the sequence of updates is otherwise the same.
 
-Metric records, every ``log_every`` steps, means over the steps since the previous record (to
-``<out_dir>/<name>/metrics.jsonl`` and to the hooks; ``eval.json`` on held-out tokens):
+Metric records, every ``log_every`` steps, over the tokens since the previous record (to
+``<out_dir>/<name>/metrics.jsonl`` and to the hooks; ``eval.json`` on held-out tokens), in the one
+vocabulary of :mod:`saelib.sae.metrics`:
 
 * ``nmse`` -- ``mean_t ||x_t - x_hat_t||^2 / ||x_t||^2`` (model space). With the paper's per-token
   standardisation ``||x_t||^2 = d - 1``, so this is the paper's "Normalized MSE" up to d/(d-1);
   the SAE's ``mse_loss`` (its normalised space) is logged too, and for ``input_norm="token"`` it
   *is* the paper's ``l2_loss``.
-* ``fvu`` -- ``sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - x_bar||^2``, ``x_bar`` the per-dimension
-  mean over the batch (training) or over the whole eval set.
+* ``fvu`` -- ``sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - x_bar||^2``, sums and ``x_bar`` (the
+  per-dimension mean) over the window's tokens (training) or over the whole eval set.
 * ``l0`` -- mean non-zero latents per token; ``l0_p10/p50/p90/min/max`` its per-token quantiles.
 * ``dead`` / ``dead_frac`` -- latents silent on the last ``dead_window_tokens`` training tokens
   (``null`` until that many tokens were seen).
@@ -75,14 +76,13 @@ from tqdm.auto import tqdm
 from saelib.io import atomic_write_text, folder_lock
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.geometry import pair_cosines
-from saelib.sae.metrics import held_out_metrics
+from saelib.sae.metrics import ReconstructionMetrics, held_out_metrics
 from saelib.sae.train_files import (CHECKPOINT, METRICS, append_jsonl, batch_fingerprint, load_checkpoint, open_logs,
                                     save_checkpoint, write_combined_csv)
 
 __all__ = ["TrainConfig", "TrainingDivergedError", "EarlyStopping", "make_adam", "train_step", "train_saes"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.+=-]+$")
-_QUANTILES = (0.1, 0.5, 0.9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,8 +254,8 @@ class _Run:
 
     def reset_window(self, device: torch.device) -> None:
         # accumulated on the device without .item(): one sync per log record
-        self.acc: dict[str, Tensor] = {}
-        self.l0_hist = torch.zeros(self.d_sae + 1, dtype=torch.long, device=device)
+        self.acc: dict[str, Tensor] = {}  # the step losses, summed
+        self.window = ReconstructionMetrics(self.d_sae)  # nmse, fvu, l0 ... of the window's tokens
         self.n_steps_window = 0
 
     def add(self, key: str, value: Tensor) -> None:
@@ -264,7 +264,7 @@ class _Run:
 
     def state(self) -> dict[str, Any]:
         return {"model": self.sae.state_dict(), "optim": self.opt.state_dict(), "since_fired": self.since_fired,
-                "tokens_seen": self.tokens_seen, "acc": self.acc, "l0_hist": self.l0_hist,
+                "tokens_seen": self.tokens_seen, "acc": self.acc, "window": self.window.state_dict(),
                 "n_steps_window": self.n_steps_window}
 
     def load_state(self, st: Mapping[str, Any]) -> None:
@@ -273,7 +273,7 @@ class _Run:
         self.since_fired.copy_(st["since_fired"])
         self.tokens_seen = int(st["tokens_seen"])
         self.acc = {k: v.to(self.since_fired.device).clone() for k, v in st["acc"].items()}
-        self.l0_hist.copy_(st["l0_hist"])
+        self.window.load_state_dict(st["window"])
         self.n_steps_window = int(st["n_steps_window"])
 
 
@@ -334,18 +334,13 @@ def _check_batch(batch: Any, runs: list[_Run], cfg: TrainConfig) -> bool:
 
 # --------------------------------------------------------------------------------------------
 # metrics: the trainer's one accumulator (_accumulate adds a step, _window_record reads a window;
-# the state lives in _Run.acc / l0_hist / n_steps_window and is checkpointed with it)
+# reconstruction and sparsity go through saelib.sae.metrics, the vocabulary eval.json uses too; the
+# state lives in _Run.acc / window / n_steps_window and is checkpointed with it)
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _accumulate(run: _Run, x: Tensor, out: Any) -> None:
-    x_hat = out.x_hat.detach()
-    err = (x - x_hat).pow(2).sum(-1)  # [B]
-    sq = x.pow(2).sum(-1)  # [B]
-    run.add("nmse", (err / sq.clamp_min(1e-12)).mean())
-    run.add("fvu", err.sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-    l0_tok = out.l0_tokens  # [B], counted by the forward pass without an [B, d_sae] temporary
-    run.add("l0", l0_tok.float().mean())
-    run.l0_hist += torch.bincount(l0_tok, minlength=run.d_sae + 1)
+    # l0_tokens [B] is counted by the forward pass without an [B, d_sae] temporary
+    run.window.add(x, out.x_hat, l0=out.l0_tokens)
     for k, v in out._asdict().items():  # every scalar *loss of the output
         if k.endswith("loss") and isinstance(v, Tensor) and v.numel() == 1:
             run.add(k, v)
@@ -355,17 +350,9 @@ def _accumulate(run: _Run, x: Tensor, out: Any) -> None:
     run.tokens_seen += x.shape[0]
 
 
-def _hist_quantiles(hist: Tensor, qs=_QUANTILES) -> dict[str, float]:
-    h = hist.double().cpu()
-    total = float(h.sum())
-    if total == 0:
-        return {}
-    cdf = h.cumsum(0) / total
-    res = {f"l0_p{int(q * 100)}": int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64))) for q in qs}
-    nz = torch.nonzero(h).flatten()
-    res["l0_max"] = int(nz[-1]) if len(nz) else 0
-    res["l0_min"] = int(nz[0]) if len(nz) else 0
-    return res
+WINDOW_METRICS = ("nmse", "fvu", "l0", "l0_p10", "l0_p50", "l0_p90", "l0_min", "l0_max")
+"""The :class:`~saelib.sae.metrics.ReconstructionMetrics` names each training record carries (over
+the window's tokens); ``dead``/``dead_frac`` are the trainer's own (over ``dead_window_tokens``)."""
 
 
 def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -374,7 +361,8 @@ def _window_record(run: _Run, cfg: TrainConfig, step: int, tokens: int, extra: d
     n = max(run.n_steps_window, 1)
     rec: dict[str, Any] = {"step": step, "tokens": tokens}
     rec.update({k: v / n for k, v in zip(keys, vals)})
-    rec.update(_hist_quantiles(run.l0_hist))
+    window = run.window.result()
+    rec.update({k: window[k] for k in WINDOW_METRICS if k in window})
     dead = int((run.since_fired >= cfg.dead_window_tokens).sum()) if run.tokens_seen >= cfg.dead_window_tokens else None
     rec["dead"], rec["dead_frac"] = dead, None if dead is None else dead / run.d_sae
     rec.update(extra)

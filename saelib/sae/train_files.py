@@ -38,7 +38,7 @@ from torch import Tensor
 from saelib.io import atomic_path, atomic_write_text
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = 2  # 2: no pickled objects (weights_only load), batch-stream fingerprint
+CHECKPOINT_FORMAT = 3  # 2: no pickled objects (weights_only load), batch-stream fingerprint; 3: metrics window state
 METRICS = "metrics.jsonl"
 
 
