@@ -24,7 +24,9 @@ _EXPORTS = {
     "saelib.lm.cache": ["ActivationCache"],
     "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
     "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
-    "saelib.sae.train": ["TrainConfig", "train_saes"],
+    "saelib.sae.rules": ["get_rule"],
+    "saelib.sae.train": ["TrainConfig", "train_saes", "EarlyStopping"],
+    "saelib.sae.metrics": ["ReconstructionMetrics"],
     "saelib.pipeline": [
         "activation_cache", "activation_cache_path", "sweep_configs", "ensure_sweep", "load_saes", "ensure_width_family",
     ],
@@ -40,6 +42,7 @@ _EXPORTS = {
         "build_families", "stitch", "interpolation_curve",
     ],
     "saelib.analysis.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
+    "saelib.analysis.inspect": ["top_activating_contexts", "top_logits", "latent_view"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 

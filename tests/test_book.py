@@ -78,7 +78,9 @@ EXPORTS = {  # written out here on purpose: the test must not read saelib's own 
     "saelib.lm.cache": ["ActivationCache"],
     "saelib.sae.core": ["SAE", "SAEConfig", "SAEOutput", "load_sae"],
     "saelib.sae.topafa": ["topafa_select", "topafa_select_reference"],
-    "saelib.sae.train": ["TrainConfig", "train_saes"],
+    "saelib.sae.rules": ["get_rule"],
+    "saelib.sae.train": ["TrainConfig", "train_saes", "EarlyStopping"],
+    "saelib.sae.metrics": ["ReconstructionMetrics"],
     "saelib.pipeline": ["activation_cache", "activation_cache_path", "sweep_configs", "ensure_sweep", "load_saes",
                         "ensure_width_family"],
     "saelib.interop": ["to_saelens", "from_saelens"],
@@ -89,6 +91,7 @@ EXPORTS = {  # written out here on purpose: the test must not read saelib's own 
     "saelib.analysis.stitching": ["decoder_cosine", "insertion_delta_mse", "classify_latents",
                          "build_families", "stitch", "interpolation_curve"],
     "saelib.analysis.meta": ["MetaSAEConfig", "train_meta_sae", "fve", "decompose", "split_recovery"],
+    "saelib.analysis.inspect": ["top_activating_contexts", "top_logits", "latent_view"],
 }
 
 
