@@ -82,6 +82,10 @@ NUMBERS: dict[str, PaperNumber] = {
                                              "topafa:rebuttal", "visualization/mdl.ipynb"),
     "zf_release_d_sae": PaperNumber(24576, "width of gpt2-small-res-jb, the SAEs of the ZF plots", "topafa:code",
                                     "visualization/zf-plot.ipynb"),
+    "gpt2_d_model": PaperNumber(768, "model width d of GPT-2 small, the model of every top-AFA training run",
+                                "topafa:code", "training configs"),
+    "zf_gemma_d_sae": PaperNumber(16384, "width of Gemma Scope 16k (gemma-2-2b, d = 2304), the second family of "
+                                  "the ZF plots", "topafa:code", "visualization/zf-plot.ipynb"),
     "zf_samples_per_layer": PaperNumber(1000, "ZF points per layer (last token of 1000 rows of 128)",
                                         "topafa:code", "visualization/zf-plot.ipynb"),
     # --- canonical units (Leask et al.) ---
