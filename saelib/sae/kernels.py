@@ -124,3 +124,68 @@ class GatheredDecode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             gb_dec = -(W_enc.index_select(1, cols) @ col_sum)
         return None, gW_enc, gb_enc, gb_dec, gW_dec, None, None, None
+
+
+@torch.no_grad()
+def batch_topk_select(pre: Tensor, n: int, hint: float | None = None) -> tuple[Tensor, Tensor]:
+    """(rows, cols), sorted row-major, of the positive entries among the ``n`` largest entries of
+    ``pre`` [N, m] (ReLU pre-activations): the BatchTopK training selection, without a flat top-n
+    over all N·m entries (seconds on a CPU at N·m ~ 4e7).
+
+    Exact. Let v* be the n-th largest value. Ties at v* go to the lowest flat (row-major) index;
+    every entry above v* is kept, so the kept set is a deterministic function of ``pre``.
+
+    * ``hint`` (e.g. a little below the previous batch's cut): if at least n entries exceed it,
+      they contain every entry >= v*; the answer is read off them.
+    * Otherwise each row proposes its top c = 4·ceil(n/N) entries and v_c is the n-th largest
+      candidate (v_c <= v*). A row whose c-th value exceeds v_c may hide larger entries: it is
+      widened to all its entries >= v_c. Then every non-candidate is <= the new n-th candidate,
+      which is therefore v* (one widening suffices); an entry equal to v* can hide only in an
+      unwidened row whose c-th value is v*, and then the ties are looked up in the whole matrix.
+    """
+    N, m = pre.shape
+    n = min(n, N * m)
+    flat = pre.reshape(-1)
+    if n <= 0:
+        e = torch.zeros(0, dtype=torch.long, device=pre.device)
+        return e, e
+    if hint is not None and hint > 0:
+        idx = (flat > hint).nonzero().squeeze(1)
+        if idx.numel() >= n:
+            return _take_top(flat, idx, flat[idx], n, m, hidden_ties=False)
+    c = min(m, 4 * -(-n // N))
+    cv, ci = pre.topk(c, dim=1, sorted=False)
+    idx = (ci + torch.arange(N, device=pre.device)[:, None] * m).flatten()
+    vals = cv.flatten()
+    if c == m:
+        return _take_top(flat, idx, vals, n, m, hidden_ties=False)
+    last = cv.min(1).values
+    cut = vals.topk(n, sorted=False).values.min()
+    sat = last > cut
+    if bool(sat.any()):
+        rows = sat.nonzero().squeeze(1)
+        sub = pre.index_select(0, rows)
+        r, col = (sub >= cut if cut > 0 else sub > 0).nonzero(as_tuple=True)
+        keep = (~sat)[:, None].expand(N, c).flatten()
+        idx = torch.cat([idx[keep], rows[r] * m + col])
+        vals = torch.cat([vals[keep], sub[r, col]])
+        last = last.masked_fill(sat, float("-inf"))  # widened rows hide nothing >= v_c
+    cut = vals.topk(n, sorted=False).values.min()
+    return _take_top(flat, idx, vals, n, m, hidden_ties=bool((last == cut).any()), cut=cut)
+
+
+def _take_top(flat: Tensor, idx: Tensor, vals: Tensor, n: int, m: int, *, hidden_ties: bool,
+              cut: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The positive entries among the top n, given candidates (flat ``idx``, ``vals``) holding every
+    entry above the n-th largest value v* and (unless ``hidden_ties``) every entry equal to it."""
+    if cut is None:
+        cut = vals.topk(n, sorted=False).values.min()
+    if cut <= 0:  # fewer than n positive entries: keep them all
+        sel = idx[vals > 0]
+    else:
+        gt = vals > cut
+        need = n - int(gt.sum())
+        eq = (flat == cut).nonzero().squeeze(1) if hidden_ties else idx[vals == cut]
+        sel = torch.cat([idx[gt], eq.sort().values[:need]])
+    sel = sel.sort().values
+    return sel // m, sel % m

@@ -149,9 +149,3 @@ def kept_min(kept: Tensor) -> Tensor | None:
     pos = kept[kept > 0]
     return pos.min() if pos.numel() else None
 
-
-def batch_topk_mask(pre: Tensor, k: int) -> Tensor:
-    """Keep the k·N largest entries of pre [N, h] over the whole batch."""
-    kk = min(k * pre.shape[0], pre.numel())
-    idx = pre.flatten().topk(kk, sorted=False).indices
-    return torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, idx, True).view_as(pre)

@@ -8,13 +8,18 @@ After training the trainer re-estimates θ with the final weights over the last 
 (:meth:`calibrate`, ``TrainConfig.batchtopk_threshold="final"``): in a few hundred steps the EMA
 still lags the weights and remembers the first batch.
 
+Training selection: :func:`saelib.sae.kernels.batch_topk_select`, exact (the same set as a flat
+top-(k·N), ties at the cut to the lowest row-major index) from per-row candidates, with the
+previous batch's cut as a hint (speed only: the set does not depend on it).
+
 SAELens export: ``jumprelu`` with every threshold = θ (metadata ``saelib_architecture`` brings
 it back as BatchTopK when the thresholds are equal); SAELens' training-time ``batchtopk`` loads too."""
 from __future__ import annotations
 
 import torch
 
-from saelib.sae.rules.base import Rule, batch_topk_mask, kept_min
+from saelib.sae.kernels import batch_topk_select
+from saelib.sae.rules.base import Rule, kept_min
 
 
 class BatchTopK(Rule):
@@ -26,10 +31,26 @@ class BatchTopK(Rule):
     saelens_name = "jumprelu"
     saelens_loads = ("batchtopk",)
 
+    def init_state(self, sae):
+        sae._batchtopk_hint = None  # 0.9 x the previous batch's cut (speed only)
+
+    def select(self, sae, pre):
+        """(rows, cols) of the batch rule's kept positive entries, row-major."""
+        rows, cols = batch_topk_select(pre, sae.cfg.k * pre.shape[0], sae._batchtopk_hint)
+        sae._batchtopk_hint = 0.9 * float(pre[rows, cols].min()) if rows.numel() else None
+        return rows, cols
+
     def mask(self, sae, pre, x_n, *, training, key_buffer=None):
         if training or torch.isnan(sae.threshold):
-            return batch_topk_mask(pre, sae.cfg.k)
+            rows, cols = self.select(sae, pre)
+            return torch.zeros_like(pre, dtype=torch.bool).index_put_((rows, cols), torch.ones((), dtype=torch.bool))
         return pre > sae.threshold
+
+    def sparse_ok(self, sae) -> bool:
+        return sae.cfg.k <= sae.sparse_max_density * sae.cfg.d_sae
+
+    def sparse_select(self, sae, pre):
+        return self.select(sae, pre) if sae.training or torch.isnan(sae.threshold) else None
 
     @torch.no_grad()
     def after_step(self, sae, kept):
@@ -52,7 +73,7 @@ class BatchTopK(Rule):
         for x in batches:
             x_n, _ = sae.normalize(sae._flatten(sae._check_input(x))[0])
             pre = sae._pre_acts_n(x_n)
-            m = kept_min(pre.flatten().topk(min(sae.cfg.k * x_n.shape[0], pre.numel()), sorted=False).values)
+            m = kept_min(pre[self.select(sae, pre)])
             if m is not None:
                 mins.append(m.double())
         if not mins:
