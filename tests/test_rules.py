@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from saelib.sae.core import ACTIVATIONS, SAE, SAEConfig
+from saelib.sae.kernels import batch_topk_select
 from saelib.sae.rules import RULES, Rule, get_rule, knob_text, register, rule_attr, rule_in
 from saelib.pipeline import sweep_configs, sweep_name
 
@@ -40,3 +42,47 @@ def test_sweep_names_and_grid_come_from_the_rules():
     cfgs = sweep_configs(["h"], 8, 32, topk_ks=[4], knobs={"jumprelu": [1e-3, 1e-2]})
     assert sorted(cfgs) == ["h-jumprelu-l00.001-s0", "h-jumprelu-l00.01-s0", "h-topk-k4-s0"]
     assert cfgs["h-jumprelu-l00.01-s0"].l0_coeff == 0.01 and cfgs["h-topk-k4-s0"].l0_coeff == 0.0
+
+
+def _flat_reference(pre, n):
+    """The flat top-n with ties at the cut to the lowest row-major index (a stable sort), positive only."""
+    flat = pre.flatten()
+    top = torch.sort(-flat, stable=True).indices[:min(n, flat.numel())]
+    top = top[flat[top] > 0].sort().values
+    return top // pre.shape[1], top % pre.shape[1]
+
+
+@pytest.mark.parametrize("seed,kind", enumerate(["gauss", "ties", "heavy_rows", "few_positive", "one_row_all", "zeros"]))
+def test_batch_topk_select_is_the_flat_top_kn(seed, kind):
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(200):
+        N, m = (int(v) for v in torch.randint(1, 48, (2,), generator=g))
+        pre = torch.randn(N, m, generator=g)
+        if kind == "ties":  # many equal values, the cut inside a tie group
+            pre = (pre * 2).round() / 2
+        elif kind == "heavy_rows":  # a few rows hold most large values: their candidates saturate
+            pre[torch.randperm(N, generator=g)[: max(1, N // 6)]] += 4
+        elif kind == "few_positive":  # N·k >= number of positive entries
+            pre -= 2
+        elif kind == "one_row_all":
+            pre[0] = (pre[0].abs() + 10).round()
+        elif kind == "zeros":
+            pre.zero_()
+        pre = pre.relu()
+        k = int(torch.randint(1, m + 2, (1,), generator=g))
+        want = _flat_reference(pre, k * N)
+        for hint in (None, 1e-3, 0.5, 1.5, 50.0):  # the hint changes the speed only
+            got = batch_topk_select(pre, k * N, hint)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (trial, hint)
+
+
+def test_batchtopk_training_selection_mask_and_sparse_path_agree():
+    sae = SAE(SAEConfig(d_in=16, d_sae=256, activation="batchtopk", k=3, seed=0)).train()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    pre = sae.pre_acts(x).detach()
+    rows, cols = sae.rule.sparse_select(sae, pre)
+    mask = sae.rule.mask(sae, pre, None, training=True)
+    assert torch.equal(mask.nonzero(as_tuple=True)[0], rows) and torch.equal(mask.nonzero(as_tuple=True)[1], cols)
+    want = _flat_reference(pre, 3 * 64)
+    assert torch.equal(rows, want[0]) and torch.equal(cols, want[1]) and rows.numel() == 3 * 64
+    assert sae._batchtopk_hint == pytest.approx(0.9 * float(pre[rows, cols].min()))
