@@ -9,7 +9,7 @@ Measurements in one run:
    trainer, ``train_saes``, with the SAE's sparse kernels) with the flat selection (before) and
    the candidate selection (after); a bare loop of the same step (``SAE.forward`` with activation
    "batchtopk" + backward + Adam: the trainer's overhead) and that loop in plain autograd
-   (``SAE.sparse_kernels = False``: what the kernels buy). ``--old REV`` adds the removed
+   (``SAE.sparse_kernels = False``: what the kernels buy); also ``select_dtype="bfloat16"``. ``--old REV`` adds the removed
    meta-only loop (``saelib/analysis/meta.py`` at git revision REV, e.g. c4468ee, loaded from
    git) with its float32 and bfloat16 selection matmuls.
 3. A full training run to convergence (FVE criterion of :class:`saelib.analysis.meta.MetaSAEConfig`):
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import subprocess
 import sys
 import time
@@ -175,18 +176,21 @@ def main(argv: list[str] | None = None) -> None:
         with selection(flat_select):
             t_before = M.train_meta_sae(W, sparse_cfg).s_per_step  # first (warm-up) step excluded, as below
         t_meta = M.train_meta_sae(W, sparse_cfg).s_per_step
+        t_bf = M.train_meta_sae(W, dataclasses.replace(sparse_cfg, select_dtype="bfloat16")).s_per_step
         print(f"train_meta_sae per step: flat selection (before) {t_before:.3f} s | candidate selection (after) "
-              f"{t_meta:.3f} s (speed-up {t_before / t_meta:.2f}x)")
+              f"{t_meta:.3f} s (speed-up {t_before / t_meta:.2f}x) | after, select_dtype='bfloat16' {t_bf:.3f} s "
+              f"(speed-up {t_before / t_bf:.2f}x)")
         if args.old:
             old = old_meta_module(args.old)
             t_old = {}
             for dt in ("float32", "bfloat16"):
                 ocfg = old.MetaSAEConfig(**{f: v for f, v in sparse_cfg.__dict__.items()
-                                            if f in old.MetaSAEConfig.__dataclass_fields__}, select_dtype=dt)
+                                            if f in old.MetaSAEConfig.__dataclass_fields__ and f != "select_dtype"}, select_dtype=dt)
                 t_old[dt] = old.train_meta_sae(W, ocfg).s_per_step
             print(f"removed meta-only loop ({args.old}) per step: float32 selection {t_old['float32']:.3f} s, "
                   f"bfloat16 selection {t_old['bfloat16']:.3f} s | old loop as fast as train_meta_sae: "
-                  f"{t_meta / t_old['float32']:.2f}x (float32), {t_meta / t_old['bfloat16']:.2f}x (bfloat16)")
+                  f"{t_meta / t_old['float32']:.2f}x (float32), {t_meta / t_old['bfloat16']:.2f}x (bfloat16); "
+                  f"both in bfloat16: {t_bf / t_old['bfloat16']:.2f}x")
         t_bare = bare_step_time(W, cfg, n, sparse_kernels=True)
         t_plain = bare_step_time(W, cfg, n, sparse_kernels=False)
         print(f"time per step: train_meta_sae {t_meta:.3f} s | bare SAE.forward loop {t_bare:.3f} s "

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saelib.sae.core import ACTIVATIONS, SAE, SAEConfig
-from saelib.sae.kernels import batch_topk_select
+from saelib.sae.kernels import batch_topk_select, batch_topk_select_lowp
 from saelib.sae.rules import RULES, Rule, get_rule, knob_text, register, rule_attr, rule_in
 from saelib.pipeline import sweep_configs, sweep_name
 
@@ -86,3 +86,49 @@ def test_batchtopk_training_selection_mask_and_sparse_path_agree():
     want = _flat_reference(pre, 3 * 64)
     assert torch.equal(rows, want[0]) and torch.equal(cols, want[1]) and rows.numel() == 3 * 64
     assert sae._batchtopk_hint == pytest.approx(0.9 * float(pre[rows, cols].min()))
+
+
+@pytest.mark.parametrize("norms,use_b", [(0.0, False), (0.7, True)])
+def test_batch_topk_select_lowp_is_exact_in_float32(norms, use_b):
+    g = torch.Generator().manual_seed(3)
+    N, d, m, k = 512, 64, 256, 3
+    x = torch.randn(N, d, generator=g) * torch.randn(N, 1, generator=g).mul(norms).exp()
+    W = torch.randn(d, m, generator=g) / d ** 0.5
+    b = torch.randn(m, generator=g) * 0.1 if use_b else None
+    exact = (x @ W + (0 if b is None else b)).relu()
+    p = (x.bfloat16() @ W.bfloat16()).float().add(0 if b is None else b).relu()
+    got = batch_topk_select_lowp(p, x, W, b, k * N)
+    assert got is not None  # the bound narrows the search on such data
+    want = batch_topk_select(exact, k * N)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[2], exact[want], rtol=1e-5, atol=1e-6)
+    # a pre-activation matrix that violates the rounding bound is refused, not trusted
+    assert batch_topk_select_lowp(p * 1.5, x, W, b, k * N) is None
+    # fewer than k·N positive entries: no positive lower bound, the caller uses float32
+    assert batch_topk_select_lowp((p - 10).relu(), x, W, b, k * N) is None
+
+
+def test_batchtopk_bfloat16_selection_trains_like_float32():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(256, 32, generator=g) for _ in range(6)]
+    runs = {}
+    for dt in ("float32", "bfloat16"):
+        sae = SAE(SAEConfig(d_in=32, d_sae=512, activation="batchtopk", k=4, aux_k=16, dead_after_tokens=256,
+                            seed=0)).train()
+        sae.select_dtype = dt
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        for x in xs:
+            out = sae(x)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        runs[dt] = (sae, out)
+    (s32, o32), (s16, o16) = runs["float32"], runs["bfloat16"]
+    assert torch.equal(o32.acts != 0, o16.acts != 0)  # the same kept set in the last step
+    torch.testing.assert_close(o16.acts, o32.acts, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(s16.W_enc, s32.W_enc, rtol=1e-4, atol=1e-5)
+    assert float(o16.aux_loss.detach()) > 0 and float(o16.aux_loss.detach()) == pytest.approx(float(o32.aux_loss.detach()), rel=1e-4)
+    sae = SAE(SAEConfig(d_in=32, d_sae=512, activation="batchtopk", k=4)).train()
+    sae.select_dtype = "float16"
+    with pytest.raises(ValueError, match="select_dtype"):
+        sae(xs[0])

@@ -5,6 +5,8 @@ whose backward skips the input gradient, a gather of the selected pre-activation
 backward, decodes with ``embedding_bag``, and the aux loss over gathered dead latents."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -179,7 +181,7 @@ def _take_top(flat: Tensor, idx: Tensor, vals: Tensor, n: int, m: int, *, hidden
     """The positive entries among the top n, given candidates (flat ``idx``, ``vals``) holding every
     entry above the n-th largest value v* and (unless ``hidden_ties``) every entry equal to it."""
     if cut is None:
-        cut = vals.topk(n, sorted=False).values.min()
+        cut = vals.topk(min(n, vals.numel()), sorted=False).values.min()
     if cut <= 0:  # fewer than n positive entries: keep them all
         sel = idx[vals > 0]
     else:
@@ -189,3 +191,48 @@ def _take_top(flat: Tensor, idx: Tensor, vals: Tensor, n: int, m: int, *, hidden
         sel = torch.cat([idx[gt], eq.sort().values[:need]])
     sel = sel.sort().values
     return sel // m, sel % m
+
+
+@torch.no_grad()
+def batch_topk_select_lowp(p: Tensor, x_cent: Tensor, W_enc: Tensor, b_enc: Tensor | None, n: int,
+                           hint: float | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Exact BatchTopK selection when ``p`` [N, m] = relu(x_cent @ W_enc + b_enc) came from a
+    bfloat16 product (float32 accumulation): (rows, cols, float32 values) of the positive entries
+    among the n largest float32-rescored pre-activations (ties to the lowest row-major index), or
+    None when the bound cannot narrow the search (the caller computes the float32 product).
+
+    Rounding bound: |p_rj - exact_rj| <= E_rj = a·||x_r||·||W[:, j]|| + u·p_rj with
+    a = 2·2^-8 + 2^-15 + d·2^-23 (inputs rounded to 8 bits, float32 accumulation) and
+    u = 1.01·2^-8 (the bfloat16 output). The n entries of the top-n of ``p`` have exact values
+    >= lo = min (p - E) over them, so v* >= lo, and every entry with exact >= v* has
+    p + E >= lo: those candidates are rescored in float32 (one dot product each, ``sampled_addmm``; checked against
+    the bound, else None) and the top n taken among them."""
+    N, m = p.shape
+    rows, cols = batch_topk_select(p, n, hint)
+    if rows.numel() < min(n, N * m):
+        return None  # fewer than n positive entries: no positive lower bound
+    a = 2 * 2.0 ** -8 + 2.0 ** -15 + x_cent.shape[1] * 2.0 ** -23
+    u = 1.01 * 2.0 ** -8
+    xn, wn = a * x_cent.norm(dim=1), W_enc.norm(dim=0)
+    lo = (p[rows, cols] * (1 - u) - xn[rows] * wn[cols]).min()
+    if lo <= 0:
+        return None
+    r, c = (p >= ((lo - xn * wn.max()) / (1 + u))[:, None]).nonzero(as_tuple=True)
+    if r.numel() > 8 * n:
+        return None
+    crow = torch.zeros(N + 1, dtype=torch.long, device=p.device)
+    crow[1:] = torch.bincount(r, minlength=N).cumsum(0)
+    with warnings.catch_warnings():  # CSR is "beta"; sampled_addmm (a dot product per entry) is tested
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, c, torch.ones_like(r, dtype=x_cent.dtype), (N, m),
+                                          check_invariants=False)
+        vals = torch.sparse.sampled_addmm(pattern, x_cent, W_enc, beta=0.0).values()
+    if b_enc is not None:
+        vals += b_enc[c]
+    vals.relu_()
+    pc = p[r, c]
+    if bool(((pc - vals).abs() > xn[r] * wn[c] + u * pc).any()):
+        return None  # the bound failed (not float32 accumulation?): use float32
+    idx = r * m + c
+    rows, cols = _take_top(vals, idx, vals, n, m, hidden_ties=False)
+    return rows, cols, vals[torch.searchsorted(idx, rows * m + cols)]

@@ -83,6 +83,10 @@ class Rule:
     def reference_mask(self, sae: "SAE", pre: Tensor, x_n: Tensor) -> Tensor:
         raise NotImplementedError(f"rule {self.name!r} has no reference selection")
 
+    def selection_pre_acts(self, sae: "SAE", x_n: Tensor) -> Tensor:
+        """No-grad ReLU pre-activations [N, d_sae] the sparse training path selects from."""
+        return sae._pre_acts_n(x_n)
+
     def sparse_ok(self, sae: "SAE") -> bool:
         """The training forward may take the sparse path (gathered selected latents)."""
         return True
