@@ -73,17 +73,30 @@ def selection(fn):
 
 
 def best_time(f, reps: int) -> float:
+    """Best process CPU time of ``reps`` calls (one thread: the machine's load stays out)."""
     f()
     ts = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = time.process_time()
         f()
-        ts.append(time.perf_counter() - t)
+        ts.append(time.process_time() - t)
     return min(ts)
 
 
+def cpu_per_step(train, n: int) -> float:
+    """Process CPU seconds per step of ``train(steps)``: a run of n + 1 steps minus a run of 1, so
+    the setup and the warm-up step cancel (after one untimed run: lazy imports and allocations)."""
+    train(1)
+    t = time.process_time()
+    train(1)
+    t1 = time.process_time() - t
+    t = time.process_time()
+    train(n + 1)
+    return (time.process_time() - t - t1) / n
+
+
 def selection_times(W: torch.Tensor, cfg: M.MetaSAEConfig, reps: int) -> tuple[float, float, float]:
-    """Seconds for the flat selection, the candidate selection, and it with a hint (0.9 x the cut)."""
+    """CPU seconds for the flat selection, the candidate selection, and it with a hint (0.9 x the cut)."""
     N = W.shape[0]
     B = min(cfg.batch_size, N)
     sae = SAE(SAEConfig(d_in=W.shape[1], d_sae=cfg.width_for(N), activation="batchtopk", k=cfg.k, seed=cfg.seed))
@@ -109,7 +122,7 @@ def old_meta_module(rev: str) -> types.ModuleType:
 
 
 def bare_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int, sparse_kernels: bool) -> float:
-    """Seconds per step of a bare loop: SAE.forward (BatchTopK) + backward + Adam, no trainer."""
+    """Process CPU seconds per step of a bare loop: SAE.forward (BatchTopK) + backward + Adam, no trainer."""
     N, d = W.shape
     B = min(cfg.batch_size, N)
     sae = SAE(SAEConfig(d_in=d, d_sae=cfg.width_for(N), activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
@@ -121,9 +134,9 @@ def bare_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int, sparse_k
     times = []
     for _ in range(n_steps + 1):  # first step is warm-up
         x = W[torch.randperm(N, generator=g)[:B]]
-        t = time.perf_counter()
+        t = time.process_time()
         train_step(sae, opt, x)
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return sum(times[1:]) / n_steps
 
 
@@ -171,29 +184,33 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.compare_steps > 0:
         n = args.compare_steps
-        sparse_cfg = M.MetaSAEConfig(**{**cfg.__dict__, "max_steps": n + 1, "min_steps": n + 1, "progress": False,
-                                        "log_every": 1})
+        sparse_cfg = M.MetaSAEConfig(**{**cfg.__dict__, "progress": False, "log_every": 1})
+
+        def meta(**kw):
+            return lambda steps: M.train_meta_sae(W, dataclasses.replace(sparse_cfg, max_steps=steps, min_steps=steps, **kw))
+
         with selection(flat_select):
-            t_before = M.train_meta_sae(W, sparse_cfg).s_per_step  # first (warm-up) step excluded, as below
-        t_meta = M.train_meta_sae(W, sparse_cfg).s_per_step
-        t_bf = M.train_meta_sae(W, dataclasses.replace(sparse_cfg, select_dtype="bfloat16")).s_per_step
-        print(f"train_meta_sae per step: flat selection (before) {t_before:.3f} s | candidate selection (after) "
+            t_before = cpu_per_step(meta(), n)
+        t_meta = cpu_per_step(meta(), n)
+        t_bf = cpu_per_step(meta(select_dtype="bfloat16"), n)
+        print(f"train_meta_sae CPU s per step: flat selection (before) {t_before:.3f} s | candidate selection (after) "
               f"{t_meta:.3f} s (speed-up {t_before / t_meta:.2f}x) | after, select_dtype='bfloat16' {t_bf:.3f} s "
               f"(speed-up {t_before / t_bf:.2f}x)")
         if args.old:
             old = old_meta_module(args.old)
             t_old = {}
             for dt in ("float32", "bfloat16"):
-                ocfg = old.MetaSAEConfig(**{f: v for f, v in sparse_cfg.__dict__.items()
-                                            if f in old.MetaSAEConfig.__dataclass_fields__ and f != "select_dtype"}, select_dtype=dt)
-                t_old[dt] = old.train_meta_sae(W, ocfg).s_per_step
-            print(f"removed meta-only loop ({args.old}) per step: float32 selection {t_old['float32']:.3f} s, "
+                base = {f: v for f, v in sparse_cfg.__dict__.items()
+                        if f in old.MetaSAEConfig.__dataclass_fields__ and f != "select_dtype"}
+                t_old[dt] = cpu_per_step(lambda steps: old.train_meta_sae(W, old.MetaSAEConfig(
+                    **{**base, "max_steps": steps, "min_steps": steps}, select_dtype=dt)), n)
+            print(f"removed meta-only loop ({args.old}) CPU s per step: float32 selection {t_old['float32']:.3f} s, "
                   f"bfloat16 selection {t_old['bfloat16']:.3f} s | old loop as fast as train_meta_sae: "
                   f"{t_meta / t_old['float32']:.2f}x (float32), {t_meta / t_old['bfloat16']:.2f}x (bfloat16); "
                   f"both in bfloat16: {t_bf / t_old['bfloat16']:.2f}x")
         t_bare = bare_step_time(W, cfg, n, sparse_kernels=True)
         t_plain = bare_step_time(W, cfg, n, sparse_kernels=False)
-        print(f"time per step: train_meta_sae {t_meta:.3f} s | bare SAE.forward loop {t_bare:.3f} s "
+        print(f"CPU s per step: train_meta_sae {t_meta:.3f} s | bare SAE.forward loop {t_bare:.3f} s "
               f"(trainer overhead {t_meta / t_bare:.2f}x) | plain autograd {t_plain:.3f} s "
               f"(sparse kernels' speed-up {t_plain / t_meta:.2f}x)")
 

@@ -88,13 +88,13 @@ def test_batchtopk_training_selection_mask_and_sparse_path_agree():
     assert sae._batchtopk_hint == pytest.approx(0.9 * float(pre[rows, cols].min()))
 
 
-@pytest.mark.parametrize("norms,use_b", [(0.0, False), (0.7, True)])
-def test_batch_topk_select_lowp_is_exact_in_float32(norms, use_b):
+@pytest.mark.parametrize("norms,b_scale", [(0.0, 0.0), (0.7, 0.1), (0.3, 1.0)])
+def test_batch_topk_select_lowp_is_exact_in_float32(norms, b_scale):
     g = torch.Generator().manual_seed(3)
     N, d, m, k = 512, 64, 256, 3
     x = torch.randn(N, d, generator=g) * torch.randn(N, 1, generator=g).mul(norms).exp()
     W = torch.randn(d, m, generator=g) / d ** 0.5
-    b = torch.randn(m, generator=g) * 0.1 if use_b else None
+    b = torch.randn(m, generator=g) * b_scale if b_scale else None
     exact = (x @ W + (0 if b is None else b)).relu()
     p = (x.bfloat16() @ W.bfloat16()).float().add(0 if b is None else b).relu()
     got = batch_topk_select_lowp(p, x, W, b, k * N)

@@ -201,12 +201,13 @@ def batch_topk_select_lowp(p: Tensor, x_cent: Tensor, W_enc: Tensor, b_enc: Tens
     among the n largest float32-rescored pre-activations (ties to the lowest row-major index), or
     None when the bound cannot narrow the search (the caller computes the float32 product).
 
-    Rounding bound: |p_rj - exact_rj| <= E_rj = a·||x_r||·||W[:, j]|| + u·p_rj with
+    Rounding bound: |p_rj - exact_rj| <= E_rj = a·||x_r||·||W[:, j]|| + u·(p_rj + |b_j|) with
     a = 2·2^-8 + 2^-15 + d·2^-23 (inputs rounded to 8 bits, float32 accumulation) and
-    u = 1.01·2^-8 (the bfloat16 output). The n entries of the top-n of ``p`` have exact values
-    >= lo = min (p - E) over them, so v* >= lo, and every entry with exact >= v* has
-    p + E >= lo: those candidates are rescored in float32 (one dot product each, ``sampled_addmm``; checked against
-    the bound, else None) and the top n taken among them."""
+    u = 1.01·2^-8 (the bfloat16 output of the product, |product| <= p + |b|; the ReLU only
+    shrinks differences). The top n of ``p`` have exact values >= lo = min (p - E) over them, so
+    v* >= lo, and every entry with exact >= v* has p + E >= lo: those candidates are rescored in
+    float32 (a dot product each, ``sampled_addmm``), checked against the bound (else None), and
+    the top n taken among them."""
     N, m = p.shape
     rows, cols = batch_topk_select(p, n, hint)
     if rows.numel() < min(n, N * m):
@@ -214,10 +215,11 @@ def batch_topk_select_lowp(p: Tensor, x_cent: Tensor, W_enc: Tensor, b_enc: Tens
     a = 2 * 2.0 ** -8 + 2.0 ** -15 + x_cent.shape[1] * 2.0 ** -23
     u = 1.01 * 2.0 ** -8
     xn, wn = a * x_cent.norm(dim=1), W_enc.norm(dim=0)
-    lo = (p[rows, cols] * (1 - u) - xn[rows] * wn[cols]).min()
+    bn = u * (b_enc.abs() if b_enc is not None else torch.zeros_like(wn))
+    lo = (p[rows, cols] * (1 - u) - xn[rows] * wn[cols] - bn[cols]).min()
     if lo <= 0:
         return None
-    r, c = (p >= ((lo - xn * wn.max()) / (1 + u))[:, None]).nonzero(as_tuple=True)
+    r, c = (p >= ((lo - xn * wn.max() - bn.max()) / (1 + u))[:, None]).nonzero(as_tuple=True)
     if r.numel() > 8 * n:
         return None
     crow = torch.zeros(N + 1, dtype=torch.long, device=p.device)
@@ -231,7 +233,7 @@ def batch_topk_select_lowp(p: Tensor, x_cent: Tensor, W_enc: Tensor, b_enc: Tens
         vals += b_enc[c]
     vals.relu_()
     pc = p[r, c]
-    if bool(((pc - vals).abs() > xn[r] * wn[c] + u * pc).any()):
+    if bool(((pc - vals).abs() > xn[r] * wn[c] + u * pc + bn[c]).any()):
         return None  # the bound failed (not float32 accumulation?): use float32
     idx = r * m + c
     rows, cols = _take_top(vals, idx, vals, n, m, hidden_ties=False)
