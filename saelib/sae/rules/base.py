@@ -1,13 +1,11 @@
 """The base class of an activation rule: what an SAE asks its rule (see :mod:`saelib.sae.rules`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: core imports the rules, not the other way round
-    from saelib.sae.core import SAE, SAEConfig
+# "SAE" and "SAEConfig" in the annotations are saelib.sae.core's (core imports the rules, not back)
 
 
 class Rule:
