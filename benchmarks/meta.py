@@ -121,13 +121,14 @@ def old_meta_module(rev: str) -> types.ModuleType:
     return mod
 
 
-def bare_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int, sparse_kernels: bool) -> float:
+def bare_step_time(W: torch.Tensor, cfg: M.MetaSAEConfig, n_steps: int, sparse_kernels: bool,
+                   select_dtype: str = "float32") -> float:
     """Process CPU seconds per step of a bare loop: SAE.forward (BatchTopK) + backward + Adam, no trainer."""
     N, d = W.shape
     B = min(cfg.batch_size, N)
     sae = SAE(SAEConfig(d_in=d, d_sae=cfg.width_for(N), activation="batchtopk", k=cfg.k, aux_k=cfg.aux_k,
                         aux_coeff=cfg.aux_coeff, dead_after_tokens=cfg.n_batches_to_dead * B, seed=cfg.seed))
-    sae.sparse_kernels = sparse_kernels
+    sae.sparse_kernels, sae.select_dtype = sparse_kernels, select_dtype
     sae.train()
     opt = make_adam(sae.parameters(), lr=cfg.lr, betas=cfg.betas)
     g = torch.Generator().manual_seed(0)
@@ -213,6 +214,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"CPU s per step: train_meta_sae {t_meta:.3f} s | bare SAE.forward loop {t_bare:.3f} s "
               f"(trainer overhead {t_meta / t_bare:.2f}x) | plain autograd {t_plain:.3f} s "
               f"(sparse kernels' speed-up {t_plain / t_meta:.2f}x)")
+        if args.old:
+            t_bare_bf = bare_step_time(W, cfg, n, sparse_kernels=True, select_dtype="bfloat16")
+            print(f"old loop as fast as the bare SAE.forward loop: {t_bare / t_old['float32']:.2f}x (float32), "
+                  f"{t_bare_bf / t_old['bfloat16']:.2f}x (bfloat16: bare loop {t_bare_bf:.3f} s)")
 
     if args.no_train:
         return
