@@ -9,9 +9,10 @@ Measurements in one run:
    trainer, ``train_saes``, with the SAE's sparse kernels) with the flat selection (before) and
    the candidate selection (after); a bare loop of the same step (``SAE.forward`` with activation
    "batchtopk" + backward + Adam: the trainer's overhead) and that loop in plain autograd
-   (``SAE.sparse_kernels = False``: what the kernels buy); also ``select_dtype="bfloat16"``. ``--old REV`` adds the removed
-   meta-only loop (``saelib/analysis/meta.py`` at git revision REV, e.g. c4468ee, loaded from
-   git) with its float32 and bfloat16 selection matmuls.
+   (``SAE.sparse_kernels = False``: what the kernels buy); also ``select_dtype="bfloat16"``.
+   ``--old REV`` adds the removed meta-only loop (``saelib/analysis/meta.py`` at git revision
+   REV, e.g. c4468ee, loaded from git) with its float32 and bfloat16 selection matmuls.
+   Times are process CPU seconds (one thread: other jobs' load stays out).
 3. A full training run to convergence (FVE criterion of :class:`saelib.analysis.meta.MetaSAEConfig`):
    wall time, steps, and FVE in batch and threshold mode.
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         sparse_cfg = M.MetaSAEConfig(**{**cfg.__dict__, "progress": False, "log_every": 1})
 
         def meta(**kw):
-            return lambda steps: M.train_meta_sae(W, dataclasses.replace(sparse_cfg, max_steps=steps, min_steps=steps, **kw))
+            return lambda steps: M.train_meta_sae(
+                W, dataclasses.replace(sparse_cfg, max_steps=steps, min_steps=steps, **kw))
 
         with selection(flat_select):
             t_before = cpu_per_step(meta(), n)

@@ -2,7 +2,9 @@
 
 Same maths as plain autograd, tested against it (``SAE.sparse_kernels = False``): a dense encoder
 whose backward skips the input gradient, a gather of the selected pre-activations with a sparse
-backward, decodes with ``embedding_bag``, and the aux loss over gathered dead latents."""
+backward, decodes with ``embedding_bag``, and the aux loss over gathered dead latents. Also
+BatchTopK's exact training selection without a flat sort (float32 and bfloat16 products),
+tested against the flat top-(k·N)."""
 from __future__ import annotations
 
 import warnings
