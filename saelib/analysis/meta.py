@@ -115,6 +115,9 @@ class MetaSAEConfig:
     threshold_ema: float = 0.01
     """EMA rate of the inference threshold (the smallest surviving activation of each batch):
     ``SAEConfig.threshold_lr``."""
+    select_dtype: str = "float32"
+    """dtype of the BatchTopK selection's product ("float32" or "bfloat16": exact set, see
+    :mod:`saelib.sae.rules.batchtopk`)."""
     seed: int = 49
     """Seed of the initialisation and the row shuffling (49 in the authors' code)."""
     device: str | None = None
@@ -243,6 +246,7 @@ def train_meta_sae(W_dec: torch.Tensor, cfg: MetaSAEConfig | None = None, **over
         raise ValueError(f"A meta-SAE needs at least 2 decoder rows (got {N}).")
     B = min(cfg.batch_size, N)
     sae = _make_sae(d, cfg.width_for(N), cfg, B)
+    sae.select_dtype = cfg.select_dtype
     log_every = math.gcd(cfg.log_every, cfg.window)
     tc = TrainConfig(batch_size=B, n_tokens=cfg.max_steps * B, lr=cfg.lr, betas=cfg.betas, log_every=log_every,
                      dead_window_tokens=cfg.n_batches_to_dead * B, progress=cfg.progress, device=str(device),

@@ -561,7 +561,7 @@ class SAE(nn.Module):
                 self._last_dense = bool(torch.count_nonzero(mask) > self.sparse_max_density * mask.numel())
         else:
             with torch.no_grad():
-                pre = self._pre_acts_n(x_n)
+                pre = rule.selection_pre_acts(self, x_n)
                 picked = rule.sparse_select(self, pre)
                 if picked is not None:  # no dense mask needed (TopK)
                     mask = None

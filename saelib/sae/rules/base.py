@@ -1,13 +1,11 @@
 """The base class of an activation rule: what an SAE asks its rule (see :mod:`saelib.sae.rules`)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # annotations only: core imports the rules, not the other way round
-    from saelib.sae.core import SAE, SAEConfig
+# "SAE" and "SAEConfig" in the annotations are saelib.sae.core's (core imports the rules, not back)
 
 
 class Rule:
@@ -83,6 +81,10 @@ class Rule:
     def reference_mask(self, sae: "SAE", pre: Tensor, x_n: Tensor) -> Tensor:
         raise NotImplementedError(f"rule {self.name!r} has no reference selection")
 
+    def selection_pre_acts(self, sae: "SAE", x_n: Tensor) -> Tensor:
+        """No-grad ReLU pre-activations [N, d_sae] the sparse training path selects from."""
+        return sae._pre_acts_n(x_n)
+
     def sparse_ok(self, sae: "SAE") -> bool:
         """The training forward may take the sparse path (gathered selected latents)."""
         return True
@@ -149,9 +151,3 @@ def kept_min(kept: Tensor) -> Tensor | None:
     pos = kept[kept > 0]
     return pos.min() if pos.numel() else None
 
-
-def batch_topk_mask(pre: Tensor, k: int) -> Tensor:
-    """Keep the k·N largest entries of pre [N, h] over the whole batch."""
-    kk = min(k * pre.shape[0], pre.numel())
-    idx = pre.flatten().topk(kk, sorted=False).indices
-    return torch.zeros(pre.numel(), dtype=torch.bool, device=pre.device).index_fill_(0, idx, True).view_as(pre)
