@@ -1,11 +1,12 @@
 """The base class of an activation rule: what an SAE asks its rule (see :mod:`saelib.sae.rules`)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-# "SAE" and "SAEConfig" in the annotations are saelib.sae.core's (core imports the rules, not back)
+if TYPE_CHECKING:  # annotations only: saelib.sae.core imports the rules, not the other way round
+    from saelib.sae.core import SAE, SAEConfig
 
 
 class Rule:
