@@ -49,9 +49,13 @@ def test_exact_for_any_batch_split(splits):
         s += b
     got = m.result()
     assert got["n_tokens"] == 203
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
-    assert got["explained_variance"] == pytest.approx(1 - want["fvu"], rel=1e-12)
+    whole = ReconstructionMetrics(keep_tokens=True)
+    whole.add(x, x_hat, acts)
+    for k, v in whole.result().items():  # the split changes only float32 rounding of each batch's centring
+        assert got[k] == pytest.approx(v, rel=1e-7, abs=1e-15), k
+    for k, v in want.items():  # per-row reductions run in the inputs' float32
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    assert got["explained_variance"] == pytest.approx(1 - want["fvu"], rel=1e-6)
     l0 = (acts != 0).sum(1).numpy()
     for q in (10, 50, 90):  # inverse CDF: smallest value with at least q% of rows at or below
         assert got[f"l0_p{q}"] == int(np.quantile(l0, q / 100, method="inverted_cdf"))

@@ -23,8 +23,10 @@ report through :class:`ReconstructionMetrics`, so a name means one thing everywh
 - ``dead``: latents active on none of the ``n_tokens`` rows seen; ``dead_frac`` = ``dead / d_sae``;
   ``dense``: latents active on more than ``dense_threshold`` of the rows (needs the codes).
 
-Every sum is float64 and the set's mean is combined across batches with Chan et al.'s parallel
-update, so the result does not depend on how the rows were split into batches. Sums stay on the
+Per-row quantities (‖x − x̂‖², ‖x‖², ⟨x, x̂⟩, ‖x − x̄_batch‖²) are reduced in the inputs' precision,
+every sum over rows is float64, and the set's mean is combined across batches with Chan et al.'s
+parallel update, so how the rows were split into batches changes a result only by float32
+rounding (relative 1e-7; tested). Sums stay on the
 device of the first batch until :meth:`~ReconstructionMetrics.result` (no host sync per batch
 unless ``keep_tokens``).
 """
@@ -84,8 +86,14 @@ class ReconstructionMetrics:
             self.d_in = x.shape[1]
         elif x.shape[1] != self.d_in:
             raise ValueError(f"batch width {x.shape[1]} differs from the first batch's {self.d_in}")
-        xd, hd = x.detach().double(), x_hat.detach().to(device=x.device, dtype=torch.float64)
-        err, xsq, hsq, dot = (xd - hd).pow(2).sum(-1), xd.pow(2).sum(-1), hd.pow(2).sum(-1), (xd * hd).sum(-1)
+        # per-row reductions in the inputs' precision (this runs every training step, so no float64
+        # copies of the [n, d] tensors), then float64 for everything summed over rows
+        x, x_hat = x.detach(), x_hat.detach().to(device=x.device, dtype=x.dtype)
+        def rowdot(a: Tensor, b: Tensor) -> Tensor:
+            return torch.einsum("nd,nd->n", a, b).double()
+
+        diff = x - x_hat
+        err, xsq, hsq, dot = rowdot(diff, diff), rowdot(x, x), rowdot(x_hat, x_hat), rowdot(x, x_hat)
         nmse = err / xsq.clamp_min(1e-30)
         cos = dot / (xsq.sqrt() * hsq.sqrt()).clamp_min(1e-30)
         l2r = hsq.sqrt() / xsq.sqrt().clamp_min(1e-30)
@@ -95,8 +103,9 @@ class ReconstructionMetrics:
         if loss is not None:
             self._add("loss", torch.as_tensor(loss, device=x.device).detach().double() * n)
         # Chan et al.: combine (n_a, mean_a, M2_a) with this batch's (n_b, mean_b, M2_b).
-        b_mean = xd.mean(0)
-        b_m2 = (xd - b_mean).pow(2).sum()
+        c = x.mean(0)
+        xc = x - c
+        b_mean, b_m2 = c.double(), rowdot(xc, xc).sum()
         if self._mean is None:
             self._mean, self._s["m2"] = b_mean, b_m2
         else:
