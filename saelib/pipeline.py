@@ -39,7 +39,7 @@ from saelib.lm.activations import ActivationStore
 from saelib.lm.cache import MANIFEST, STAMP, ActivationCache
 from saelib.lm.data import token_rows
 from saelib.lm.models import load_model
-from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, write_stamp
+from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, rel, write_stamp
 from saelib.runs import runs_dir as resolve_runs
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.rules import RULES, get_rule
@@ -121,7 +121,7 @@ def activation_cache(runs_dir: str | Path, model: nn.Module | Callable[[], nn.Mo
     if is_fresh(path / STAMP, stamp(weights)) and (path / MANIFEST).is_file():
         return ActivationCache(path)
     if have is not None:  # made from other inputs or code: start over (the build removes its old shards)
-        warnings.warn(f"the activation cache {path} was made by other saelib code, weights or settings; rebuilding it",
+        warnings.warn(f"the activation cache {rel(path)} was made by other saelib code, weights or settings; rebuilding it",
                       stacklevel=2)
         (path / MANIFEST).unlink(missing_ok=True)
         (path / STAMP).unlink(missing_ok=True)
@@ -267,7 +267,7 @@ def _is_finished(folder: Path, cfg: SAEConfig, need_eval: bool) -> bool:
     try:
         SAE.load(folder)
     except (ValueError, OSError) as e:
-        warnings.warn(f"{folder} holds an unusable SAE ({e}); retraining it", stacklevel=3)
+        warnings.warn(f"{rel(folder)} holds an unusable SAE ({e}); retraining it", stacklevel=3)
         return False
     return True
 
@@ -315,7 +315,7 @@ def _ensure_sweep(configs, batches, cfg, eval_batches, data, init, code, cannot_
         missing = {n: c for n, c in configs.items() if not _is_finished(out_dir / n, c, eval_batches is not None)}
     else:
         if any(_is_finished(out_dir / n, c, False) for n, c in configs.items()):
-            warnings.warn(f"{out_dir} holds SAEs trained with other settings, data or saelib code (sweep.json differs); "
+            warnings.warn(f"{rel(out_dir)} holds SAEs trained with other settings, data or saelib code (sweep.json differs); "
                           "retraining the sweep", stacklevel=3)
         missing = dict(configs)
     if missing and cannot_write is not None:

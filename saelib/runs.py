@@ -23,6 +23,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,7 @@ def check_parameters(stem: str, namespace: dict) -> None:
     Rejects a global the parameters cell does not define (a misspelt ``-p`` name) and a value of
     the wrong type, naming the chapter and the parameter, before anything heavy runs. Inside a
     run of ``python -m saelib.book`` it also sends library progress bars to the runner's terminal.
+    Warnings name files relative to the repository root, so a page never shows a machine's paths.
     """
     defaults = parameter_defaults(stem)
     history = namespace.get("In")
@@ -302,12 +304,17 @@ def check_parameters(stem: str, namespace: dict) -> None:
     validate_parameters(stem, given, f"parameters of {stem}", defaults)
     if os.environ.get(PROGRESS_ENV):
         _progress_to_terminal(stem)
+    warnings.formatwarning = _relative_warning
     try:  # wide tables: show the first and last columns, not a clipped row of 19
         import pandas as pd
 
         pd.set_option("display.max_columns", 10)  # + index + the "…" column: 12 cells
     except ImportError:  # pragma: no cover - pandas is a dependency
         pass
+
+
+def _relative_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{rel(filename)}:{lineno}: {category.__name__}: {message}\n"
 
 
 def _progress_to_terminal(stem: str) -> None:

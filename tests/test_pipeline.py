@@ -146,3 +146,11 @@ def test_width_family_preset_checks_overrides():
     assert pipeline.width_family_preset("gpu", {"n_tokens": 2048})["n_tokens"] == 2048
     with pytest.raises(ValueError, match="not ensure_width_family arguments"):
         pipeline.width_family_preset("ci", {"n_token": 4096})
+
+
+def test_chapter_warnings_name_files_relative_to_the_repo():
+    """check_parameters installs this format: a page never shows the machine's paths."""
+    where = runs.repo_root() / "saelib" / "pipeline.py"
+    text = runs._relative_warning("retraining", UserWarning, str(where), 12)
+    assert text == "saelib/pipeline.py:12: UserWarning: retraining\n"
+    assert runs._relative_warning("x", UserWarning, "/elsewhere/m.py", 1).startswith("/elsewhere/m.py:1:")

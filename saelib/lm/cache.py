@@ -29,6 +29,7 @@ from torch import Tensor
 from saelib.io import (ACTIVATION_CODE, LOCK_FILE, atomic_write_json, code_fingerprint, file_sha256, folder_lock,
                        model_fingerprint)
 from saelib.lm.activations import _as_hooks, _check_tokens, _index_batches, _progress, harvest
+from saelib.runs import rel
 
 __all__ = ["MANIFEST", "STAMP", "ActivationCache"]
 
@@ -378,7 +379,7 @@ class ActivationCache:
             return cls(path, verify=verify)
         if manifest is None:
             if mpath.is_file():
-                warnings.warn(f"The activation cache at {path} was made by other saelib code; rebuilding it.",
+                warnings.warn(f"The activation cache at {rel(path)} was made by other saelib code; rebuilding it.",
                               stacklevel=3)
                 mpath.unlink()
             manifest = {**ident, "n_shards": n_shards, "dims": {}, "shards": [], "complete": False}
