@@ -39,14 +39,19 @@ from saelib.lm.activations import ActivationStore
 from saelib.lm.cache import MANIFEST, STAMP, ActivationCache
 from saelib.lm.data import token_rows
 from saelib.lm.models import load_model
-from saelib.runs import PIPELINE_NAMES, is_fresh, make_stamp, read_stamp, rel, write_stamp
+from saelib.runs import is_fresh, make_stamp, read_stamp, rel, write_stamp
 from saelib.runs import runs_dir as resolve_runs
 from saelib.sae.core import SAE, SAEConfig
 from saelib.sae.rules import RULES, get_rule
 from saelib.sae.train import TrainConfig, train_saes
 from saelib.sae.train_files import cfg_dict, natural_key, read_jsonl, run_identity
 
-__all__ = sorted(PIPELINE_NAMES)  # listed in saelib.runs, which forwards them
+__all__ = sorted(("activation_cache_path", "activation_cache", "cache_request", "sweep_data", "store_stream", "sweep_name",
+    "sweep_configs", "ensure_sweep", "from_sweep", "train_or_reuse", "load_saes", "load_metrics", "load_evals",
+    "sweep_table", "train_settings", "DEFAULT_LAYERS", "SAELENS_RELEASE", "WidthFamily", "member_name", "family_name",
+    "family_eval_activations", "ensure_width_family", "WIDTH_FAMILY_PRESETS", "width_family_preset",
+    "load_saelens_family",
+))
 
 SWEEP_STAMP = "sweep.json"
 

@@ -9,9 +9,7 @@
 
 This module sits at the bottom of the import graph (it imports only :mod:`saelib.io`), so models,
 caches and the pipeline can all use it. The pipelines themselves (sweeps, width families, cache
-building) need models and SAEs, which import this module, so they live in :mod:`saelib.pipeline`;
-their names are also reachable here (``saelib.runs.ensure_sweep`` is ``saelib.pipeline.ensure_sweep``),
-resolved on first use.
+building) need models and SAEs, which import this module, so they live in :mod:`saelib.pipeline`.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import ast
 import difflib
 import hashlib
-import importlib
 import json
 import os
 import sys
@@ -33,14 +30,6 @@ import yaml
 from saelib.io import atomic_write_json, code_fingerprint
 
 _TRUE = ("1", "true", "yes", "on")
-PIPELINE_NAMES = frozenset((
-    "activation_cache_path", "activation_cache", "cache_request", "sweep_data", "store_stream", "sweep_name",
-    "sweep_configs", "ensure_sweep", "from_sweep", "train_or_reuse", "load_saes", "load_metrics", "load_evals",
-    "sweep_table", "train_settings", "DEFAULT_LAYERS", "SAELENS_RELEASE", "WidthFamily", "member_name", "family_name",
-    "family_eval_activations", "ensure_width_family", "WIDTH_FAMILY_PRESETS", "width_family_preset",
-    "load_saelens_family",
-))
-"""The public names of :mod:`saelib.pipeline` (its ``__all__``), which ``saelib.runs`` forwards."""
 PROFILES = ("ci", "embedded", "gpt2", "smoke", "gpu")
 
 
@@ -343,11 +332,3 @@ def _progress_to_terminal(stem: str) -> None:
         bar = getattr(mod, "tqdm", None)
         if name.startswith("saelib") and isinstance(bar, type) and issubclass(bar, tqdm.std.tqdm):
             mod.tqdm = TerminalTqdm
-
-
-def __getattr__(name: str) -> Any:
-    """The pipelines' names (``ensure_sweep``, ``ensure_width_family``, ``activation_cache``, ...),
-    defined in :mod:`saelib.pipeline`, which imports this module (hence resolved on first use)."""
-    if name in PIPELINE_NAMES:
-        return getattr(importlib.import_module("saelib.pipeline"), name)
-    raise AttributeError(f"module 'saelib.runs' has no attribute {name!r}")
