@@ -141,3 +141,15 @@ def test_constant_rows_have_no_variance_so_fvu_is_nan():
     m.add(torch.ones(4, 3), torch.zeros(4, 3))
     r = m.result()
     assert np.isnan(r["fvu"]) and r["nmse"] == 1.0 and r["mse"] == 1.0
+
+
+def test_shape_false_keeps_error_and_sparsity_and_drops_the_shape_metrics():
+    x, x_hat, acts = _data()
+    full, lean = ReconstructionMetrics(), ReconstructionMetrics(shape=False)
+    full.add(x, x_hat, acts)
+    lean.add(x, x_hat, acts)
+    f, s = full.result(), lean.result()
+    assert not {"cosine", "l2_ratio", "relative_reconstruction_bias"} & set(s)
+    assert {k: f[k] for k in s} == s  # the same numbers for every metric it keeps
+    with pytest.raises(ValueError, match="shape=True"):
+        ReconstructionMetrics(keep_tokens=True, shape=False)

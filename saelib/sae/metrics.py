@@ -54,12 +54,18 @@ class ReconstructionMetrics:
     (dense codes ``[n, d_sae]``, active = non-zero) or, without a dense temporary, from ``l0``
     (per-row active counts ``[n]``) and ``fired`` (bool ``[d_sae]``: active on some row).
     ``keep_tokens`` also keeps the per-row arrays (:meth:`tokens`) and adds ``nmse_median``.
+    ``shape=False`` skips ``cosine``, ``l2_ratio`` and ``relative_reconstruction_bias`` (the
+    trainer's per-step window, which logs error and sparsity only: half the work per batch).
     """
 
-    def __init__(self, d_sae: int | None = None, *, keep_tokens: bool = False, dense_threshold: float = 0.1):
+    def __init__(self, d_sae: int | None = None, *, keep_tokens: bool = False, dense_threshold: float = 0.1,
+                 shape: bool = True):
         if not 0 <= dense_threshold <= 1:
             raise ValueError(f"dense_threshold must be a fraction in [0, 1], got {dense_threshold}")
+        if keep_tokens and not shape:
+            raise ValueError("keep_tokens keeps per-row cosines: use shape=True with it")
         self.d_sae, self.keep_tokens, self.dense_threshold = d_sae, keep_tokens, dense_threshold
+        self.shape = shape
         self.n = 0
         self.d_in: int | None = None
         self._s: dict[str, Tensor] = {}  # float64 scalar sums
@@ -89,17 +95,20 @@ class ReconstructionMetrics:
         # per-row reductions in the inputs' precision (this runs every training step, so no float64
         # copies of the [n, d] tensors), then float64 for everything summed over rows
         x, x_hat = x.detach(), x_hat.detach().to(device=x.device, dtype=x.dtype)
-        def rowdot(a: Tensor, b: Tensor) -> Tensor:
-            return torch.einsum("nd,nd->n", a, b).double()
+        def rowdot(a: Tensor, b: Tensor) -> Tensor:  # einsum is ~2x faster on large batches, ~8x slower on small
+            return (torch.einsum("nd,nd->n", a, b) if a.numel() > 1 << 20 else torch.linalg.vecdot(a, b)).double()
 
         diff = x - x_hat
-        err, xsq, hsq, dot = rowdot(diff, diff), rowdot(x, x), rowdot(x_hat, x_hat), rowdot(x, x_hat)
+        err, xsq = rowdot(diff, diff), rowdot(x, x)
         nmse = err / xsq.clamp_min(1e-30)
-        cos = dot / (xsq.sqrt() * hsq.sqrt()).clamp_min(1e-30)
-        l2r = hsq.sqrt() / xsq.sqrt().clamp_min(1e-30)
-        for key, v in (("sse", err), ("nmse", nmse), ("dot", dot), ("sq_hat", hsq), ("cosine", cos),
-                       ("l2_ratio", l2r)):
-            self._add(key, v.sum())
+        self._add("sse", err.sum())
+        self._add("nmse", nmse.sum())
+        if self.shape:
+            hsq, dot = rowdot(x_hat, x_hat), rowdot(x, x_hat)
+            cos = dot / (xsq.sqrt() * hsq.sqrt()).clamp_min(1e-30)
+            l2r = hsq.sqrt() / xsq.sqrt().clamp_min(1e-30)
+            for key, v in (("dot", dot), ("sq_hat", hsq), ("cosine", cos), ("l2_ratio", l2r)):
+                self._add(key, v.sum())
         if loss is not None:
             self._add("loss", torch.as_tensor(loss, device=x.device).detach().double() * n)
         # Chan et al.: combine (n_a, mean_a, M2_a) with this batch's (n_b, mean_b, M2_b).
@@ -188,9 +197,11 @@ class ReconstructionMetrics:
         fvu = s["sse"] / s["m2"] if s["m2"] > 0 else float("nan")
         out: dict[str, Any] = {
             "n_tokens": n, "nmse": s["nmse"] / n, "fvu": fvu, "explained_variance": 1.0 - fvu,
-            "mse": s["sse"] / (n * d), "cosine": s["cosine"] / n, "l2_ratio": s["l2_ratio"] / n,
-            "relative_reconstruction_bias": s["sq_hat"] / s["dot"] if s["dot"] != 0 else float("nan"),
+            "mse": s["sse"] / (n * d),
         }
+        if self.shape:
+            out.update({"cosine": s["cosine"] / n, "l2_ratio": s["l2_ratio"] / n,
+                        "relative_reconstruction_bias": s["sq_hat"] / s["dot"] if s["dot"] != 0 else float("nan")})
         if "loss" in s:
             out["mse_loss"] = s["loss"] / n
         if self.keep_tokens:

@@ -255,7 +255,7 @@ class _Run:
     def reset_window(self, device: torch.device) -> None:
         # accumulated on the device without .item(): one sync per log record
         self.acc: dict[str, Tensor] = {}  # the step losses, summed
-        self.window = ReconstructionMetrics(self.d_sae)  # nmse, fvu, l0 ... of the window's tokens
+        self.window = ReconstructionMetrics(self.d_sae, shape=False)  # nmse, fvu, l0 ... of the window's tokens
         self.n_steps_window = 0
 
     def add(self, key: str, value: Tensor) -> None:
