@@ -38,6 +38,10 @@ def problems(source: str, is_parameters: bool = False) -> list[str]:
     for node in ast.walk(ast.parse(python)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             out.append(f"defines {node.name!r} (line {node.lineno}): helpers belong in saelib, with tests")
+        # a lambda with parameters bound to a name is a function too; zero-argument lambdas are lazy
+        # values handed to the library (ensure_sweep's batches=) and stay
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda) and node.value.args.args:
+            out.append(f"defines a function with a lambda (line {node.lineno}): helpers belong in saelib, with tests")
     return out
 
 
@@ -47,6 +51,8 @@ def test_the_checker_catches_long_cells_and_definitions():
     assert problems("\n".join(f"x{i} = {i}" for i in range(40)), is_parameters=True) == []
     assert "defines 'f'" in problems("if True:\n    def f():\n        return 1\n")[0]
     assert "defines 'C'" in problems("class C:\n    pass\n")[0]
+    assert "lambda" in problems("f = lambda s: s.cfg\n")[0]
+    assert problems("batches = lambda: iter(())\n") == []
 
 
 @pytest.mark.parametrize("stem", [pytest.param(s, marks=pytest.mark.xfail(reason=PENDING[s], strict=True))
