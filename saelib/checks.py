@@ -37,7 +37,6 @@ from saelib.analysis import stitching as st
 from saelib.io import atomic_write_text
 from saelib.runs import PROFILES, chapters
 from saelib.runs import runs_dir as resolve
-from saelib.sae.topafa import topafa_select_reference
 
 __all__ = ["MARKER", "ChapterCheck", "results_path", "introduction", "residual_stream", "theory", "training",
            "evaluation", "stitching", "meta_saes"]
